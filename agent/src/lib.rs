@@ -1,0 +1,19 @@
+//! vigie: per-access-token accounting of a Matrix homeserver's HTTP traffic, from eBPF.
+//!
+//! The binary (`main.rs`) is a thin CLI over these modules:
+//! - [`http`]: request-head parsing, robust to hostile input.
+//! - [`endpoint`]: the one list of Matrix endpoint classes and the classifier.
+//! - [`token`]: access-token extraction and keyed hashing into labels; raw tokens never leave it.
+//! - [`conn`]: per-connection HTTP/1.1 state that turns socket events into requests and bytes.
+//! - [`aggregate`]: per-token counters with bounded cardinality (top-K plus overflow).
+//! - [`metrics`]: the Prometheus exposition.
+//! - [`loader`]: loading and attaching the kernel programs.
+//! - [`config`]: the TOML file and command-line settings.
+pub mod aggregate;
+pub mod config;
+pub mod conn;
+pub mod endpoint;
+pub mod http;
+pub mod loader;
+pub mod metrics;
+pub mod token;

@@ -1,0 +1,107 @@
+//! Records shared by vigie's kernel programs and its agent.
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel writes it into the ring buffer or
+//! maps, the agent reads the same bytes back. Keep it small and keep both sides in this file
+//! so a layout change cannot reach only one of them.
+#![no_std]
+
+/// Most request bytes the kernel copies out of one receive. A request line plus a long run of
+/// headers (cookies, proxies, an `Authorization` header placed last) fits; bodies are not needed
+/// past their first bytes because the agent only counts them.
+pub const MAX_CAPTURE: usize = 8192;
+
+/// Ring buffer size in bytes (a power of two, a multiple of the page size).
+pub const RING_BYTES: u32 = 16 * 1024 * 1024;
+
+/// Bounds of the kernel maps. Each map says in `ebpf/vigie-ebpf/src/main.rs` what happens when
+/// it is full.
+pub const MAX_CONNS: u32 = 65536;
+pub const MAX_PENDING_READS: u32 = 16384;
+pub const MAX_WATCHED_PORTS: u32 = 64;
+
+/// `EventHeader::kind` values.
+pub const EVENT_RECV: u32 = 1;
+pub const EVENT_SEND: u32 = 2;
+pub const EVENT_CLOSE: u32 = 3;
+
+/// `EventHeader::flags` bits.
+/// The capture holds fewer bytes than the receive moved (capture limit, or the data went to a
+/// second iovec): the agent must not look for a request head in the part it did not see.
+pub const FLAG_CAPTURE_PARTIAL: u32 = 1;
+/// No buffer was known for this receive (an entry point vigie does not hook, such as io_uring
+/// or recvmmsg, or an evicted pending-read entry): bytes are exact, content is missing.
+pub const FLAG_NO_BUFFER: u32 = 2;
+
+/// Indices of the per-CPU counters in the `COUNTERS` map.
+pub const COUNTER_RINGBUF_FULL: u32 = 0;
+pub const COUNTER_CONNS_FULL: u32 = 1;
+pub const COUNTER_CAPTURE_FAILED: u32 = 2;
+pub const COUNTER_NO_BUFFER: u32 = 3;
+pub const COUNTER_COUNT: u32 = 4;
+
+/// Index of the `CONFIG` array entries.
+pub const CONFIG_SKC_NUM_OFFSET: u32 = 0;
+pub const CONFIG_COUNT: u32 = 4;
+
+/// One record in the ring buffer. `RECV` records are followed by `captured` bytes of payload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    pub kind: u32,
+    pub flags: u32,
+    /// `pid_tgid` of the thread that did the I/O (tgid in the high half).
+    pub pid_tgid: u64,
+    /// Kernel address of the socket: with `conn_start_ns`, the connection's identity.
+    pub conn: u64,
+    /// When the kernel first saw this socket; tells a reused `struct sock` address apart.
+    pub conn_start_ns: u64,
+    pub ts_ns: u64,
+    /// Bytes the socket call moved (exact, whatever was captured).
+    pub bytes: u64,
+    /// Payload bytes that follow this header.
+    pub captured: u32,
+    /// Local (server) port, host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
+
+/// Where a thread's pending read will land, saved at `sys_enter_*`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PendingRead {
+    /// User address: the buffer itself, an `iovec` array, or a `user_msghdr`.
+    pub addr: u64,
+    pub shape: u32,
+    pub _pad: u32,
+}
+
+pub const SHAPE_BUF: u32 = 1;
+pub const SHAPE_IOVEC: u32 = 2;
+pub const SHAPE_MSGHDR: u32 = 3;
+
+/// Per-connection state in the kernel: only what gives a connection its identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnInfo {
+    pub start_ns: u64,
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+
+/// Scratch space for one receive record (per CPU, never on the 512-byte BPF stack).
+#[repr(C)]
+pub struct RecvRecord {
+    pub header: EventHeader,
+    pub data: [u8; MAX_CAPTURE],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all are plain old data with no padding holes the kernel leaves uninitialised
+    // that the agent would interpret (padding fields are explicit).
+    unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::PendingRead {}
+    unsafe impl aya::Pod for super::EventHeader {}
+}
