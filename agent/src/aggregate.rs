@@ -1,1 +1,314 @@
-//! (being written)
+//! Per-token counters with bounded metric cardinality.
+//!
+//! Every token seen is tracked (up to `max_tokens`), but only `top_k` of them own their own
+//! metric series. The rule that keeps every exported counter monotonic: an increment goes to
+//! the token's own series if the token holds an export slot *at that moment*, else to the
+//! `overflow` series. Slots are handed out on first sight while free, and reassigned on each
+//! [`Aggregator::rebalance`] to the tokens with the most recent activity (an exponentially
+//! decayed request rate). A token that loses its slot loses its series (Prometheus marks it
+//! stale); one that gains a slot starts a fresh series at zero. Idle tokens are forgotten.
+//!
+//! Requests that carry no token are counted per endpoint under `anonymous`.
+
+use std::collections::HashMap;
+
+use crate::endpoint::Endpoint;
+use crate::token::TokenLabel;
+
+/// Requests and response bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+/// Counts per endpoint class, stored sparsely: a token touches few classes.
+#[derive(Clone, Debug, Default)]
+pub struct ByEndpoint(Vec<(Endpoint, Counts)>);
+
+impl ByEndpoint {
+    fn slot(&mut self, endpoint: Endpoint) -> &mut Counts {
+        let i = match self.0.iter().position(|(e, _)| *e == endpoint) {
+            Some(i) => i,
+            None => {
+                self.0.push((endpoint, Counts::default()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Endpoint, Counts)> + '_ {
+        self.0.iter().copied()
+    }
+
+    pub fn total(&self) -> Counts {
+        self.0.iter().fold(Counts::default(), |a, (_, c)| Counts {
+            requests: a.requests + c.requests,
+            bytes: a.bytes + c.bytes,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct TokenState {
+    /// Own series while `Some`; `None` means increments go to overflow.
+    exported: Option<ByEndpoint>,
+    last_seen_s: f64,
+    /// Decayed request count, as of `last_seen_s`.
+    activity: f64,
+}
+
+impl TokenState {
+    fn activity_at(&self, now_s: f64, tau_s: f64) -> f64 {
+        self.activity * (-(now_s - self.last_seen_s).max(0.0) / tau_s).exp()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Tokens with their own series.
+    pub top_k: usize,
+    /// Tokens tracked at all; beyond it new tokens are counted in overflow only.
+    pub max_tokens: usize,
+    /// A token with no request for this long is forgotten.
+    pub idle_s: f64,
+    /// Time constant of the activity that ranks tokens for export slots.
+    pub activity_tau_s: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { top_k: 500, max_tokens: 1_000_000, idle_s: 3600.0, activity_tau_s: 300.0 }
+    }
+}
+
+/// Counters of the aggregator's own bookkeeping, exported as agent health.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AggregatorStats {
+    pub tracked_tokens: usize,
+    pub exported_tokens: usize,
+    pub tokens_expired: u64,
+    /// New tokens not tracked because `max_tokens` was reached.
+    pub tokens_untracked: u64,
+}
+
+pub struct Aggregator {
+    limits: Limits,
+    tokens: HashMap<TokenLabel, TokenState>,
+    exported: usize,
+    anonymous: ByEndpoint,
+    overflow: ByEndpoint,
+    unattributed_bytes: u64,
+    tokens_expired: u64,
+    tokens_untracked: u64,
+}
+
+impl Aggregator {
+    pub fn new(limits: Limits) -> Self {
+        Aggregator {
+            limits,
+            tokens: HashMap::new(),
+            exported: 0,
+            anonymous: ByEndpoint::default(),
+            overflow: ByEndpoint::default(),
+            unattributed_bytes: 0,
+            tokens_expired: 0,
+            tokens_untracked: 0,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The series an increment for this token goes to right now.
+    fn series(&mut self, token: Option<TokenLabel>) -> &mut ByEndpoint {
+        let Some(label) = token else { return &mut self.anonymous };
+        match self.tokens.get_mut(&label).and_then(|t| t.exported.as_mut()) {
+            Some(own) => own,
+            None => &mut self.overflow,
+        }
+    }
+
+    pub fn request(&mut self, token: Option<TokenLabel>, endpoint: Endpoint, now_s: f64) {
+        if let Some(label) = token {
+            self.touch(label, now_s);
+        }
+        self.series(token).slot(endpoint).requests += 1;
+    }
+
+    pub fn response_bytes(&mut self, token: Option<TokenLabel>, endpoint: Endpoint, bytes: u64) {
+        self.series(token).slot(endpoint).bytes += bytes;
+    }
+
+    pub fn unattributed_bytes(&mut self, bytes: u64) {
+        self.unattributed_bytes += bytes;
+    }
+
+    fn touch(&mut self, label: TokenLabel, now_s: f64) {
+        let tau = self.limits.activity_tau_s;
+        if let Some(t) = self.tokens.get_mut(&label) {
+            t.activity = t.activity_at(now_s, tau) + 1.0;
+            t.last_seen_s = now_s;
+            return;
+        }
+        if self.tokens.len() >= self.limits.max_tokens {
+            self.tokens_untracked += 1;
+            return;
+        }
+        let exported = if self.exported < self.limits.top_k {
+            self.exported += 1;
+            Some(ByEndpoint::default())
+        } else {
+            None
+        };
+        self.tokens.insert(label, TokenState { exported, last_seen_s: now_s, activity: 1.0 });
+    }
+
+    /// Forget idle tokens and give export slots to the most active ones.
+    pub fn rebalance(&mut self, now_s: f64) {
+        let idle = self.limits.idle_s;
+        let before = self.tokens.len();
+        self.tokens.retain(|_, t| now_s - t.last_seen_s < idle);
+        self.tokens_expired += (before - self.tokens.len()) as u64;
+
+        let k = self.limits.top_k;
+        let tau = self.limits.activity_tau_s;
+        if self.tokens.len() > k {
+            let mut ranked: Vec<(f64, TokenLabel)> =
+                self.tokens.iter().map(|(l, t)| (t.activity_at(now_s, tau), *l)).collect();
+            // Highest activity first; only the boundary matters, not a full sort.
+            ranked.select_nth_unstable_by(k, |a, b| b.0.total_cmp(&a.0));
+            for (i, (_, label)) in ranked.iter().enumerate() {
+                if let Some(t) = self.tokens.get_mut(label) {
+                    match (i < k, t.exported.is_some()) {
+                        (true, false) => t.exported = Some(ByEndpoint::default()),
+                        (false, true) => t.exported = None,
+                        _ => {}
+                    }
+                }
+            }
+        } else {
+            for t in self.tokens.values_mut() {
+                t.exported.get_or_insert_with(ByEndpoint::default);
+            }
+        }
+        self.exported = self.tokens.values().filter(|t| t.exported.is_some()).count();
+    }
+
+    /// Tokens with their own series, and their counts.
+    pub fn exported(&self) -> impl Iterator<Item = (TokenLabel, &ByEndpoint)> {
+        self.tokens.iter().filter_map(|(l, t)| t.exported.as_ref().map(|e| (*l, e)))
+    }
+
+    pub fn anonymous(&self) -> &ByEndpoint {
+        &self.anonymous
+    }
+
+    pub fn overflow(&self) -> &ByEndpoint {
+        &self.overflow
+    }
+
+    pub fn unattributed(&self) -> u64 {
+        self.unattributed_bytes
+    }
+
+    pub fn stats(&self) -> AggregatorStats {
+        AggregatorStats {
+            tracked_tokens: self.tokens.len(),
+            exported_tokens: self.exported,
+            tokens_expired: self.tokens_expired,
+            tokens_untracked: self.tokens_untracked,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(n: u8) -> Option<TokenLabel> {
+        Some(TokenLabel([n; 8]))
+    }
+
+    fn own(agg: &Aggregator, n: u8) -> Option<Counts> {
+        agg.exported().find(|(l, _)| *l == TokenLabel([n; 8])).map(|(_, e)| e.total())
+    }
+
+    fn total_of_everything(agg: &Aggregator) -> Counts {
+        let mut all = agg.anonymous().total();
+        for c in agg.exported().map(|(_, e)| e.total()).chain([agg.overflow().total()]) {
+            all.requests += c.requests;
+            all.bytes += c.bytes;
+        }
+        all
+    }
+
+    #[test]
+    fn tokens_get_their_own_series_while_slots_are_free() {
+        let mut agg = Aggregator::new(Limits { top_k: 2, ..Limits::default() });
+        for n in 1..=3 {
+            agg.request(label(n), Endpoint::Sync, 0.0);
+            agg.response_bytes(label(n), Endpoint::Sync, 100);
+        }
+        assert_eq!(own(&agg, 1), Some(Counts { requests: 1, bytes: 100 }));
+        assert_eq!(own(&agg, 2), Some(Counts { requests: 1, bytes: 100 }));
+        assert_eq!(own(&agg, 3), None);
+        assert_eq!(agg.overflow().total(), Counts { requests: 1, bytes: 100 });
+    }
+
+    #[test]
+    fn anonymous_requests_are_counted_per_endpoint() {
+        let mut agg = Aggregator::new(Limits::default());
+        agg.request(None, Endpoint::Login, 0.0);
+        agg.response_bytes(None, Endpoint::Login, 42);
+        assert_eq!(
+            agg.anonymous().iter().collect::<Vec<_>>(),
+            vec![(Endpoint::Login, Counts { requests: 1, bytes: 42 })]
+        );
+    }
+
+    #[test]
+    fn rebalance_gives_slots_to_the_busiest_and_never_loses_a_count() {
+        let mut agg = Aggregator::new(Limits { top_k: 1, ..Limits::default() });
+        agg.request(label(1), Endpoint::Sync, 0.0);
+        for _ in 0..50 {
+            agg.request(label(2), Endpoint::Messages, 1.0);
+            agg.response_bytes(label(2), Endpoint::Messages, 10);
+        }
+        assert_eq!(own(&agg, 2), None, "no free slot yet: token 2 is in overflow");
+        agg.rebalance(2.0);
+        assert_eq!(own(&agg, 1), None);
+        assert_eq!(own(&agg, 2), Some(Counts::default()), "a new series starts at zero");
+        agg.request(label(2), Endpoint::Messages, 3.0);
+        assert_eq!(own(&agg, 2), Some(Counts { requests: 1, bytes: 0 }));
+        assert_eq!(
+            total_of_everything(&agg).requests,
+            1 + 50,
+            "token 1's series went with its slot; token 2's own + overflow remain"
+        );
+        assert_eq!(agg.overflow().total().requests, 50, "overflow kept what it had");
+    }
+
+    #[test]
+    fn idle_tokens_are_forgotten_and_free_their_slot() {
+        let mut agg = Aggregator::new(Limits { top_k: 1, idle_s: 10.0, ..Limits::default() });
+        agg.request(label(1), Endpoint::Sync, 0.0);
+        agg.rebalance(11.0);
+        assert_eq!(agg.stats().tracked_tokens, 0);
+        assert_eq!(agg.stats().tokens_expired, 1);
+        agg.request(label(2), Endpoint::Sync, 12.0);
+        assert!(own(&agg, 2).is_some());
+    }
+
+    #[test]
+    fn beyond_max_tokens_new_tokens_count_in_overflow() {
+        let mut agg = Aggregator::new(Limits { top_k: 10, max_tokens: 1, ..Limits::default() });
+        agg.request(label(1), Endpoint::Sync, 0.0);
+        agg.request(label(2), Endpoint::Sync, 0.0);
+        assert_eq!(agg.stats().tracked_tokens, 1);
+        assert_eq!(agg.stats().tokens_untracked, 1);
+        assert_eq!(agg.overflow().total().requests, 1);
+    }
+}

@@ -1,1 +1,129 @@
-//! (being written)
+//! Settings: a TOML file, overridden by command-line flags.
+//!
+//! Unknown keys are refused so that a typo does not silently fall back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+pub const DEFAULT_KEY_FILE: &str = "/var/lib/vigie/key";
+
+/// The config file, every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub server_ports: Option<Vec<u16>>,
+    pub metrics_addr: Option<String>,
+    pub key_file: Option<PathBuf>,
+    pub top_k: Option<usize>,
+    pub max_tokens: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub token_idle_seconds: Option<u64>,
+    pub connection_idle_seconds: Option<u64>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        Ok(toml::from_str(text)?)
+    }
+}
+
+/// Settings the agent runs with, after merging file and flags and checking them.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub server_ports: Vec<u16>,
+    pub metrics_addr: SocketAddr,
+    pub key_file: PathBuf,
+    pub top_k: usize,
+    pub max_tokens: usize,
+    pub max_connections: usize,
+    pub token_idle_seconds: u64,
+    pub connection_idle_seconds: u64,
+}
+
+/// What the command line can override.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub server_ports: Vec<u16>,
+    pub metrics_addr: Option<String>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl Settings {
+    pub fn merge(file: FileConfig, flags: Overrides) -> Result<Self> {
+        let server_ports =
+            if flags.server_ports.is_empty() { file.server_ports.unwrap_or_default() } else { flags.server_ports };
+        if server_ports.is_empty() {
+            bail!("no server port to watch: give --server-port PORT or server_ports = [PORT] in the config file");
+        }
+        if server_ports.contains(&0) {
+            bail!("server port 0 is not a port");
+        }
+        if server_ports.len() > vigie_common::MAX_WATCHED_PORTS as usize {
+            bail!("at most {} server ports can be watched", vigie_common::MAX_WATCHED_PORTS);
+        }
+        let addr = flags.metrics_addr.or(file.metrics_addr).unwrap_or_else(|| DEFAULT_METRICS_ADDR.into());
+        let metrics_addr: SocketAddr =
+            addr.parse().with_context(|| format!("metrics address {addr:?} is not IP:PORT"))?;
+        let positive = |name: &str, v: usize| -> Result<usize> {
+            if v == 0 { bail!("{name} must be at least 1") } else { Ok(v) }
+        };
+        Ok(Settings {
+            server_ports,
+            metrics_addr,
+            key_file: flags.key_file.or(file.key_file).unwrap_or_else(|| DEFAULT_KEY_FILE.into()),
+            top_k: positive("top_k", file.top_k.unwrap_or(500))?,
+            max_tokens: positive("max_tokens", file.max_tokens.unwrap_or(1_000_000))?,
+            max_connections: positive("max_connections", file.max_connections.unwrap_or(65_536))?,
+            token_idle_seconds: positive("token_idle_seconds", file.token_idle_seconds.unwrap_or(3600) as usize)? as u64,
+            connection_idle_seconds: positive("connection_idle_seconds", file.connection_idle_seconds.unwrap_or(900) as usize)? as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = FileConfig::parse("server_ports = [8008]\nmetrics_addr = \"127.0.0.1:1\"\n").unwrap();
+        let s = Settings::merge(file, Overrides { server_ports: vec![9000], ..Default::default() }).unwrap();
+        assert_eq!(s.server_ports, vec![9000]);
+        assert_eq!(s.metrics_addr.port(), 1);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = FileConfig::parse("server_port = 8008\n").unwrap_err();
+        assert!(format!("{err:#}").contains("server_port"), "{err:#}");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(FileConfig::parse("\u{0}\u{ff}[[[").is_err());
+        assert!(FileConfig::parse("server_ports = [70000]").is_err());
+    }
+
+    #[test]
+    fn a_port_is_required() {
+        let err = Settings::merge(FileConfig::default(), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("--server-port"));
+    }
+
+    #[test]
+    fn a_bad_metrics_address_is_named() {
+        let flags = Overrides { server_ports: vec![1], metrics_addr: Some("nowhere".into()), ..Default::default() };
+        let err = Settings::merge(FileConfig::default(), flags).unwrap_err();
+        assert!(err.to_string().contains("nowhere"));
+    }
+}

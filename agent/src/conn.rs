@@ -1,1 +1,483 @@
-//! (being written)
+//! Per-connection HTTP/1.1 state: socket events in, requests and attributed bytes out.
+//!
+//! The kernel reports, per server-side connection and in order, each receive (its exact byte
+//! count and up to `MAX_CAPTURE` of its first bytes), each send (exact byte count) and the
+//! close. This module rebuilds request boundaries from that:
+//!
+//! - a request head may arrive over several receives; it is buffered until its blank line;
+//! - request bodies are skipped by `Content-Length`, without needing their bytes;
+//! - every byte sent goes to the request the connection is answering: the latest complete
+//!   head. HTTP/1.1 clients do not send the next request before the previous response ends,
+//!   so "bytes since the latest head" is exactly that response (pipelined requests are the
+//!   exception: their bytes are still counted, but may land on the later request);
+//! - after garbage or an invisible request start the connection is *desynchronised*: its
+//!   bytes are counted as unattributed until a receive starts with a plausible request line.
+//!
+//! Nothing here panics on any input, and every byte sent is accounted somewhere.
+
+use std::collections::HashMap;
+
+use crate::endpoint::{self, Endpoint};
+use crate::http::{self, MAX_HEAD_BYTES};
+use crate::token::{self, TokenKey, TokenLabel};
+use zeroize::Zeroizing;
+
+/// A connection's identity: the kernel socket address plus when the kernel first saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub sock: u64,
+    pub start_ns: u64,
+}
+
+/// Whom a response's bytes are charged to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Attribution {
+    pub token: Option<TokenLabel>,
+    pub endpoint: Endpoint,
+}
+
+/// A parsed request, as handed to the sink.
+#[derive(Debug)]
+pub struct RequestSeen<'a> {
+    pub conn: ConnKey,
+    pub at_ns: u64,
+    pub attribution: Attribution,
+    pub method: &'a str,
+    pub room_id: Option<&'a str>,
+    pub query: &'a str,
+    pub user_agent: Option<&'a [u8]>,
+    pub forwarded_for: Option<&'a [u8]>,
+}
+
+/// Where the tracker reports what it rebuilt.
+pub trait Sink {
+    fn request(&mut self, request: &RequestSeen<'_>);
+    fn response_bytes(&mut self, attribution: Attribution, bytes: u64);
+    /// Bytes sent on a connection whose current request is unknown.
+    fn unattributed_bytes(&mut self, bytes: u64);
+    /// A receive that could not be turned into a request; `reason` is a stable label value.
+    fn parse_failure(&mut self, reason: &'static str);
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for (the rest of) a request head; holds what arrived so far. Zeroized on drop:
+    /// it may hold a token.
+    Head(Zeroizing<Vec<u8>>),
+    /// Skipping a request body of known length.
+    Body(u64),
+    /// Skipping a chunked request body: it ends when the response starts.
+    ChunkedBody,
+    /// Lost track of request boundaries.
+    Desync,
+}
+
+impl Phase {
+    fn head() -> Self {
+        Phase::Head(Zeroizing::new(Vec::new()))
+    }
+}
+
+#[derive(Debug)]
+struct Conn {
+    phase: Phase,
+    current: Option<Attribution>,
+    /// Response bytes were sent since the latest request head.
+    answering: bool,
+    last_seen_ns: u64,
+}
+
+impl Conn {
+    fn desync(&mut self, reason: &'static str, sink: &mut impl Sink) {
+        sink.parse_failure(reason);
+        self.phase = Phase::Desync;
+        self.current = None;
+    }
+}
+
+/// Connection table with a bound: when full, the connection quiet for longest is dropped.
+/// Its state is only the current attribution; its later bytes become unattributed, never lost.
+struct Table {
+    conns: HashMap<ConnKey, Conn>,
+    max: usize,
+    evicted: u64,
+}
+
+impl Table {
+    fn get(&mut self, key: ConnKey, now_ns: u64) -> &mut Conn {
+        if self.conns.len() >= self.max && !self.conns.contains_key(&key) {
+            let oldest = self.conns.iter().min_by_key(|(_, c)| c.last_seen_ns).map(|(k, _)| *k);
+            if let Some(oldest) = oldest {
+                self.conns.remove(&oldest);
+                self.evicted += 1;
+            }
+        }
+        let conn = self.conns.entry(key).or_insert_with(|| Conn {
+            phase: Phase::head(),
+            current: None,
+            answering: false,
+            last_seen_ns: now_ns,
+        });
+        conn.last_seen_ns = now_ns;
+        conn
+    }
+}
+
+/// Size and eviction counters of the connection table.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TrackerStats {
+    pub connections: usize,
+    pub evicted: u64,
+}
+
+pub struct Tracker {
+    key: TokenKey,
+    table: Table,
+}
+
+impl Tracker {
+    pub fn new(key: TokenKey, max_conns: usize) -> Self {
+        Tracker { key, table: Table { conns: HashMap::new(), max: max_conns.max(1), evicted: 0 } }
+    }
+
+    pub fn stats(&self) -> TrackerStats {
+        TrackerStats { connections: self.table.conns.len(), evicted: self.table.evicted }
+    }
+
+    /// Forget connections with no event for `idle_ns` (their close was never seen, for
+    /// example because they predate the agent). Returns how many went.
+    pub fn expire_idle(&mut self, now_ns: u64, idle_ns: u64) -> usize {
+        let before = self.table.conns.len();
+        self.table.conns.retain(|_, c| now_ns.saturating_sub(c.last_seen_ns) < idle_ns);
+        before - self.table.conns.len()
+    }
+
+    pub fn on_send(&mut self, key: ConnKey, now_ns: u64, bytes: u64, sink: &mut impl Sink) {
+        let conn = self.table.get(key, now_ns);
+        conn.answering = true;
+        match conn.current {
+            Some(a) => sink.response_bytes(a, bytes),
+            None => sink.unattributed_bytes(bytes),
+        }
+    }
+
+    pub fn on_close(&mut self, key: ConnKey, sink: &mut impl Sink) {
+        if let Some(conn) = self.table.conns.remove(&key)
+            && let Phase::Head(buf) = &conn.phase
+            && !buf.is_empty()
+        {
+            sink.parse_failure("closed_mid_head");
+        }
+    }
+
+    /// A receive of `total` bytes of which the first `data.len()` were captured.
+    /// `blind` says nothing was captured because the kernel knew no buffer for it.
+    pub fn on_recv(
+        &mut self,
+        key: ConnKey,
+        now_ns: u64,
+        total: u64,
+        data: &[u8],
+        blind: bool,
+        sink: &mut impl Sink,
+    ) {
+        let conn = self.table.get(key, now_ns);
+        // A receive after the response started begins a new request, whatever we thought
+        // the request body still held (the server may answer early, or the body was chunked).
+        if conn.answering && !matches!(conn.phase, Phase::Head(_)) {
+            conn.phase = Phase::head();
+        }
+        if blind {
+            match &mut conn.phase {
+                Phase::Body(rest) => {
+                    *rest = rest.saturating_sub(total);
+                    if *rest == 0 {
+                        conn.phase = Phase::head();
+                    }
+                }
+                Phase::ChunkedBody | Phase::Desync => {}
+                Phase::Head(_) => conn.desync("no_capture", sink),
+            }
+            return;
+        }
+        let mut pos: u64 = 0;
+        while pos < total {
+            let seen = data.get(pos as usize..).unwrap_or(&[]);
+            match &mut conn.phase {
+                Phase::Desync => {
+                    if pos == 0 && !seen.is_empty() && http::looks_like_request_start(seen) {
+                        conn.phase = Phase::head();
+                        continue;
+                    }
+                    return;
+                }
+                Phase::ChunkedBody => return,
+                Phase::Body(rest) => {
+                    let take = (*rest).min(total - pos);
+                    *rest -= take;
+                    pos += take;
+                    if *rest == 0 {
+                        conn.phase = Phase::head();
+                    }
+                }
+                Phase::Head(buf) => {
+                    if seen.is_empty() {
+                        // The request starts in bytes the kernel did not copy.
+                        return conn.desync("capture_truncated", sink);
+                    }
+                    let uncaptured_tail = (data.len() as u64) < total;
+                    if buf.is_empty() {
+                        if !http::looks_like_request_start(seen) {
+                            return conn.desync("not_http", sink);
+                        }
+                        if let Some(end) = http::head_end(seen) {
+                            // The common case: a whole head in one receive, parsed in place.
+                            pos += end as u64;
+                            if let Err(reason) = start_request(&self.key, conn, key, now_ns, &seen[..end], sink) {
+                                return conn.desync(reason, sink);
+                            }
+                            continue;
+                        }
+                        if uncaptured_tail {
+                            return conn.desync("capture_truncated", sink);
+                        }
+                        buf.extend_from_slice(&seen[..seen.len().min(MAX_HEAD_BYTES)]);
+                        return;
+                    }
+                    let prev = buf.len();
+                    buf.extend_from_slice(&seen[..seen.len().min(MAX_HEAD_BYTES - prev.min(MAX_HEAD_BYTES))]);
+                    if !http::looks_like_request_start(buf) {
+                        return conn.desync("not_http", sink);
+                    }
+                    let Some(end) = http::head_end(buf) else {
+                        if buf.len() >= MAX_HEAD_BYTES {
+                            return conn.desync("head_too_large", sink);
+                        }
+                        if uncaptured_tail {
+                            return conn.desync("capture_truncated", sink);
+                        }
+                        return;
+                    };
+                    let head = std::mem::replace(buf, Zeroizing::new(Vec::new()));
+                    pos += end.saturating_sub(prev).max(1) as u64;
+                    if let Err(reason) = start_request(&self.key, conn, key, now_ns, &head[..end], sink) {
+                        return conn.desync(reason, sink);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A complete head: attribute the connection to it and report it.
+fn start_request(
+    token_key: &TokenKey,
+    conn: &mut Conn,
+    key: ConnKey,
+    now_ns: u64,
+    head: &[u8],
+    sink: &mut impl Sink,
+) -> Result<(), &'static str> {
+    let parsed = http::parse_head(head).map_err(|e| e.reason())?;
+    let classified = endpoint::classify(parsed.method, parsed.path);
+    let attribution = Attribution {
+        token: token::label_for_request(token_key, &parsed),
+        endpoint: classified.endpoint,
+    };
+    conn.current = Some(attribution);
+    conn.answering = false;
+    conn.phase = match (parsed.chunked, parsed.content_length) {
+        (true, _) => Phase::ChunkedBody,
+        (false, Some(n)) if n > 0 => Phase::Body(n),
+        _ => Phase::head(),
+    };
+    sink.request(&RequestSeen {
+        conn: key,
+        at_ns: now_ns,
+        attribution,
+        method: parsed.method,
+        room_id: classified.room_id.as_deref(),
+        query: parsed.query,
+        user_agent: parsed.user_agent,
+        forwarded_for: parsed.forwarded_for,
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder {
+        requests: Vec<(Option<TokenLabel>, Endpoint, Option<String>)>,
+        bytes: Vec<(Attribution, u64)>,
+        unattributed: u64,
+        failures: Vec<&'static str>,
+    }
+
+    impl Sink for Recorder {
+        fn request(&mut self, r: &RequestSeen<'_>) {
+            self.requests.push((r.attribution.token, r.attribution.endpoint, r.room_id.map(String::from)));
+        }
+        fn response_bytes(&mut self, a: Attribution, bytes: u64) {
+            self.bytes.push((a, bytes));
+        }
+        fn unattributed_bytes(&mut self, bytes: u64) {
+            self.unattributed += bytes;
+        }
+        fn parse_failure(&mut self, reason: &'static str) {
+            self.failures.push(reason);
+        }
+    }
+
+    const C: ConnKey = ConnKey { sock: 0xffff_8880_0000_1000, start_ns: 1 };
+
+    fn key() -> TokenKey {
+        TokenKey::from_bytes([7; 32])
+    }
+
+    fn tracker() -> Tracker {
+        Tracker::new(key(), 16)
+    }
+
+    fn recv(t: &mut Tracker, data: &[u8], sink: &mut Recorder) {
+        t.on_recv(C, 0, data.len() as u64, data, false, sink);
+    }
+
+    fn get(path: &str, token: &str) -> Vec<u8> {
+        format!("GET {path} HTTP/1.1\r\nHost: hs\r\nAuthorization: Bearer {token}\r\n\r\n").into_bytes()
+    }
+
+    fn bytes_for(sink: &Recorder, token: &str) -> u64 {
+        let label = key().label(token.as_bytes());
+        sink.bytes.iter().filter(|(a, _)| a.token == Some(label)).map(|(_, b)| b).sum()
+    }
+
+    #[test]
+    fn keep_alive_requests_each_get_the_bytes_sent_after_them() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        recv(&mut t, &get("/_matrix/client/v3/sync?timeout=30000", "syt_a"), &mut s);
+        t.on_send(C, 0, 1000, &mut s);
+        t.on_send(C, 0, 5, &mut s);
+        recv(&mut t, &get("/_matrix/client/v3/rooms/!r:hs/messages?dir=b", "syt_b"), &mut s);
+        t.on_send(C, 0, 300, &mut s);
+        assert_eq!(s.requests.len(), 2);
+        assert_eq!(s.requests[0].1, Endpoint::Sync);
+        assert_eq!(s.requests[1].1, Endpoint::Messages);
+        assert_eq!(s.requests[1].2.as_deref(), Some("!r:hs"));
+        assert_eq!(bytes_for(&s, "syt_a"), 1005);
+        assert_eq!(bytes_for(&s, "syt_b"), 300);
+        assert!(s.failures.is_empty());
+    }
+
+    #[test]
+    fn a_head_split_into_one_byte_receives_is_reassembled() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        for b in get("/_matrix/client/v3/joined_rooms", "syt_a") {
+            recv(&mut t, &[b], &mut s);
+        }
+        t.on_send(C, 0, 42, &mut s);
+        assert_eq!(s.requests.len(), 1);
+        assert_eq!(s.requests[0].1, Endpoint::JoinedRooms);
+        assert_eq!(bytes_for(&s, "syt_a"), 42);
+    }
+
+    #[test]
+    fn a_body_of_known_length_is_skipped_and_a_pipelined_head_after_it_is_seen() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        let mut data = b"PUT /_matrix/client/v3/rooms/!r:hs/send/m.room.message/1 HTTP/1.1\r\nAuthorization: Bearer syt_a\r\nContent-Length: 11\r\n\r\n{\"body\":1}\n".to_vec();
+        data.extend(get("/_matrix/client/v3/sync", "syt_a"));
+        recv(&mut t, &data, &mut s);
+        let endpoints: Vec<Endpoint> = s.requests.iter().map(|r| r.1).collect();
+        assert_eq!(endpoints, vec![Endpoint::Send, Endpoint::Sync]);
+        assert!(s.failures.is_empty());
+    }
+
+    #[test]
+    fn a_body_in_later_receives_is_counted_without_being_seen() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        recv(&mut t, b"POST /_matrix/media/v3/upload HTTP/1.1\r\nAuthorization: Bearer syt_a\r\nContent-Length: 100000\r\n\r\n", &mut s);
+        t.on_recv(C, 0, 65536, &[0u8; 8192], false, &mut s);
+        t.on_recv(C, 0, 100000 - 65536, &[0u8; 8192], false, &mut s);
+        recv(&mut t, &get("/_matrix/client/v3/sync", "syt_a"), &mut s);
+        assert_eq!(s.requests.len(), 2);
+        assert!(s.failures.is_empty(), "{:?}", s.failures);
+    }
+
+    #[test]
+    fn a_chunked_request_body_ends_when_the_response_starts() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        recv(&mut t, b"POST /_matrix/media/v3/upload HTTP/1.1\r\nAuthorization: Bearer syt_a\r\nTransfer-Encoding: chunked\r\n\r\n", &mut s);
+        recv(&mut t, b"5\r\nhello\r\n0\r\n\r\n", &mut s);
+        t.on_send(C, 0, 77, &mut s);
+        recv(&mut t, &get("/_matrix/client/v3/sync", "syt_b"), &mut s);
+        t.on_send(C, 0, 10, &mut s);
+        assert_eq!(s.requests.len(), 2);
+        assert_eq!(bytes_for(&s, "syt_a"), 77);
+        assert_eq!(bytes_for(&s, "syt_b"), 10);
+    }
+
+    #[test]
+    fn garbage_is_a_counted_failure_and_the_next_request_resynchronises() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        recv(&mut t, b"\x16\x03\x01\x02\x00garbage", &mut s);
+        t.on_send(C, 0, 9, &mut s);
+        recv(&mut t, &get("/_matrix/client/v3/sync", "syt_a"), &mut s);
+        t.on_send(C, 0, 10, &mut s);
+        assert_eq!(s.failures, vec!["not_http"]);
+        assert_eq!(s.unattributed, 9);
+        assert_eq!(bytes_for(&s, "syt_a"), 10);
+    }
+
+    #[test]
+    fn a_head_cut_by_the_capture_limit_is_a_counted_failure_not_a_guess() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        let head = get("/_matrix/client/v3/sync", "syt_a");
+        t.on_recv(C, 0, head.len() as u64, &head[..10], false, &mut s);
+        t.on_send(C, 0, 10, &mut s);
+        assert!(s.requests.is_empty());
+        assert_eq!(s.failures, vec!["capture_truncated"]);
+        assert_eq!(s.unattributed, 10);
+    }
+
+    #[test]
+    fn bytes_before_any_request_are_unattributed_never_lost() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        t.on_send(C, 0, 123, &mut s);
+        assert_eq!(s.unattributed, 123);
+    }
+
+    #[test]
+    fn a_blind_receive_where_a_head_was_expected_desynchronises() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        t.on_recv(C, 0, 100, &[], true, &mut s);
+        assert_eq!(s.failures, vec!["no_capture"]);
+    }
+
+    #[test]
+    fn closing_in_the_middle_of_a_head_is_counted() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        recv(&mut t, b"GET /_matrix/client/v3/sync HTTP/1.1\r\nHost:", &mut s);
+        t.on_close(C, &mut s);
+        assert_eq!(s.failures, vec!["closed_mid_head"]);
+        assert_eq!(t.stats().connections, 0);
+    }
+
+    #[test]
+    fn requests_without_a_token_are_attributed_to_no_token() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        recv(&mut t, b"POST /_matrix/client/v3/login HTTP/1.1\r\nContent-Length: 0\r\n\r\n", &mut s);
+        assert_eq!(s.requests, vec![(None, Endpoint::Login, None)]);
+    }
+
+    #[test]
+    fn the_connection_table_is_bounded() {
+        let (mut t, mut s) = (Tracker::new(key(), 2), Recorder::default());
+        for sock in 0..5u64 {
+            t.on_send(ConnKey { sock, start_ns: 0 }, sock, 1, &mut s);
+        }
+        assert_eq!(t.stats().connections, 2);
+        assert_eq!(t.stats().evicted, 3);
+    }
+}

@@ -1,1 +1,706 @@
-//! (being written)
+//! HTTP/1.x request-head parsing, robust to hostile input.
+//!
+//! The bytes come from sockets we only observe: any of them may be garbage, truncated, or
+//! crafted. Everything here is bounds-checked and never panics; a head we cannot read is an
+//! error with a stable reason, so the caller can count it and resynchronise.
+//!
+//! Where HTTP leaves a choice, we follow what Synapse's HTTP server (Twisted) does, so that
+//! what we account for is what the homeserver actually served: a head it would refuse with
+//! 400 (invalid header line, both `Content-Length` and `Transfer-Encoding`, ...) is an error
+//! here too.
+
+use std::fmt;
+
+/// A head larger than this is refused (counted as a parse failure by the caller).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// How many headers we first make room for: real clients send 10 to 40.
+const HEADERS_FIRST_TRY: usize = 128;
+/// The most headers we accept; beyond this a head is refused rather than parsed with an
+/// ever larger array.
+const HEADERS_MAX: usize = 512;
+
+/// Index just past the end of the request head ("\r\n\r\n"; also accept "\n\n"), if present in buf.
+///
+/// Empty lines before the request line are part of the head (RFC 9112 §2.2 asks servers to
+/// ignore them; clients send a stray CRLF after a body), so they do not end it. The head
+/// ends at the first empty line after that, whether lines end in CRLF or bare LF, exactly
+/// where `httparse` stops.
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let mut from = start;
+    loop {
+        let nl = from.checked_add(buf.get(from..)?.iter().position(|&b| b == b'\n')?)?;
+        let after = nl.checked_add(1)?;
+        match buf.get(after) {
+            Some(b'\n') => return after.checked_add(1),
+            Some(b'\r') if buf.get(after.checked_add(1)?) == Some(&b'\n') => {
+                return after.checked_add(2);
+            }
+            _ => from = after,
+        }
+    }
+}
+
+/// True when buf plausibly begins a request line: an HTTP method token (uppercase ASCII
+/// letters, 3..=10 chars) followed by a space. Used to resynchronise after garbage.
+///
+/// On partial input, a run of 1..=10 uppercase letters with nothing after it is accepted:
+/// it may still become a method once more bytes arrive, and rejecting it would desynchronise
+/// a connection whose request was merely split. An empty buffer gives nothing to judge and
+/// returns false.
+pub fn looks_like_request_start(buf: &[u8]) -> bool {
+    const MAX_METHOD: usize = 10;
+    let letters = buf
+        .iter()
+        .take(MAX_METHOD + 1)
+        .take_while(|b| b.is_ascii_uppercase())
+        .count();
+    match buf.get(letters) {
+        None => (1..=MAX_METHOD).contains(&letters),
+        Some(b' ') => (3..=MAX_METHOD).contains(&letters),
+        Some(_) => false,
+    }
+}
+
+/// What the accounting needs from a request head; every slice borrows the input buffer.
+///
+/// `Debug` is written by hand: it redacts `authorization` and `query`, which carry access
+/// tokens, so a head can be logged safely.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RequestHead<'a> {
+    pub method: &'a str,
+    /// Request target up to '?' or '#', still percent-encoded; absolute-form targets are
+    /// reduced to their path ("/" when they have none).
+    pub path: &'a str,
+    /// Between '?' and '#', "" when none. May hold an `access_token`.
+    pub query: &'a str,
+    /// HTTP/1.x.
+    pub minor_version: u8,
+    /// Raw value of the first `Authorization` header.
+    pub authorization: Option<&'a [u8]>,
+    /// Raw value of the first `User-Agent` header.
+    pub user_agent: Option<&'a [u8]>,
+    /// Raw value of the first `X-Forwarded-For` header.
+    pub forwarded_for: Option<&'a [u8]>,
+    /// The body length when the body is delimited by `Content-Length`.
+    pub content_length: Option<u64>,
+    /// The body is chunked: `chunked` is the last transfer coding.
+    pub chunked: bool,
+    /// The connection ends after this exchange: `Connection: close`, or HTTP/1.0 without
+    /// `Connection: keep-alive`.
+    pub connection_close: bool,
+    /// `Expect: 100-continue`: the body follows only after the server's interim response.
+    pub expect_continue: bool,
+}
+
+impl fmt::Debug for RequestHead<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |present: bool| if present { "<redacted>" } else { "" };
+        f.debug_struct("RequestHead")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("query", &redacted(!self.query.is_empty()))
+            .field("minor_version", &self.minor_version)
+            .field("authorization", &self.authorization.map(|_| "<redacted>"))
+            .field("user_agent", &self.user_agent.map(String::from_utf8_lossy))
+            .field("forwarded_for", &self.forwarded_for.map(String::from_utf8_lossy))
+            .field("content_length", &self.content_length)
+            .field("chunked", &self.chunked)
+            .field("connection_close", &self.connection_close)
+            .field("expect_continue", &self.expect_continue)
+            .finish()
+    }
+}
+
+/// Why a head could not be read. Carries no input bytes, so it is safe to log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    /// No empty line ends the head in the buffer given.
+    Incomplete,
+    /// The head is longer than [`MAX_HEAD_BYTES`].
+    TooLarge,
+    /// The request line is not `method SP target SP version`.
+    BadRequestLine,
+    /// The request target is not UTF-8.
+    NotUtf8Target,
+    /// Not HTTP/1.0 or HTTP/1.1 (HTTP/2's preface lands here).
+    BadVersion,
+    /// A header line has an invalid name or a control byte in its value.
+    BadHeader,
+    /// More than 512 headers.
+    TooManyHeaders,
+    /// A `Content-Length` that is not a decimal number fitting in 64 bits.
+    BadContentLength,
+    /// `Content-Length` headers that disagree, or both `Content-Length` and
+    /// `Transfer-Encoding`: the body length is ambiguous (the request-smuggling pattern).
+    ConflictingLength,
+    /// `Transfer-Encoding` whose last coding is not `chunked`: the body length cannot be
+    /// known (RFC 9112 §6.3).
+    BadTransferEncoding,
+}
+
+impl HeadError {
+    /// Short snake_case name, stable: used as a metric label value.
+    pub fn reason(self) -> &'static str {
+        match self {
+            HeadError::Incomplete => "incomplete_head",
+            HeadError::TooLarge => "head_too_large",
+            HeadError::BadRequestLine => "bad_request_line",
+            HeadError::NotUtf8Target => "not_utf8_target",
+            HeadError::BadVersion => "bad_version",
+            HeadError::BadHeader => "bad_header",
+            HeadError::TooManyHeaders => "too_many_headers",
+            HeadError::BadContentLength => "bad_content_length",
+            HeadError::ConflictingLength => "conflicting_length",
+            HeadError::BadTransferEncoding => "bad_transfer_encoding",
+        }
+    }
+}
+
+impl fmt::Display for HeadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = match self {
+            HeadError::Incomplete => "request head is incomplete",
+            HeadError::TooLarge => "request head exceeds 64 KiB",
+            HeadError::BadRequestLine => "malformed request line",
+            HeadError::NotUtf8Target => "request target is not UTF-8",
+            HeadError::BadVersion => "unsupported HTTP version (expected HTTP/1.0 or HTTP/1.1)",
+            HeadError::BadHeader => "malformed header line",
+            HeadError::TooManyHeaders => "more than 512 headers",
+            HeadError::BadContentLength => "invalid Content-Length",
+            HeadError::ConflictingLength => "ambiguous body length (Content-Length conflict)",
+            HeadError::BadTransferEncoding => "Transfer-Encoding does not end in chunked",
+        };
+        f.write_str(text)
+    }
+}
+
+impl std::error::Error for HeadError {}
+
+/// Parse a complete head (buf[..head_end]); bytes after the head are ignored.
+///
+/// Headers are matched case-insensitively. When a header that should be single appears
+/// several times, the first is used, except `Content-Length` (all must agree).
+pub fn parse_head(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
+    let end = match head_end(buf) {
+        Some(end) if end > MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
+        Some(end) => end,
+        None if buf.len() > MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
+        None => return Err(HeadError::Incomplete),
+    };
+    let head = buf.get(..end).ok_or(HeadError::Incomplete)?;
+    // The common case fits on the stack; only pathological heads pay for the larger array.
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_FIRST_TRY];
+    match parse_with(head, &mut headers) {
+        Err(HeadError::TooManyHeaders) => {
+            let mut headers = vec![httparse::EMPTY_HEADER; HEADERS_MAX];
+            parse_with(head, &mut headers)
+        }
+        other => other,
+    }
+}
+
+fn parse_with<'b>(
+    head: &'b [u8],
+    headers: &mut [httparse::Header<'b>],
+) -> Result<RequestHead<'b>, HeadError> {
+    let mut req = httparse::Request::new(headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(HeadError::Incomplete),
+        Err(e) => return Err(map_error(e, head)),
+    }
+    let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version)
+    else {
+        return Err(HeadError::BadRequestLine);
+    };
+    let (path, query) = split_target(target);
+    let mut out = RequestHead {
+        method,
+        path,
+        query,
+        minor_version,
+        authorization: None,
+        user_agent: None,
+        forwarded_for: None,
+        content_length: None,
+        chunked: false,
+        connection_close: false,
+        expect_continue: false,
+    };
+    let mut transfer_encoding = false;
+    let mut keep_alive = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        if is("authorization") {
+            out.authorization.get_or_insert(h.value);
+        } else if is("user-agent") {
+            out.user_agent.get_or_insert(h.value);
+        } else if is("x-forwarded-for") {
+            out.forwarded_for.get_or_insert(h.value);
+        } else if is("content-length") {
+            let n = parse_content_length(h.value)?;
+            if out.content_length.is_some_and(|prev| prev != n) {
+                return Err(HeadError::ConflictingLength);
+            }
+            out.content_length = Some(n);
+        } else if is("transfer-encoding") {
+            // Codings accumulate across headers; only the last one frames the body.
+            if let Some(last) = list_items(h.value).last() {
+                transfer_encoding = true;
+                out.chunked = last.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if is("connection") {
+            for token in list_items(h.value) {
+                out.connection_close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if is("expect") {
+            out.expect_continue |= trim(h.value).eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    if transfer_encoding {
+        if !out.chunked {
+            return Err(HeadError::BadTransferEncoding);
+        }
+        if out.content_length.is_some() {
+            return Err(HeadError::ConflictingLength);
+        }
+    }
+    if minor_version == 0 && !keep_alive {
+        out.connection_close = true;
+    }
+    Ok(out)
+}
+
+/// httparse reports a non-UTF-8 target as a bad token; tell the two apart by looking at the
+/// request line again (only on this error path).
+fn map_error(e: httparse::Error, head: &[u8]) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
+        httparse::Error::Version => HeadError::BadVersion,
+        httparse::Error::HeaderName | httparse::Error::HeaderValue => HeadError::BadHeader,
+        httparse::Error::Token if target_is_not_utf8(head) => HeadError::NotUtf8Target,
+        httparse::Error::Token | httparse::Error::NewLine | httparse::Error::Status => {
+            HeadError::BadRequestLine
+        }
+    }
+}
+
+fn target_is_not_utf8(head: &[u8]) -> bool {
+    let line = head
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .and_then(|start| head.get(start..))
+        .unwrap_or(&[]);
+    let line = line.split(|&b| b == b'\n').next().unwrap_or(&[]);
+    line.split(|&b| b == b' ')
+        .nth(1)
+        .is_some_and(|target| std::str::from_utf8(target).is_err())
+}
+
+/// Split a request target into (path, query), reducing absolute-form to origin-form.
+fn split_target(target: &str) -> (&str, &str) {
+    let (rest, absolute) = match strip_scheme_and_authority(target) {
+        Some(rest) => (rest, true),
+        None => (target, false),
+    };
+    let (before_fragment, _) = rest.split_once('#').unwrap_or((rest, ""));
+    let (path, query) = before_fragment.split_once('?').unwrap_or((before_fragment, ""));
+    let path = if path.is_empty() && absolute { "/" } else { path };
+    (path, query)
+}
+
+/// For an absolute-form target ("scheme://authority/path?q"), what follows the authority.
+fn strip_scheme_and_authority(target: &str) -> Option<&str> {
+    let (scheme, rest) = target.split_once("://")?;
+    let mut chars = scheme.chars();
+    let valid_scheme = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !valid_scheme {
+        return None;
+    }
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    rest.get(authority_end..)
+}
+
+/// Strict decimal (RFC 9110 §8.6), tolerating a list of identical values ("5, 5") as the RFC
+/// allows.
+fn parse_content_length(value: &[u8]) -> Result<u64, HeadError> {
+    let mut result = None;
+    for item in value.split(|&b| b == b',') {
+        let item = trim(item);
+        if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+            return Err(HeadError::BadContentLength);
+        }
+        let n = item.iter().try_fold(0u64, |acc, &d| {
+            acc.checked_mul(10)?.checked_add(u64::from(d.wrapping_sub(b'0')))
+        });
+        let n = n.ok_or(HeadError::BadContentLength)?;
+        if result.is_some_and(|prev| prev != n) {
+            return Err(HeadError::ConflictingLength);
+        }
+        result = Some(n);
+    }
+    result.ok_or(HeadError::BadContentLength)
+}
+
+/// Non-empty, trimmed elements of a comma-separated header list (RFC 9110 §5.6.1).
+fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(trim).filter(|item| !item.is_empty())
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = bytes.iter().position(|b| !is_ows(b)).unwrap_or(bytes.len());
+    let end = bytes.iter().rposition(|b| !is_ows(b)).map_or(start, |i| i.saturating_add(1));
+    bytes.get(start..end).unwrap_or(&[])
+}
+
+/// Iterate over raw (still percent-encoded) query pairs "a=b&c" -> ("a","b"), ("c","").
+/// Empty pairs ("a=b&&c") are skipped.
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+/// Percent-decode (and '+' → space for query values when `plus_as_space`); invalid escapes
+/// are kept literally.
+///
+/// The output is allocated once at the input's length (decoding never grows), so a decoded
+/// secret is never left behind in a buffer freed by reallocation: wrapping the result in
+/// `Zeroizing` erases the only copy.
+pub fn percent_decode(input: &[u8], plus_as_space: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while let Some(&b) = input.get(i) {
+        let escaped = match (b, input.get(i.wrapping_add(1)), input.get(i.wrapping_add(2))) {
+            (b'%', Some(&hi), Some(&lo)) => hex_value(hi).zip(hex_value(lo)),
+            _ => None,
+        };
+        match escaped {
+            Some((hi, lo)) => {
+                out.push(hi << 4 | lo);
+                i = i.saturating_add(3);
+            }
+            None => {
+                out.push(if b == b'+' && plus_as_space { b' ' } else { b });
+                i = i.saturating_add(1);
+            }
+        }
+    }
+    out
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A head as Element Web sends it through a reverse proxy: 40 headers before the
+    /// Authorization header, which comes last.
+    fn element_head(target: &str) -> Vec<u8> {
+        let mut h = format!("GET {target} HTTP/1.1\r\nHost: matrix.example.org\r\n");
+        h.push_str("User-Agent: Mozilla/5.0 (X11; Linux x86_64) Element/1.11.85\r\n");
+        h.push_str("X-Forwarded-For: 203.0.113.7, 10.0.0.1\r\n");
+        h.push_str("Accept: application/json\r\nAccept-Language: en-US,en;q=0.5\r\n");
+        h.push_str("Accept-Encoding: gzip, deflate, br\r\nOrigin: https://app.element.io\r\n");
+        for i in 0..34 {
+            h.push_str(&format!("X-Extra-{i}: value-{i}\r\n"));
+        }
+        h.push_str("authorization: Bearer syt_YWxpY2U_secret_123\r\n\r\n");
+        h.into_bytes()
+    }
+
+    #[test]
+    fn head_end_is_just_past_the_crlf_blank_line() {
+        let buf = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nBODY";
+        assert_eq!(head_end(buf), Some(buf.len() - 4));
+    }
+
+    #[test]
+    fn head_end_accepts_bare_lf_line_endings() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\nBODY"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\nX"), Some(26));
+    }
+
+    #[test]
+    fn truncated_head_has_no_end() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r"), None);
+        assert_eq!(head_end(b""), None);
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n"), Err(HeadError::Incomplete));
+    }
+
+    #[test]
+    fn leading_empty_lines_do_not_end_the_head() {
+        let buf = b"\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(head_end(buf), Some(buf.len()));
+        assert_eq!(parse_head(buf).map(|h| h.path), Ok("/"));
+        assert_eq!(head_end(b"\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn request_start_is_an_uppercase_method_and_a_space() {
+        assert!(looks_like_request_start(b"GET /sync HTTP/1.1"));
+        assert!(looks_like_request_start(b"OPTIONS * HTTP/1.1"));
+        assert!(looks_like_request_start(b"PROPFIND / HTTP/1.1"));
+        assert!(!looks_like_request_start(b"get / HTTP/1.1"));
+        assert!(!looks_like_request_start(b"GE / HTTP/1.1"));
+        assert!(!looks_like_request_start(b"VERYLONGMETHOD / HTTP/1.1"));
+        assert!(!looks_like_request_start(b"\x16\x03\x01\x02\x00"));
+        assert!(!looks_like_request_start(b"{\"json\":1}"));
+        assert!(!looks_like_request_start(b""));
+    }
+
+    #[test]
+    fn a_partial_method_may_still_become_a_request_start() {
+        assert!(looks_like_request_start(b"G"));
+        assert!(looks_like_request_start(b"GE"));
+        assert!(looks_like_request_start(b"OPTIONSXYZ"));
+        assert!(!looks_like_request_start(b"OPTIONSXYZW"));
+        assert!(!looks_like_request_start(b"GE\r"));
+    }
+
+    #[test]
+    fn element_request_with_authorization_after_forty_headers_is_parsed() {
+        let buf = element_head("/_matrix/client/v3/sync?timeout=30000&since=s72594_4483");
+        let head = parse_head(&buf).expect("parses");
+        assert_eq!(head.method, "GET");
+        assert_eq!(head.path, "/_matrix/client/v3/sync");
+        assert_eq!(head.query, "timeout=30000&since=s72594_4483");
+        assert_eq!(head.minor_version, 1);
+        assert_eq!(head.authorization, Some(&b"Bearer syt_YWxpY2U_secret_123"[..]));
+        assert_eq!(head.user_agent, Some(&b"Mozilla/5.0 (X11; Linux x86_64) Element/1.11.85"[..]));
+        assert_eq!(head.forwarded_for, Some(&b"203.0.113.7, 10.0.0.1"[..]));
+        assert_eq!(head.content_length, None);
+        assert!(!head.chunked && !head.connection_close && !head.expect_continue);
+    }
+
+    #[test]
+    fn nio_style_post_with_body_reports_its_length_and_ignores_the_body() {
+        let buf = b"PUT /_matrix/client/r0/rooms/%21a%3Ab/send/m.room.message/t1 HTTP/1.1\r\n\
+            Host: h\r\nUser-Agent: nio\r\nContent-Type: application/json\r\n\
+            Content-Length: 17\r\nAuthorization: Bearer tok\r\n\r\n{\"body\":\"hello\"}";
+        let head = parse_head(buf).expect("parses");
+        assert_eq!(head.method, "PUT");
+        assert_eq!(head.content_length, Some(17));
+        assert_eq!(head.authorization, Some(&b"Bearer tok"[..]));
+    }
+
+    #[test]
+    fn keep_alive_heads_are_parsed_one_after_another() {
+        let two = b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n";
+        let first_end = head_end(two).expect("first head");
+        assert_eq!(parse_head(two).map(|h| h.path), Ok("/a"));
+        let rest = two.get(first_end..).expect("second head");
+        assert_eq!(parse_head(rest).map(|h| h.path), Ok("/b"));
+    }
+
+    #[test]
+    fn http_1_0_closes_unless_keep_alive_is_asked() {
+        let close = parse_head(b"GET / HTTP/1.0\r\n\r\n").expect("parses");
+        assert!(close.connection_close);
+        let kept = parse_head(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").expect("parses");
+        assert!(!kept.connection_close);
+        let closed = parse_head(b"GET / HTTP/1.1\r\nConnection: upgrade, CLOSE\r\n\r\n").expect("parses");
+        assert!(closed.connection_close);
+    }
+
+    #[test]
+    fn expect_continue_is_recognised() {
+        let head = parse_head(b"POST /u HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 9\r\n\r\n");
+        assert!(head.expect("parses").expect_continue);
+    }
+
+    #[test]
+    fn absolute_form_targets_are_reduced_to_path_and_query() {
+        let p = |t: &str| {
+            let buf = format!("GET {t} HTTP/1.1\r\n\r\n").into_bytes();
+            parse_head(&buf).map(|h| (h.path.to_owned(), h.query.to_owned()))
+        };
+        let pq = |a: &str, b: &str| Ok((a.to_owned(), b.to_owned()));
+        assert_eq!(p("http://m.example.org/_matrix/client/v3/sync?since=1"), pq("/_matrix/client/v3/sync", "since=1"));
+        assert_eq!(p("HTTPS://m.example.org:8448/x"), pq("/x", ""));
+        assert_eq!(p("http://m.example.org"), pq("/", ""));
+        assert_eq!(p("http://m.example.org?q=1"), pq("/", "q=1"));
+        assert_eq!(p("/p?q=1#frag"), pq("/p", "q=1"));
+        assert_eq!(p("*"), pq("*", ""));
+        assert_eq!(p("/redirect?to=http://x/y"), pq("/redirect", "to=http://x/y"));
+    }
+
+    #[test]
+    fn malformed_request_lines_are_refused() {
+        assert_eq!(parse_head(b"GET\r\n\r\n"), Err(HeadError::BadRequestLine));
+        assert_eq!(parse_head(b"GET  HTTP/1.1\r\n\r\n"), Err(HeadError::BadRequestLine));
+        assert_eq!(parse_head(b"G(T / HTTP/1.1\r\n\r\n"), Err(HeadError::BadRequestLine));
+        assert_eq!(parse_head(b"GET / HTTP/2.0\r\n\r\n"), Err(HeadError::BadVersion));
+        assert_eq!(parse_head(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Err(HeadError::BadVersion));
+        assert_eq!(parse_head(b"GET / FTP/1.1\r\n\r\n"), Err(HeadError::BadVersion));
+    }
+
+    #[test]
+    fn a_non_utf8_target_is_its_own_error() {
+        assert_eq!(parse_head(b"GET /\xff\xfe HTTP/1.1\r\n\r\n"), Err(HeadError::NotUtf8Target));
+    }
+
+    #[test]
+    fn nul_bytes_are_refused_wherever_they_are() {
+        assert_eq!(parse_head(b"GET /\0 HTTP/1.1\r\n\r\n"), Err(HeadError::BadRequestLine));
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nA: b\0c\r\n\r\n"), Err(HeadError::BadHeader));
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nA\0: b\r\n\r\n"), Err(HeadError::BadHeader));
+        assert!(parse_head(b"\0\0\0\0\n\n").is_err());
+    }
+
+    #[test]
+    fn a_megabyte_of_garbage_is_refused_without_panicking() {
+        let mut garbage = vec![0u8; 1 << 20];
+        let mut x: u32 = 0x1234_5678;
+        for b in garbage.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x.to_le_bytes()[0];
+        }
+        assert!(parse_head(&garbage).is_err());
+        let _ = head_end(&garbage);
+        let _ = looks_like_request_start(&garbage);
+        assert_eq!(parse_head(&vec![b'A'; 1 << 20]), Err(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn heads_over_the_limit_are_too_large_even_when_complete() {
+        let mut buf = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
+        buf.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES));
+        buf.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(parse_head(&buf), Err(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn header_values_with_obs_text_are_kept_raw_and_names_match_any_case() {
+        let head = parse_head(b"GET / HTTP/1.1\r\nuSeR-aGeNt: caf\xc3\xa9 \xff\tx\r\n\r\n").expect("parses");
+        assert_eq!(head.user_agent, Some(&b"caf\xc3\xa9 \xff\tx"[..]));
+    }
+
+    #[test]
+    fn header_lines_with_invalid_names_or_control_bytes_are_refused() {
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), Err(HeadError::BadHeader));
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nA(b): x\r\n\r\n"), Err(HeadError::BadHeader));
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nA: \x7f\r\n\r\n"), Err(HeadError::BadHeader));
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n"), Err(HeadError::BadHeader));
+    }
+
+    #[test]
+    fn up_to_512_headers_are_accepted_and_more_are_refused() {
+        let with = |n: usize| {
+            let mut h = b"GET / HTTP/1.1\r\n".to_vec();
+            for i in 0..n {
+                h.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+            }
+            h.extend_from_slice(b"Authorization: Bearer last\r\n\r\n");
+            h
+        };
+        let buf = with(HEADERS_MAX - 1);
+        assert_eq!(parse_head(&buf).map(|h| h.authorization), Ok(Some(&b"Bearer last"[..])));
+        assert_eq!(parse_head(&with(HEADERS_MAX)), Err(HeadError::TooManyHeaders));
+    }
+
+    #[test]
+    fn content_length_must_be_a_plain_decimal() {
+        let cl = |v: &str| {
+            let buf = format!("POST / HTTP/1.1\r\nContent-Length: {v}\r\n\r\n").into_bytes();
+            parse_head(&buf).map(|h| h.content_length)
+        };
+        assert_eq!(cl("0"), Ok(Some(0)));
+        assert_eq!(cl("18446744073709551615"), Ok(Some(u64::MAX)));
+        assert_eq!(cl("18446744073709551616"), Err(HeadError::BadContentLength));
+        assert_eq!(cl("-1"), Err(HeadError::BadContentLength));
+        assert_eq!(cl("+1"), Err(HeadError::BadContentLength));
+        assert_eq!(cl("0x10"), Err(HeadError::BadContentLength));
+        assert_eq!(cl(""), Err(HeadError::BadContentLength));
+        assert_eq!(cl("12, 12"), Ok(Some(12)));
+    }
+
+    #[test]
+    fn conflicting_content_lengths_are_refused() {
+        let two = b"POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 6\r\n\r\n";
+        assert_eq!(parse_head(two), Err(HeadError::ConflictingLength));
+        let same = b"POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n";
+        assert_eq!(parse_head(same).map(|h| h.content_length), Ok(Some(5)));
+        let list = b"POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n";
+        assert_eq!(parse_head(list), Err(HeadError::ConflictingLength));
+    }
+
+    #[test]
+    fn chunked_is_the_last_transfer_coding() {
+        let te = |v: &str| {
+            let buf = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {v}\r\n\r\n").into_bytes();
+            parse_head(&buf).map(|h| h.chunked)
+        };
+        assert_eq!(te("chunked"), Ok(true));
+        assert_eq!(te("gzip, CHUNKED"), Ok(true));
+        assert_eq!(te("chunked, gzip"), Err(HeadError::BadTransferEncoding));
+        assert_eq!(te("gzip"), Err(HeadError::BadTransferEncoding));
+        let split = b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(parse_head(split).map(|h| h.chunked), Ok(true));
+    }
+
+    #[test]
+    fn content_length_with_transfer_encoding_is_refused() {
+        let both = b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(parse_head(both), Err(HeadError::ConflictingLength));
+    }
+
+    #[test]
+    fn debug_output_redacts_authorization_and_query() {
+        let buf = b"GET /sync?access_token=qsecret HTTP/1.1\r\nAuthorization: Bearer hsecret\r\n\r\n";
+        let shown = format!("{:?}", parse_head(buf).expect("parses"));
+        assert!(!shown.contains("qsecret") && !shown.contains("hsecret"), "{shown}");
+        assert!(shown.contains("/sync"));
+    }
+
+    #[test]
+    fn every_error_has_a_distinct_snake_case_reason() {
+        let all = [
+            HeadError::Incomplete,
+            HeadError::TooLarge,
+            HeadError::BadRequestLine,
+            HeadError::NotUtf8Target,
+            HeadError::BadVersion,
+            HeadError::BadHeader,
+            HeadError::TooManyHeaders,
+            HeadError::BadContentLength,
+            HeadError::ConflictingLength,
+            HeadError::BadTransferEncoding,
+        ];
+        let reasons: std::collections::BTreeSet<_> = all.iter().map(|e| e.reason()).collect();
+        assert_eq!(reasons.len(), all.len());
+        for r in reasons {
+            assert!(r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'), "{r}");
+        }
+    }
+
+    #[test]
+    fn query_pairs_split_on_ampersand_and_first_equals() {
+        let pairs: Vec<_> = query_pairs("a=b&c&&d=e=f&=g").collect();
+        assert_eq!(pairs, [("a", "b"), ("c", ""), ("d", "e=f"), ("", "g")]);
+        assert_eq!(query_pairs("").count(), 0);
+    }
+
+    #[test]
+    fn percent_decoding_keeps_invalid_escapes_literally() {
+        assert_eq!(percent_decode(b"%21abc%3Aexample.org", false), b"!abc:example.org");
+        assert_eq!(percent_decode(b"a+b%2Bc", true), b"a b+c");
+        assert_eq!(percent_decode(b"a+b", false), b"a+b");
+        assert_eq!(percent_decode(b"%zz%4%", false), b"%zz%4%");
+        assert_eq!(percent_decode(b"%e2%9C%93", false), "✓".as_bytes());
+        assert_eq!(percent_decode(b"%00", false), b"\0");
+    }
+}

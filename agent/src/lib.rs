@@ -6,9 +6,11 @@
 //! - [`token`]: access-token extraction and keyed hashing into labels; raw tokens never leave it.
 //! - [`conn`]: per-connection HTTP/1.1 state that turns socket events into requests and bytes.
 //! - [`aggregate`]: per-token counters with bounded cardinality (top-K plus overflow).
+//! - [`pipeline`]: decoding kernel records and feeding the tracker and aggregator.
 //! - [`metrics`]: the Prometheus exposition.
 //! - [`loader`]: loading and attaching the kernel programs.
 //! - [`config`]: the TOML file and command-line settings.
+//! - [`preflight`]: `vigie check`, what the host supports.
 pub mod aggregate;
 pub mod config;
 pub mod conn;
@@ -16,4 +18,6 @@ pub mod endpoint;
 pub mod http;
 pub mod loader;
 pub mod metrics;
+pub mod pipeline;
+pub mod preflight;
 pub mod token;

@@ -1,1 +1,236 @@
-fn main(){}
+//! `vigie`: the command line. Thin over the library modules.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+use zeroize::Zeroizing;
+
+use vigie::aggregate::Limits;
+use vigie::config::{FileConfig, Overrides, Settings};
+use vigie::pipeline::{State, monotonic_ns};
+use vigie::token::TokenKey;
+use vigie::{loader, metrics};
+
+#[derive(Parser)]
+#[command(name = "vigie", version, about = "Per-access-token telemetry of a Matrix homeserver, from eBPF")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Watch the homeserver's sockets and serve per-token metrics.
+    Run {
+        /// Local TCP port the homeserver (or the proxy in front) accepts HTTP on. Repeatable.
+        #[arg(long = "server-port", value_name = "PORT")]
+        server_ports: Vec<u16>,
+        /// Where to serve Prometheus metrics [default: 127.0.0.1:9464].
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<String>,
+        /// 32-byte secret that keys token hashing; created (mode 0600) when missing
+        /// [default: /var/lib/vigie/key].
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
+        /// TOML config file; flags override its settings.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Report what this host supports, line by line; exit non-zero when vigie cannot run.
+    Check {
+        /// Server port to look for (repeatable); also read from --config.
+        #[arg(long = "server-port", value_name = "PORT")]
+        server_ports: Vec<u16>,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Only inspect; do not load and attach the programs for a trial.
+        #[arg(long)]
+        no_trial: bool,
+    },
+    /// Print the label of each token read from standard input (one per line, one label per
+    /// line). Tokens are never taken as arguments: they would show in `ps`.
+    TokenHash {
+        #[arg(long, value_name = "PATH")]
+        key_file: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VIGIE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Run { server_ports, metrics_addr, key_file, config } => {
+            let file = match config.as_deref().map(FileConfig::load).transpose() {
+                Ok(f) => f.unwrap_or_default(),
+                Err(e) => return fail(e),
+            };
+            match Settings::merge(file, Overrides { server_ports, metrics_addr, key_file }) {
+                Ok(settings) => run(settings),
+                Err(e) => Err(e),
+            }
+        }
+        Command::TokenHash { key_file } => token_hash(&key_file),
+        Command::Check { server_ports, config, no_trial } => check(server_ports, config, !no_trial),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(e: anyhow::Error) -> std::process::ExitCode {
+    eprintln!("vigie: error: {e:#}");
+    std::process::ExitCode::FAILURE
+}
+
+fn check(mut ports: Vec<u16>, config: Option<PathBuf>, trial: bool) -> Result<()> {
+    if ports.is_empty()
+        && let Some(path) = config
+    {
+        ports = FileConfig::load(&path)?.server_ports.unwrap_or_default();
+    }
+    let report = vigie::preflight::check(&ports, trial);
+    print!("{}", report.render());
+    if report.can_run() { Ok(()) } else { anyhow::bail!("preflight failed") }
+}
+
+fn token_hash(key_file: &std::path::Path) -> Result<()> {
+    let key = TokenKey::load_or_create(key_file)?;
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut line = Zeroizing::new(Vec::new());
+    loop {
+        line.clear();
+        if input.read_until(b'\n', &mut line).context("reading tokens from standard input")? == 0 {
+            break;
+        }
+        let mut token: &[u8] = &line;
+        while let [rest @ .., b'\n' | b'\r'] = token {
+            token = rest;
+        }
+        if token.is_empty() {
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{}", key.label(token))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn run(settings: Settings) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_agent(settings))
+}
+
+async fn run_agent(settings: Settings) -> Result<()> {
+    let key = TokenKey::load_or_create(&settings.key_file)?;
+    let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
+    let mut probes = loader::load(&settings.server_ports)?;
+    let limits = Limits {
+        top_k: settings.top_k,
+        max_tokens: settings.max_tokens,
+        idle_s: settings.token_idle_seconds as f64,
+        ..Limits::default()
+    };
+    let state = Arc::new(Mutex::new(State::new(
+        key,
+        limits,
+        settings.max_connections,
+        settings.connection_idle_seconds,
+    )));
+    lock(&state).health.probes_attached = probes.attached;
+    let registry = Arc::new(metrics::registry(state.clone()));
+    let server = tokio::spawn(metrics::serve(listener, registry));
+    tracing::info!(
+        ports = ?settings.server_ports,
+        metrics = %settings.metrics_addr,
+        probes = probes.attached,
+        "vigie is watching"
+    );
+
+    // SAFETY: the ring buffer owns its fd and the AsyncFd owns the ring buffer, so the fd
+    // stays open for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register(probes.take_events()?) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut since_housekeeping = 0u32;
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                let ring = guard.get_inner_mut();
+                let mut st = lock(&state);
+                while let Some(record) = ring.next() {
+                    st.handle_record(&record);
+                }
+                drop(st);
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                let kernel = probes.counters();
+                let mut st = lock(&state);
+                st.health.kernel = kernel;
+                since_housekeeping += 1;
+                if since_housekeeping >= 10 {
+                    since_housekeeping = 0;
+                    st.housekeeping(monotonic_ns());
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+        if server.is_finished() {
+            break;
+        }
+    }
+    if server.is_finished() {
+        return match server.await {
+            Ok(Err(e)) => Err(e.context("metrics server stopped")),
+            _ => Err(anyhow::anyhow!("metrics server stopped")),
+        };
+    }
+    server.abort();
+    drop(ring);
+    drop(probes);
+    tracing::info!("detached, exiting");
+    Ok(())
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,1 +1,230 @@
-//! (being written)
+//! The Prometheus exposition: per-token series and the agent's health, read from [`State`] at
+//! scrape time (the hot path only bumps integers), served at `/metrics`.
+//!
+//! Names follow Prometheus conventions: the `vigie_` prefix, base units, `_total` on counters
+//! (the encoder appends it to counter names).
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet, prometheus_text},
+    metrics::MetricType,
+    registry::Registry,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::aggregate::ByEndpoint;
+use crate::pipeline::State;
+use vigie_common::{COUNTER_CAPTURE_FAILED, COUNTER_CONNS_FULL, COUNTER_NO_BUFFER, COUNTER_RINGBUF_FULL};
+
+/// Label value of requests that carried no access token.
+pub const ANONYMOUS: &str = "anonymous";
+/// Label value of tokens without their own series (see `aggregate`).
+pub const OVERFLOW: &str = "overflow";
+
+struct StateCollector(Arc<Mutex<State>>);
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateCollector")
+    }
+}
+
+fn counter(m: &mut MetricEncoder<'_>, value: u64) -> Result<(), std::fmt::Error> {
+    m.encode_counter::<NoLabelSet, _, u64>(&value, None)
+}
+
+fn labelled_counter(
+    m: &mut MetricEncoder<'_>,
+    labels: &[(&str, &str)],
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    counter(&mut m.encode_family(&labels)?, value)
+}
+
+fn gauge(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: u64) -> Result<(), std::fmt::Error> {
+    enc.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&value)
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // A poisoned lock means the pipeline panicked; still expose what is there.
+        let state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let agg = &state.aggregator;
+        let series: Vec<(String, &ByEndpoint)> = agg
+            .exported()
+            .map(|(l, e)| (l.to_string(), e))
+            .chain([(ANONYMOUS.to_string(), agg.anonymous()), (OVERFLOW.to_string(), agg.overflow())])
+            .collect();
+
+        let mut m = enc.encode_descriptor(
+            "vigie_token_requests",
+            "HTTP requests per access token (keyed hash label) and Matrix endpoint class",
+            None,
+            MetricType::Counter,
+        )?;
+        for (token, counts) in &series {
+            for (endpoint, c) in counts.iter() {
+                labelled_counter(&mut m, &[("token", token), ("endpoint", endpoint.as_str())], c.requests)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "vigie_token_response_bytes",
+            "Bytes the server sent in reply (status line, headers, framing, body) per token and endpoint class",
+            None,
+            MetricType::Counter,
+        )?;
+        for (token, counts) in &series {
+            for (endpoint, c) in counts.iter() {
+                labelled_counter(&mut m, &[("token", token), ("endpoint", endpoint.as_str())], c.bytes)?;
+            }
+        }
+
+        let h = &state.health;
+        let mut m = enc.encode_descriptor(
+            "vigie_events",
+            "Kernel records received, by kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, v) in [("recv", h.recv_events), ("send", h.send_events), ("close", h.close_events)] {
+            labelled_counter(&mut m, &[("kind", kind)], v)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "vigie_events_lost",
+            "Kernel records dropped because the ring buffer was full",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, h.kernel[COUNTER_RINGBUF_FULL as usize])?;
+        let mut m = enc.encode_descriptor(
+            "vigie_capture_incomplete",
+            "Receives whose bytes were counted but whose content could not be captured, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        labelled_counter(&mut m, &[("reason", "read_failed")], h.kernel[COUNTER_CAPTURE_FAILED as usize])?;
+        labelled_counter(&mut m, &[("reason", "no_buffer")], h.kernel[COUNTER_NO_BUFFER as usize])?;
+        let mut m = enc.encode_descriptor(
+            "vigie_kernel_conn_table_full",
+            "Connections the kernel could not record because its connection map was full",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, h.kernel[COUNTER_CONNS_FULL as usize])?;
+        let mut m = enc.encode_descriptor(
+            "vigie_malformed_records",
+            "Kernel records the agent could not decode",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, h.malformed_records)?;
+        let mut m = enc.encode_descriptor(
+            "vigie_parse_failures",
+            "Receives that could not be turned into a request, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, v) in &h.parse_failures {
+            labelled_counter(&mut m, &[("reason", reason)], *v)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "vigie_unattributed_response_bytes",
+            "Bytes sent on connections whose current request was unknown (before the agent started, after unparsable input)",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, agg.unattributed())?;
+
+        let ts = state.tracker.stats();
+        let ags = agg.stats();
+        let mut m = enc.encode_descriptor(
+            "vigie_connections_evicted",
+            "Connections dropped from the agent's table because it was full",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, ts.evicted)?;
+        let mut m = enc.encode_descriptor(
+            "vigie_tokens_expired",
+            "Tokens forgotten after being idle",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, ags.tokens_expired)?;
+        let mut m = enc.encode_descriptor(
+            "vigie_tokens_untracked",
+            "Requests from new tokens counted in overflow because the token table was full",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, ags.tokens_untracked)?;
+        gauge(&mut enc, "vigie_tracked_connections", "Connections the agent currently tracks", ts.connections as u64)?;
+        gauge(&mut enc, "vigie_tracked_tokens", "Tokens the agent currently tracks", ags.tracked_tokens as u64)?;
+        gauge(&mut enc, "vigie_exported_tokens", "Tokens that currently have their own series", ags.exported_tokens as u64)?;
+        gauge(&mut enc, "vigie_probes_attached", "Kernel programs attached", h.probes_attached as u64)?;
+        Ok(())
+    }
+}
+
+/// The registry behind `/metrics`.
+pub fn registry(state: Arc<Mutex<State>>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(StateCollector(state)));
+    registry
+}
+
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail; an encoder error would be a bug, shown as empty.
+    if prometheus_text::encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// Serve `GET /metrics` until the listener fails. One short request per connection.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) -> Result<()> {
+    loop {
+        let (mut stream, _) = listener.accept().await.context("accepting a metrics connection")?;
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while len < buf.len() {
+                    let n = stream.read(&mut buf[len..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let line = buf[..len].split(|&b| b == b'\n').next().unwrap_or(&[]);
+            let (status, body, ctype) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET /metrics?") {
+                ("200 OK", render(&registry), prometheus_text::CONTENT_TYPE)
+            } else if line.starts_with(b"GET / ") {
+                ("200 OK", "vigie: metrics at /metrics\n".to_string(), "text/plain")
+            } else {
+                ("404 Not Found", "not found\n".to_string(), "text/plain")
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}

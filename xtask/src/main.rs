@@ -1,1 +1,171 @@
-fn main(){}
+//! `cargo xtask`: the project's own commands for a fresh machine.
+//!
+//! - `cargo xtask setup`: install what building and testing need (idempotent, says each step).
+//! - `cargo xtask run [-- ARGS]`: set up, build, and run the agent on `deploy/vigie.toml`.
+//! - `cargo xtask test`: set up, build, run the unit tests and the integration tests.
+//!
+//! Everything is installed from Debian's packages, crates.io and PyPI by name.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+const APT_PACKAGES: &[&str] = &[
+    // bpf-linker links against LLVM 22.
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    // Integration tests and benchmarks.
+    "nginx",
+    "prometheus",
+    "wrk",
+    "bpftool",
+    "openssl",
+];
+const NIGHTLY: &str = "nightly";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("run") => run(&args[1..]),
+        Some("test") => test(&args[1..]),
+        _ => {
+            eprintln!("usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS]");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn cargo_bin(name: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    home.join("bin").join(name)
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !succeeds(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])))
+        .collect();
+    if missing.is_empty() {
+        step("Debian packages: all present");
+    } else {
+        step(&format!("Debian packages: installing {}", missing.join(" ")));
+        sh(Command::new("apt-get").arg("update").arg("-qq"))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    // nginx and prometheus start services on install; the tests run their own instances.
+    let _ = Command::new("systemctl").args(["disable", "--now", "nginx", "prometheus"]).output();
+
+    if succeeds(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--version"])) {
+        step("Rust nightly toolchain (for the eBPF target): present");
+    } else {
+        step("Rust nightly toolchain (for the eBPF target): installing");
+        sh(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+    }
+    step("rust-src for nightly (build-std=core for bpfel-unknown-none): ensuring");
+    sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+
+    let linker = cargo_bin("bpf-linker");
+    let have = Command::new(&linker).arg("--version").output().ok().filter(|o| o.status.success());
+    if have.is_some_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION}: present"));
+    } else {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (about a minute)"));
+        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+        sh(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path))?;
+    }
+
+    let venv = root().join("tests/.venv");
+    let requirements = root().join("tests/requirements.txt");
+    let stamp = venv.join(".requirements");
+    let wanted = std::fs::read_to_string(&requirements).context("reading tests/requirements.txt")?;
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        step("Python venv for the integration tests (Synapse, clients, pytest): present");
+    } else {
+        step("Python venv for the integration tests: creating tests/.venv and installing Synapse, clients, pytest");
+        sh(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        sh(Command::new(venv.join("bin/pip")).args(["install", "-q", "--upgrade", "pip"]))?;
+        sh(Command::new(venv.join("bin/pip")).args(["install", "-q", "-r"]).arg(&requirements))?;
+        std::fs::write(&stamp, wanted)?;
+    }
+    Ok(())
+}
+
+fn build_release() -> Result<PathBuf> {
+    step("Building vigie (release; the eBPF programs are built by its build script)");
+    sh(Command::new("cargo").current_dir(root()).args(["build", "--release", "--locked", "-p", "vigie"]))?;
+    Ok(root().join("target/release/vigie"))
+}
+
+fn run(args: &[String]) -> Result<()> {
+    setup()?;
+    let bin = build_release()?;
+    let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    let mut cmd = Command::new(bin);
+    if args.is_empty() {
+        let config = root().join("deploy/vigie.toml");
+        step(&format!("Running: vigie run --config {}", config.display()));
+        cmd.arg("run").arg("--config").arg(config);
+    } else {
+        cmd.args(args);
+    }
+    sh(&mut cmd)
+}
+
+fn test(pytest_args: &[String]) -> Result<()> {
+    setup()?;
+    let bin = build_release()?;
+    step("Unit tests (cargo test)");
+    sh(Command::new("cargo").current_dir(root()).args(["test", "--release", "--locked"]))?;
+    step("Integration tests against real Synapse, nginx, Prometheus (pytest; needs root for BPF)");
+    sh(Command::new(root().join("tests/.venv/bin/python"))
+        .current_dir(root())
+        .args(["-m", "pytest", "tests/"])
+        .args(pytest_args)
+        .env("VIGIE_BIN", bin))
+}

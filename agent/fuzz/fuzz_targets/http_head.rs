@@ -1,0 +1,26 @@
+//! Everything the agent does with bytes read off a socket, on arbitrary bytes: none of it
+//! may panic, and what it returns must stay inside the input.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vigie::{endpoint, http, token};
+
+fuzz_target!(|data: &[u8]| {
+    let _ = http::looks_like_request_start(data);
+    if let Some(end) = http::head_end(data) {
+        assert!(end <= data.len());
+    }
+    let key = token::TokenKey::from_bytes([0x42; 32]);
+    if let Ok(head) = http::parse_head(data) {
+        let classified = endpoint::classify(head.method, head.path);
+        let _ = classified.endpoint.as_str();
+        if let Some(token) = token::extract_token(&head) {
+            assert!(!token.is_empty());
+            assert_eq!(Some(key.label(&token)), token::label_for_request(&key, &head));
+        }
+        for (name, value) in http::query_pairs(head.query) {
+            assert!(http::percent_decode(name.as_bytes(), true).len() <= name.len());
+            assert!(http::percent_decode(value.as_bytes(), false).len() <= value.len());
+        }
+    }
+});

@@ -1,0 +1,124 @@
+//! From ring-buffer records to per-token counters.
+//!
+//! [`State`] is everything the agent knows; the ring-buffer reader feeds it records and the
+//! metrics exposition reads it. Time is the kernel's monotonic clock (`bpf_ktime_get_ns` is
+//! CLOCK_MONOTONIC), so record timestamps and housekeeping agree.
+
+use std::collections::BTreeMap;
+
+use vigie_common::{
+    COUNTER_COUNT, EVENT_CLOSE, EVENT_HEADER_LEN, EVENT_RECV, EVENT_SEND, EventHeader, FLAG_NO_BUFFER,
+};
+
+use crate::aggregate::{Aggregator, Limits};
+use crate::conn::{Attribution, ConnKey, RequestSeen, Sink, Tracker};
+use crate::token::TokenKey;
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of the kernel's timestamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+/// The agent's view of its own health, exported with the `vigie_` agent metrics.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub recv_events: u64,
+    pub send_events: u64,
+    pub close_events: u64,
+    /// Records too short or inconsistent to decode.
+    pub malformed_records: u64,
+    pub parse_failures: BTreeMap<&'static str, u64>,
+    /// Kernel-side counters, `vigie_common::COUNTER_*`.
+    pub kernel: [u64; COUNTER_COUNT as usize],
+    pub probes_attached: usize,
+}
+
+pub struct State {
+    pub tracker: Tracker,
+    pub aggregator: Aggregator,
+    pub health: Health,
+    connection_idle_ns: u64,
+}
+
+/// The sink the connection tracker reports into: the aggregator and the health counters.
+struct Feed<'a> {
+    aggregator: &'a mut Aggregator,
+    health: &'a mut Health,
+    now_s: f64,
+}
+
+impl Sink for Feed<'_> {
+    fn request(&mut self, request: &RequestSeen<'_>) {
+        let a = request.attribution;
+        self.aggregator.request(a.token, a.endpoint, self.now_s);
+    }
+
+    fn response_bytes(&mut self, a: Attribution, bytes: u64) {
+        self.aggregator.response_bytes(a.token, a.endpoint, bytes);
+    }
+
+    fn unattributed_bytes(&mut self, bytes: u64) {
+        self.aggregator.unattributed_bytes(bytes);
+    }
+
+    fn parse_failure(&mut self, reason: &'static str) {
+        *self.health.parse_failures.entry(reason).or_default() += 1;
+    }
+}
+
+impl State {
+    pub fn new(key: TokenKey, limits: Limits, max_connections: usize, connection_idle_s: u64) -> Self {
+        State {
+            tracker: Tracker::new(key, max_connections),
+            aggregator: Aggregator::new(limits),
+            health: Health::default(),
+            connection_idle_ns: connection_idle_s.saturating_mul(1_000_000_000),
+        }
+    }
+
+    /// Decode one ring-buffer record and account it.
+    pub fn handle_record(&mut self, record: &[u8]) {
+        let Some(head) = record.get(..EVENT_HEADER_LEN) else {
+            self.health.malformed_records += 1;
+            return;
+        };
+        // SAFETY: `head` is exactly size_of::<EventHeader>() bytes and EventHeader is plain
+        // data valid for any bit pattern; read_unaligned copes with the ring's alignment.
+        let h: EventHeader = unsafe { std::ptr::read_unaligned(head.as_ptr().cast()) };
+        let Some(data) = record.get(EVENT_HEADER_LEN..EVENT_HEADER_LEN + h.captured as usize) else {
+            self.health.malformed_records += 1;
+            return;
+        };
+        let key = ConnKey { sock: h.conn, start_ns: h.conn_start_ns };
+        let mut feed = Feed {
+            aggregator: &mut self.aggregator,
+            health: &mut self.health,
+            now_s: h.ts_ns as f64 / 1e9,
+        };
+        match h.kind {
+            EVENT_RECV => {
+                feed.health.recv_events += 1;
+                let blind = h.flags & FLAG_NO_BUFFER != 0;
+                self.tracker.on_recv(key, h.ts_ns, h.bytes, data, blind, &mut feed);
+            }
+            EVENT_SEND => {
+                feed.health.send_events += 1;
+                self.tracker.on_send(key, h.ts_ns, h.bytes, &mut feed);
+            }
+            EVENT_CLOSE => {
+                feed.health.close_events += 1;
+                self.tracker.on_close(key, &mut feed);
+            }
+            _ => feed.health.malformed_records += 1,
+        }
+    }
+
+    /// Periodic upkeep: expire idle connections and tokens, reassign export slots.
+    pub fn housekeeping(&mut self, now_ns: u64) {
+        self.tracker.expire_idle(now_ns, self.connection_idle_ns);
+        self.aggregator.rebalance(now_ns as f64 / 1e9);
+    }
+}

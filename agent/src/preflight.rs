@@ -1,0 +1,210 @@
+//! `vigie check`: what this host offers vigie, line by line, and whether it can run.
+//!
+//! The decisive check is a trial: load and attach every program, then detach. File probes
+//! (tracefs entries, BTF, capabilities) come first so that a failure says *why*.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::loader::{self, ATTACHMENTS, TRACEFS};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Works, but something an operator should know.
+    Warn,
+    /// vigie cannot run (or cannot do what was asked) until this is fixed.
+    Fail,
+}
+
+#[derive(Debug)]
+pub struct Line {
+    pub status: Status,
+    pub what: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub lines: Vec<Line>,
+}
+
+impl Report {
+    fn push(&mut self, status: Status, what: impl Into<String>, detail: impl Into<String>) {
+        self.lines.push(Line { status, what: what.into(), detail: detail.into() });
+    }
+
+    pub fn can_run(&self) -> bool {
+        self.lines.iter().all(|l| l.status != Status::Fail)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for l in &self.lines {
+            let tag = match l.status {
+                Status::Ok => "ok  ",
+                Status::Warn => "warn",
+                Status::Fail => "FAIL",
+            };
+            let _ = writeln!(out, "[{tag}] {}: {}", l.what, l.detail);
+        }
+        let verdict = if self.can_run() {
+            "vigie can run on this host"
+        } else {
+            "vigie cannot run on this host: fix the FAIL lines above"
+        };
+        let _ = writeln!(out, "{verdict}");
+        out
+    }
+}
+
+/// Kernel release as (major, minor), from uname.
+pub fn kernel_version() -> Option<(u32, u32, String)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let release = release.trim().to_string();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor, release))
+}
+
+/// Effective capabilities of this process, from /proc/self/status.
+fn effective_caps() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Local ports in LISTEN state (IPv4 and IPv6), from /proc/net/tcp{,6}.
+pub fn listening_ports() -> Vec<u16> {
+    let mut ports = Vec::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else { continue };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (cols.get(1), cols.get(3)) else { continue };
+            if *state != "0A" {
+                continue;
+            }
+            if let Some(port) = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
+                ports.push(port);
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Probe the host. `ports` are the configured server ports; `trial` loads and attaches the
+/// programs for real (needs privileges), which is the only proof that vigie can run.
+pub fn check(ports: &[u16], trial: bool) -> Report {
+    let mut r = Report::default();
+
+    match kernel_version() {
+        Some((maj, min, release)) if (maj, min) >= (6, 3) => {
+            r.push(Status::Ok, "kernel", format!("{release} (sock_send_length/sock_recv_length need 6.3+)"))
+        }
+        Some((_, _, release)) => r.push(
+            Status::Fail,
+            "kernel",
+            format!("{release}: vigie's byte accounting needs the sock:sock_{{send,recv}}_length tracepoints of Linux 6.3+"),
+        ),
+        None => r.push(Status::Warn, "kernel", "could not read /proc/sys/kernel/osrelease"),
+    }
+
+    if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        r.push(Status::Ok, "BTF", "/sys/kernel/btf/vmlinux present");
+    } else {
+        r.push(Status::Warn, "BTF", "/sys/kernel/btf/vmlinux absent (vigie's tracepoint programs do not need it)");
+    }
+
+    match std::fs::read_to_string("/sys/kernel/security/lockdown") {
+        Ok(text) => {
+            let mode = text.split_whitespace().find(|w| w.starts_with('[')).unwrap_or("?").trim_matches(['[', ']']);
+            let status = if mode == "confidentiality" { Status::Fail } else { Status::Ok };
+            let why = if mode == "confidentiality" {
+                "reading kernel and user memory from BPF is refused: vigie cannot capture request heads"
+            } else {
+                "BPF may read kernel and user memory"
+            };
+            r.push(status, "lockdown", format!("{mode}: {why}"));
+        }
+        Err(_) => r.push(Status::Ok, "lockdown", "not available (no lockdown LSM)"),
+    }
+
+    match effective_caps() {
+        Some(caps) => {
+            let has = |bit: u32| caps & (1u64 << bit) != 0;
+            let (sys_admin, bpf, perfmon, ptrace) = (has(21), has(39), has(38), has(19));
+            let detail = format!(
+                "CAP_BPF={bpf} CAP_PERFMON={perfmon} CAP_SYS_ADMIN={sys_admin} CAP_SYS_PTRACE={ptrace}"
+            );
+            if sys_admin || (bpf && perfmon) {
+                r.push(Status::Ok, "capabilities", detail);
+            } else {
+                r.push(Status::Fail, "capabilities", format!("{detail}: loading tracing programs needs CAP_BPF and CAP_PERFMON (or root)"));
+            }
+        }
+        None => r.push(Status::Warn, "capabilities", "could not read /proc/self/status"),
+    }
+
+    if loader::tracefs_ready() {
+        r.push(Status::Ok, "tracefs", format!("mounted at {TRACEFS}"));
+    } else {
+        match loader::ensure_tracefs() {
+            Ok(()) => r.push(Status::Ok, "tracefs", format!("was not mounted; mounted it at {TRACEFS}")),
+            Err(e) => r.push(Status::Fail, "tracefs", format!("{e:#}")),
+        }
+    }
+
+    if loader::tracefs_ready() {
+        let missing = loader::missing_tracepoints();
+        for a in ATTACHMENTS {
+            let name = format!("tracepoint {}:{}", a.category, a.name);
+            if missing.iter().any(|m| m.name == a.name) {
+                r.push(Status::Fail, name, format!("missing; needed for {}", a.purpose));
+            } else {
+                r.push(Status::Ok, name, format!("present ({})", a.purpose));
+            }
+        }
+    }
+
+    for (kind, path) in [("uprobes", "/sys/bus/event_source/devices/uprobe"), ("kprobes", "/sys/bus/event_source/devices/kprobe")] {
+        if Path::new(path).exists() {
+            r.push(Status::Ok, kind, "supported");
+        } else if kind == "kprobes" {
+            r.push(Status::Ok, kind, "not supported by this kernel (vigie does not need them)");
+        } else {
+            r.push(Status::Warn, kind, "not supported: TLS capture (uprobes on SSL_read/SSL_write) is unavailable");
+        }
+    }
+
+    let listening = listening_ports();
+    if ports.is_empty() {
+        r.push(Status::Warn, "server ports", "none configured: give --server-port or --config");
+    }
+    for port in ports {
+        if listening.contains(port) {
+            r.push(Status::Ok, format!("server port {port}"), "a process is listening on it");
+        } else {
+            r.push(Status::Warn, format!("server port {port}"), "nothing listens on it yet (vigie will count it once something does)");
+        }
+    }
+
+    if trial {
+        if !r.can_run() {
+            r.push(Status::Fail, "trial load", "skipped: fix the lines above first");
+        } else {
+            match loader::load(&[u16::MAX]) {
+                Ok(probes) => r.push(
+                    Status::Ok,
+                    "trial load",
+                    format!("{} programs loaded, verified and attached, then detached", probes.attached),
+                ),
+                Err(e) => r.push(Status::Fail, "trial load", format!("{e:#}")),
+            }
+        }
+    }
+    r
+}
