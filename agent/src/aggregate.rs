@@ -12,8 +12,16 @@
 
 use std::collections::HashMap;
 
+use crate::conn::Vantage;
 use crate::endpoint::Endpoint;
 use crate::token::TokenLabel;
+
+/// What a series is broken down by, besides the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Class {
+    pub endpoint: Endpoint,
+    pub vantage: Vantage,
+}
 
 /// Requests and response bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -22,23 +30,23 @@ pub struct Counts {
     pub bytes: u64,
 }
 
-/// Counts per endpoint class, stored sparsely: a token touches few classes.
+/// Counts per class, stored sparsely: a token touches few classes.
 #[derive(Clone, Debug, Default)]
-pub struct ByEndpoint(Vec<(Endpoint, Counts)>);
+pub struct ByEndpoint(Vec<(Class, Counts)>);
 
 impl ByEndpoint {
-    fn slot(&mut self, endpoint: Endpoint) -> &mut Counts {
-        let i = match self.0.iter().position(|(e, _)| *e == endpoint) {
+    fn slot(&mut self, class: Class) -> &mut Counts {
+        let i = match self.0.iter().position(|(c, _)| *c == class) {
             Some(i) => i,
             None => {
-                self.0.push((endpoint, Counts::default()));
+                self.0.push((class, Counts::default()));
                 self.0.len() - 1
             }
         };
         &mut self.0[i].1
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (Endpoint, Counts)> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (Class, Counts)> + '_ {
         self.0.iter().copied()
     }
 
@@ -131,15 +139,15 @@ impl Aggregator {
         }
     }
 
-    pub fn request(&mut self, token: Option<TokenLabel>, endpoint: Endpoint, now_s: f64) {
+    pub fn request(&mut self, token: Option<TokenLabel>, class: Class, now_s: f64) {
         if let Some(label) = token {
             self.touch(label, now_s);
         }
-        self.series(token).slot(endpoint).requests += 1;
+        self.series(token).slot(class).requests += 1;
     }
 
-    pub fn response_bytes(&mut self, token: Option<TokenLabel>, endpoint: Endpoint, bytes: u64) {
-        self.series(token).slot(endpoint).bytes += bytes;
+    pub fn response_bytes(&mut self, token: Option<TokenLabel>, class: Class, bytes: u64) {
+        self.series(token).slot(class).bytes += bytes;
     }
 
     pub fn unattributed_bytes(&mut self, bytes: u64) {
@@ -228,6 +236,10 @@ impl Aggregator {
 mod tests {
     use super::*;
 
+    fn c(endpoint: Endpoint) -> Class {
+        Class { endpoint, vantage: Vantage::Socket }
+    }
+
     fn label(n: u8) -> Option<TokenLabel> {
         Some(TokenLabel([n; 8]))
     }
@@ -249,8 +261,8 @@ mod tests {
     fn tokens_get_their_own_series_while_slots_are_free() {
         let mut agg = Aggregator::new(Limits { top_k: 2, ..Limits::default() });
         for n in 1..=3 {
-            agg.request(label(n), Endpoint::Sync, 0.0);
-            agg.response_bytes(label(n), Endpoint::Sync, 100);
+            agg.request(label(n), c(Endpoint::Sync), 0.0);
+            agg.response_bytes(label(n), c(Endpoint::Sync), 100);
         }
         assert_eq!(own(&agg, 1), Some(Counts { requests: 1, bytes: 100 }));
         assert_eq!(own(&agg, 2), Some(Counts { requests: 1, bytes: 100 }));
@@ -261,27 +273,27 @@ mod tests {
     #[test]
     fn anonymous_requests_are_counted_per_endpoint() {
         let mut agg = Aggregator::new(Limits::default());
-        agg.request(None, Endpoint::Login, 0.0);
-        agg.response_bytes(None, Endpoint::Login, 42);
+        agg.request(None, c(Endpoint::Login), 0.0);
+        agg.response_bytes(None, c(Endpoint::Login), 42);
         assert_eq!(
             agg.anonymous().iter().collect::<Vec<_>>(),
-            vec![(Endpoint::Login, Counts { requests: 1, bytes: 42 })]
+            vec![(c(Endpoint::Login), Counts { requests: 1, bytes: 42 })]
         );
     }
 
     #[test]
     fn rebalance_gives_slots_to_the_busiest_and_never_loses_a_count() {
         let mut agg = Aggregator::new(Limits { top_k: 1, ..Limits::default() });
-        agg.request(label(1), Endpoint::Sync, 0.0);
+        agg.request(label(1), c(Endpoint::Sync), 0.0);
         for _ in 0..50 {
-            agg.request(label(2), Endpoint::Messages, 1.0);
-            agg.response_bytes(label(2), Endpoint::Messages, 10);
+            agg.request(label(2), c(Endpoint::Messages), 1.0);
+            agg.response_bytes(label(2), c(Endpoint::Messages), 10);
         }
         assert_eq!(own(&agg, 2), None, "no free slot yet: token 2 is in overflow");
         agg.rebalance(2.0);
         assert_eq!(own(&agg, 1), None);
         assert_eq!(own(&agg, 2), Some(Counts::default()), "a new series starts at zero");
-        agg.request(label(2), Endpoint::Messages, 3.0);
+        agg.request(label(2), c(Endpoint::Messages), 3.0);
         assert_eq!(own(&agg, 2), Some(Counts { requests: 1, bytes: 0 }));
         assert_eq!(
             total_of_everything(&agg).requests,
@@ -294,19 +306,19 @@ mod tests {
     #[test]
     fn idle_tokens_are_forgotten_and_free_their_slot() {
         let mut agg = Aggregator::new(Limits { top_k: 1, idle_s: 10.0, ..Limits::default() });
-        agg.request(label(1), Endpoint::Sync, 0.0);
+        agg.request(label(1), c(Endpoint::Sync), 0.0);
         agg.rebalance(11.0);
         assert_eq!(agg.stats().tracked_tokens, 0);
         assert_eq!(agg.stats().tokens_expired, 1);
-        agg.request(label(2), Endpoint::Sync, 12.0);
+        agg.request(label(2), c(Endpoint::Sync), 12.0);
         assert!(own(&agg, 2).is_some());
     }
 
     #[test]
     fn beyond_max_tokens_new_tokens_count_in_overflow() {
         let mut agg = Aggregator::new(Limits { top_k: 10, max_tokens: 1, ..Limits::default() });
-        agg.request(label(1), Endpoint::Sync, 0.0);
-        agg.request(label(2), Endpoint::Sync, 0.0);
+        agg.request(label(1), c(Endpoint::Sync), 0.0);
+        agg.request(label(2), c(Endpoint::Sync), 0.0);
         assert_eq!(agg.stats().tracked_tokens, 1);
         assert_eq!(agg.stats().tokens_untracked, 1);
         assert_eq!(agg.overflow().total().requests, 1);

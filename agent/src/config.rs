@@ -16,6 +16,8 @@ pub const DEFAULT_KEY_FILE: &str = "/var/lib/vigie/key";
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub server_ports: Option<Vec<u16>>,
+    pub tls_targets: Option<Vec<PathBuf>>,
+    pub tls_discover_ports: Option<Vec<u16>>,
     pub metrics_addr: Option<String>,
     pub key_file: Option<PathBuf>,
     pub top_k: Option<usize>,
@@ -41,6 +43,8 @@ impl FileConfig {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub server_ports: Vec<u16>,
+    pub tls_targets: Vec<PathBuf>,
+    pub tls_discover_ports: Vec<u16>,
     pub metrics_addr: SocketAddr,
     pub key_file: PathBuf,
     pub top_k: usize,
@@ -54,16 +58,22 @@ pub struct Settings {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub server_ports: Vec<u16>,
+    pub tls_targets: Vec<PathBuf>,
+    pub tls_discover_ports: Vec<u16>,
     pub metrics_addr: Option<String>,
     pub key_file: Option<PathBuf>,
 }
 
 impl Settings {
     pub fn merge(file: FileConfig, flags: Overrides) -> Result<Self> {
-        let server_ports =
-            if flags.server_ports.is_empty() { file.server_ports.unwrap_or_default() } else { flags.server_ports };
-        if server_ports.is_empty() {
-            bail!("no server port to watch: give --server-port PORT or server_ports = [PORT] in the config file");
+        fn pick<T>(flag: Vec<T>, file: Option<Vec<T>>) -> Vec<T> {
+            if flag.is_empty() { file.unwrap_or_default() } else { flag }
+        }
+        let server_ports = pick(flags.server_ports, file.server_ports);
+        let tls_targets = pick(flags.tls_targets, file.tls_targets);
+        let tls_discover_ports = pick(flags.tls_discover_ports, file.tls_discover_ports);
+        if server_ports.is_empty() && tls_targets.is_empty() && tls_discover_ports.is_empty() {
+            bail!("nothing to watch: give --server-port PORT (plaintext HTTP), --tls-target PATH or --tls-discover-port PORT, or the same in the config file");
         }
         if server_ports.contains(&0) {
             bail!("server port 0 is not a port");
@@ -79,6 +89,8 @@ impl Settings {
         };
         Ok(Settings {
             server_ports,
+            tls_targets,
+            tls_discover_ports,
             metrics_addr,
             key_file: flags.key_file.or(file.key_file).unwrap_or_else(|| DEFAULT_KEY_FILE.into()),
             top_k: positive("top_k", file.top_k.unwrap_or(500))?,
@@ -118,6 +130,7 @@ mod tests {
     fn a_port_is_required() {
         let err = Settings::merge(FileConfig::default(), Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("--server-port"));
+        assert!(err.to_string().contains("--tls-target"));
     }
 
     #[test]

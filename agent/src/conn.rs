@@ -22,11 +22,33 @@ use crate::http::{self, MAX_HEAD_BYTES};
 use crate::token::{self, TokenKey, TokenLabel};
 use zeroize::Zeroizing;
 
-/// A connection's identity: the kernel socket address plus when the kernel first saw it.
+/// Where a request was seen. When vigie watches both a TLS library and the plaintext port
+/// behind it (nginx on 443 forwarding to Synapse on 8008), each request is seen twice, once
+/// at each vantage point; the label keeps the two apart so nothing is summed twice silently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Vantage {
+    /// Plaintext on a watched server port (`sock:*` tracepoints).
+    Socket,
+    /// Plaintext inside the TLS library (`SSL_read`/`SSL_write` uprobes).
+    Tls,
+}
+
+impl Vantage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Vantage::Socket => "socket",
+            Vantage::Tls => "tls",
+        }
+    }
+}
+
+/// A connection's identity. Socket vantage: the kernel socket address and when the kernel
+/// first saw it. TLS vantage: the `SSL*` and the process id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnKey {
-    pub sock: u64,
-    pub start_ns: u64,
+    pub vantage: Vantage,
+    pub id: u64,
+    pub generation: u64,
 }
 
 /// Whom a response's bytes are charged to.
@@ -34,10 +56,10 @@ pub struct ConnKey {
 pub struct Attribution {
     pub token: Option<TokenLabel>,
     pub endpoint: Endpoint,
+    pub vantage: Vantage,
 }
 
-/// A parsed request, as handed to the sink.
-#[derive(Debug)]
+/// A parsed request, as handed to the sink. No `Debug`: `query` may hold `access_token=`.
 pub struct RequestSeen<'a> {
     pub conn: ConnKey,
     pub at_ns: u64,
@@ -57,6 +79,31 @@ pub trait Sink {
     fn unattributed_bytes(&mut self, bytes: u64);
     /// A receive that could not be turned into a request; `reason` is a stable label value.
     fn parse_failure(&mut self, reason: &'static str);
+    /// HTTP/2 is recognised and counted per connection, not attributed to tokens (HPACK).
+    fn http2(&mut self, vantage: Vantage, event: Http2Event);
+    /// A TLS connection turned out to be a client's (its first plaintext in is a response):
+    /// a process on the host that maps the same TLS library talking to someone else.
+    fn tls_client_connection(&mut self);
+}
+
+/// Which end of the connection the watched process is. Sockets are watched by local port, so
+/// they are server side by construction; a TLS library is used by clients too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// No plaintext received yet: bytes sent are held until the role is known.
+    Unknown { held: u64 },
+    Server,
+    Client,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Http2Event {
+    /// A connection opened with the HTTP/2 preface.
+    Connection,
+    /// A HEADERS frame from the client: one request (stream).
+    Request,
+    /// Bytes the server sent on an HTTP/2 connection.
+    ResponseBytes(u64),
 }
 
 #[derive(Debug)]
@@ -70,6 +117,58 @@ enum Phase {
     ChunkedBody,
     /// Lost track of request boundaries.
     Desync,
+    /// An HTTP/2 connection: frames are walked to count requests.
+    Http2(H2Frames),
+}
+
+/// The HTTP/2 client preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_FRAME_HEADER: usize = 9;
+const H2_HEADERS: u8 = 0x1;
+
+/// Position in the client's HTTP/2 frame stream. Frame headers must be in captured bytes;
+/// payloads are skipped by length, so large DATA frames need no capture.
+#[derive(Debug, Default)]
+struct H2Frames {
+    /// Bytes of the current frame payload (or of the preface) still to skip.
+    skip: u64,
+    header: [u8; H2_FRAME_HEADER],
+    have: usize,
+    /// A frame header fell in bytes that were not captured: only bytes are counted now.
+    lost: bool,
+}
+
+impl H2Frames {
+    /// Walk one receive of `total` bytes whose first `data.len()` were captured; returns the
+    /// number of HEADERS frames that started in it.
+    fn walk(&mut self, total: u64, data: &[u8]) -> (u32, bool) {
+        let (mut pos, mut requests, mut lost_now) = (0u64, 0u32, false);
+        while pos < total && !self.lost {
+            if self.skip > 0 {
+                let take = self.skip.min(total - pos);
+                self.skip -= take;
+                pos += take;
+                continue;
+            }
+            let Some(&byte) = data.get(pos as usize) else {
+                self.lost = true;
+                lost_now = true;
+                break;
+            };
+            self.header[self.have] = byte;
+            self.have += 1;
+            pos += 1;
+            if self.have == H2_FRAME_HEADER {
+                self.have = 0;
+                let h = self.header;
+                self.skip = u64::from(h[0]) << 16 | u64::from(h[1]) << 8 | u64::from(h[2]);
+                if h[3] == H2_HEADERS {
+                    requests += 1;
+                }
+            }
+        }
+        (requests, lost_now)
+    }
 }
 
 impl Phase {
@@ -84,6 +183,7 @@ struct Conn {
     current: Option<Attribution>,
     /// Response bytes were sent since the latest request head.
     answering: bool,
+    role: Role,
     last_seen_ns: u64,
 }
 
@@ -116,6 +216,10 @@ impl Table {
             phase: Phase::head(),
             current: None,
             answering: false,
+            role: match key.vantage {
+                Vantage::Socket => Role::Server,
+                Vantage::Tls => Role::Unknown { held: 0 },
+            },
             last_seen_ns: now_ns,
         });
         conn.last_seen_ns = now_ns;
@@ -154,7 +258,18 @@ impl Tracker {
 
     pub fn on_send(&mut self, key: ConnKey, now_ns: u64, bytes: u64, sink: &mut impl Sink) {
         let conn = self.table.get(key, now_ns);
+        match &mut conn.role {
+            Role::Unknown { held } => {
+                *held += bytes;
+                return;
+            }
+            Role::Client => return,
+            Role::Server => {}
+        }
         conn.answering = true;
+        if matches!(conn.phase, Phase::Http2(_)) {
+            return sink.http2(key.vantage, Http2Event::ResponseBytes(bytes));
+        }
         match conn.current {
             Some(a) => sink.response_bytes(a, bytes),
             None => sink.unattributed_bytes(bytes),
@@ -162,8 +277,13 @@ impl Tracker {
     }
 
     pub fn on_close(&mut self, key: ConnKey, sink: &mut impl Sink) {
-        if let Some(conn) = self.table.conns.remove(&key)
-            && let Phase::Head(buf) = &conn.phase
+        let Some(conn) = self.table.conns.remove(&key) else { return };
+        if let Role::Unknown { held } = conn.role
+            && held > 0
+        {
+            sink.unattributed_bytes(held);
+        }
+        if let Phase::Head(buf) = &conn.phase
             && !buf.is_empty()
         {
             sink.parse_failure("closed_mid_head");
@@ -182,6 +302,30 @@ impl Tracker {
         sink: &mut impl Sink,
     ) {
         let conn = self.table.get(key, now_ns);
+        match conn.role {
+            Role::Client => return,
+            Role::Unknown { held } => {
+                if !blind && data.starts_with(b"HTTP/") {
+                    conn.role = Role::Client;
+                    return sink.tls_client_connection();
+                }
+                conn.role = Role::Server;
+                if held > 0 {
+                    sink.unattributed_bytes(held);
+                }
+            }
+            Role::Server => {}
+        }
+        if let Phase::Http2(frames) = &mut conn.phase {
+            let (requests, lost) = frames.walk(total, if blind { &[] } else { data });
+            for _ in 0..requests {
+                sink.http2(key.vantage, Http2Event::Request);
+            }
+            if lost {
+                sink.parse_failure("http2_frame_lost");
+            }
+            return;
+        }
         // A receive after the response started begins a new request, whatever we thought
         // the request body still held (the server may answer early, or the body was chunked).
         if conn.answering && !matches!(conn.phase, Phase::Head(_)) {
@@ -195,7 +339,7 @@ impl Tracker {
                         conn.phase = Phase::head();
                     }
                 }
-                Phase::ChunkedBody | Phase::Desync => {}
+                Phase::ChunkedBody | Phase::Desync | Phase::Http2(_) => {}
                 Phase::Head(_) => conn.desync("no_capture", sink),
             }
             return;
@@ -211,7 +355,7 @@ impl Tracker {
                     }
                     return;
                 }
-                Phase::ChunkedBody => return,
+                Phase::ChunkedBody | Phase::Http2(_) => return,
                 Phase::Body(rest) => {
                     let take = (*rest).min(total - pos);
                     *rest -= take;
@@ -226,6 +370,24 @@ impl Tracker {
                         return conn.desync("capture_truncated", sink);
                     }
                     let uncaptured_tail = (data.len() as u64) < total;
+                    if buf.is_empty() && matches!(seen.first(), Some(b'\r' | b'\n')) {
+                        // Stray line ends between keep-alive requests (RFC 9112 §2.2).
+                        pos += 1;
+                        continue;
+                    }
+                    if buf.is_empty() && pos == 0 && seen.starts_with(H2_PREFACE) {
+                        sink.http2(key.vantage, Http2Event::Connection);
+                        let mut frames = H2Frames { skip: H2_PREFACE.len() as u64, ..H2Frames::default() };
+                        let (requests, lost) = frames.walk(total, data);
+                        for _ in 0..requests {
+                            sink.http2(key.vantage, Http2Event::Request);
+                        }
+                        if lost {
+                            sink.parse_failure("http2_frame_lost");
+                        }
+                        conn.phase = Phase::Http2(frames);
+                        return;
+                    }
                     if buf.is_empty() {
                         if !http::looks_like_request_start(seen) {
                             return conn.desync("not_http", sink);
@@ -283,6 +445,7 @@ fn start_request(
     let attribution = Attribution {
         token: token::label_for_request(token_key, &parsed),
         endpoint: classified.endpoint,
+        vantage: key.vantage,
     };
     conn.current = Some(attribution);
     conn.answering = false;
@@ -314,6 +477,8 @@ mod tests {
         bytes: Vec<(Attribution, u64)>,
         unattributed: u64,
         failures: Vec<&'static str>,
+        h2: Vec<Http2Event>,
+        client_connections: u32,
     }
 
     impl Sink for Recorder {
@@ -329,9 +494,15 @@ mod tests {
         fn parse_failure(&mut self, reason: &'static str) {
             self.failures.push(reason);
         }
+        fn http2(&mut self, _: Vantage, event: Http2Event) {
+            self.h2.push(event);
+        }
+        fn tls_client_connection(&mut self) {
+            self.client_connections += 1;
+        }
     }
 
-    const C: ConnKey = ConnKey { sock: 0xffff_8880_0000_1000, start_ns: 1 };
+    const C: ConnKey = ConnKey { vantage: Vantage::Socket, id: 0xffff_8880_0000_1000, generation: 1 };
 
     fn key() -> TokenKey {
         TokenKey::from_bytes([7; 32])
@@ -475,9 +646,79 @@ mod tests {
     fn the_connection_table_is_bounded() {
         let (mut t, mut s) = (Tracker::new(key(), 2), Recorder::default());
         for sock in 0..5u64 {
-            t.on_send(ConnKey { sock, start_ns: 0 }, sock, 1, &mut s);
+            t.on_send(ConnKey { vantage: Vantage::Socket, id: sock, generation: 0 }, sock, 1, &mut s);
         }
         assert_eq!(t.stats().connections, 2);
         assert_eq!(t.stats().evicted, 3);
+    }
+
+    fn h2_frame(kind: u8, payload: usize) -> Vec<u8> {
+        let mut f = vec![(payload >> 16) as u8, (payload >> 8) as u8, payload as u8, kind, 0, 0, 0, 0, 1];
+        f.resize(f.len() + payload, 0xaa);
+        f
+    }
+
+    #[test]
+    fn http2_is_recognised_and_its_requests_and_bytes_counted_per_connection() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        let mut first = H2_PREFACE.to_vec();
+        first.extend(h2_frame(0x4, 6)); // SETTINGS
+        first.extend(h2_frame(H2_HEADERS, 40));
+        recv(&mut t, &first, &mut s);
+        // A large DATA frame whose payload is not captured, then two HEADERS frames.
+        let mut next = h2_frame(0x0, 20000);
+        next.truncate(9);
+        t.on_recv(C, 0, 20009, &next, false, &mut s);
+        let mut more = h2_frame(H2_HEADERS, 10);
+        more.extend(h2_frame(H2_HEADERS, 10));
+        recv(&mut t, &more, &mut s);
+        t.on_send(C, 0, 500, &mut s);
+        assert_eq!(
+            s.h2,
+            vec![
+                Http2Event::Connection,
+                Http2Event::Request,
+                Http2Event::Request,
+                Http2Event::Request,
+                Http2Event::ResponseBytes(500)
+            ]
+        );
+        assert!(s.requests.is_empty() && s.failures.is_empty(), "{:?}", s.failures);
+    }
+
+    const T: ConnKey = ConnKey { vantage: Vantage::Tls, id: 0x5555_0000_1000, generation: 42 };
+
+    #[test]
+    fn a_tls_connection_whose_first_plaintext_in_is_a_response_is_a_client_and_ignored() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        t.on_send(T, 0, 136, &mut s);
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        t.on_recv(T, 0, response.len() as u64, response, false, &mut s);
+        t.on_send(T, 0, 136, &mut s);
+        t.on_close(T, &mut s);
+        assert_eq!(s.client_connections, 1);
+        assert_eq!(s.unattributed, 0);
+        assert!(s.requests.is_empty() && s.failures.is_empty() && s.bytes.is_empty());
+    }
+
+    #[test]
+    fn a_tls_server_connection_counts_like_a_socket_one() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        let head = get("/_matrix/client/v3/sync", "syt_a");
+        t.on_recv(T, 0, head.len() as u64, &head, false, &mut s);
+        t.on_send(T, 0, 700, &mut s);
+        assert_eq!(s.requests.len(), 1);
+        assert_eq!(s.bytes[0].0.vantage, Vantage::Tls);
+        assert_eq!(bytes_for(&s, "syt_a"), 700);
+    }
+
+    #[test]
+    fn stray_line_ends_between_keep_alive_requests_are_skipped() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        let mut data = b"\r\n".to_vec();
+        data.extend(get("/_matrix/client/v3/sync", "syt_a"));
+        recv(&mut t, &data, &mut s);
+        assert_eq!(s.requests.len(), 1);
+        assert!(s.failures.is_empty());
     }
 }

@@ -9,6 +9,7 @@
 //! - [`pipeline`]: decoding kernel records and feeding the tracker and aggregator.
 //! - [`metrics`]: the Prometheus exposition.
 //! - [`loader`]: loading and attaching the kernel programs.
+//! - [`tls`]: finding OpenSSL's functions in a file, and the files a TLS server maps.
 //! - [`config`]: the TOML file and command-line settings.
 //! - [`preflight`]: `vigie check`, what the host supports.
 pub mod aggregate;
@@ -20,4 +21,5 @@ pub mod loader;
 pub mod metrics;
 pub mod pipeline;
 pub mod preflight;
+pub mod tls;
 pub mod token;

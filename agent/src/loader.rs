@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{TracePoint, UProbe, uprobe::{UProbeAttachLocation, UProbeScope}},
 };
 use vigie_common::{CONFIG_SKC_NUM_OFFSET, COUNTER_COUNT};
 
@@ -37,6 +37,17 @@ pub const ATTACHMENTS: &[Attachment] = &[
     Attachment { program: "vigie_sock_send", category: "sock", name: "sock_send_length", purpose: "every response byte sent on a watched socket (Linux 6.3+)" },
     Attachment { program: "vigie_sock_state", category: "sock", name: "inet_sock_set_state", purpose: "connection close" },
 ];
+
+/// Uprobe programs on OpenSSL: (program, function it enters). `vigie_ssl_return` is attached
+/// as a uretprobe to each read and write function.
+const SSL_ENTRY_PROGRAMS: &[(&str, &str)] = &[
+    ("vigie_ssl_read", "SSL_read"),
+    ("vigie_ssl_read_ex", "SSL_read_ex"),
+    ("vigie_ssl_write", "SSL_write"),
+    ("vigie_ssl_write_ex", "SSL_write_ex"),
+    ("vigie_ssl_free", "SSL_free"),
+];
+const SSL_RETURN_PROGRAM: &str = "vigie_ssl_return";
 
 /// The compiled kernel programs, embedded so the agent is one binary.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigie"));
@@ -74,7 +85,9 @@ pub fn missing_tracepoints() -> Vec<&'static Attachment> {
 /// Loaded and attached programs plus the maps the agent reads.
 pub struct Probes {
     /// Keeps programs, links and maps alive; dropping it detaches everything.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    /// TLS targets attached so far (canonical paths).
+    tls_targets: Vec<std::path::PathBuf>,
     events: Option<RingBuf<MapData>>,
     pub counters: PerCpuArray<MapData, u64>,
     pub attached: usize,
@@ -84,6 +97,43 @@ impl Probes {
     /// The ring buffer, handed once to whoever polls it.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         self.events.take().context("the ring buffer was already taken")
+    }
+
+    /// Attach the OpenSSL uprobes to one file (shared library or executable). They fire in
+    /// every process that maps it, including processes started later. Returns how many
+    /// probes were attached; attaching the same file twice is a no-op.
+    pub fn attach_tls(&mut self, path: &Path) -> Result<usize> {
+        let canonical = std::fs::canonicalize(path).with_context(|| format!("TLS target {}", path.display()))?;
+        if self.tls_targets.contains(&canonical) {
+            return Ok(0);
+        }
+        let symbols = crate::tls::find_ssl_symbols(&canonical)?;
+        if !symbols.usable() {
+            bail!(
+                "TLS target {}: no SSL_read/SSL_write symbols (neither exported nor local); is it OpenSSL, or stripped?",
+                path.display()
+            );
+        }
+        let mut attached = 0;
+        for (program, function) in SSL_ENTRY_PROGRAMS {
+            let Some(offset) = symbols.get(function) else { continue };
+            let probe: &mut UProbe = self.ebpf.program_mut(program).context("uprobe program missing")?.try_into()?;
+            probe
+                .attach(UProbeAttachLocation::AbsoluteOffset(offset), &canonical, UProbeScope::AllProcesses)
+                .with_context(|| format!("attaching {program} to {function} in {}", canonical.display()))?;
+            attached += 1;
+            if *function != "SSL_free" {
+                let ret: &mut UProbe =
+                    self.ebpf.program_mut(SSL_RETURN_PROGRAM).context("uretprobe program missing")?.try_into()?;
+                ret.attach(UProbeAttachLocation::AbsoluteOffset(offset), &canonical, UProbeScope::AllProcesses)
+                    .with_context(|| format!("attaching {SSL_RETURN_PROGRAM} to the return of {function} in {}", canonical.display()))?;
+                attached += 1;
+            }
+        }
+        tracing::info!(target = %canonical.display(), probes = attached, "attached to OpenSSL");
+        self.tls_targets.push(canonical);
+        self.attached += attached;
+        Ok(attached)
     }
 
     /// Kernel-side counters (`vigie_common::COUNTER_*`), summed over CPUs.
@@ -100,9 +150,6 @@ impl Probes {
 
 /// Load the programs, tell them which ports to watch, and attach them all.
 pub fn load(ports: &[u16]) -> Result<Probes> {
-    if ports.is_empty() {
-        bail!("no server port to watch: give --server-port (or server_ports in the config file)");
-    }
     ensure_tracefs()?;
     let missing = missing_tracepoints();
     if !missing.is_empty() {
@@ -145,7 +192,16 @@ pub fn load(ports: &[u16]) -> Result<Probes> {
         attached += 1;
     }
 
+    for program in SSL_ENTRY_PROGRAMS.iter().map(|(p, _)| *p).chain([SSL_RETURN_PROGRAM]) {
+        let probe: &mut UProbe = ebpf
+            .program_mut(program)
+            .with_context(|| format!("program {program} missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("program {program} is not a uprobe program"))?;
+        probe.load().with_context(|| format!("loading program {program}"))?;
+    }
+
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
     let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS missing")?)?;
-    Ok(Probes { _ebpf: ebpf, events: Some(events), counters, attached })
+    Ok(Probes { ebpf, tls_targets: Vec::new(), events: Some(events), counters, attached })
 }

@@ -40,6 +40,14 @@ enum Command {
         /// Local TCP port the homeserver (or the proxy in front) accepts HTTP on. Repeatable.
         #[arg(long = "server-port", value_name = "PORT")]
         server_ports: Vec<u16>,
+        /// Shared library or executable holding OpenSSL (SSL_read/SSL_write, exported or
+        /// local): count plaintext inside TLS in every process that maps it. Repeatable.
+        #[arg(long = "tls-target", value_name = "PATH")]
+        tls_targets: Vec<PathBuf>,
+        /// Find the OpenSSL that processes listening on this TLS port use, and attach to it;
+        /// looked for again every 10 s, so servers started later are found. Repeatable.
+        #[arg(long = "tls-discover-port", value_name = "PORT")]
+        tls_discover_ports: Vec<u16>,
         /// Where to serve Prometheus metrics [default: 127.0.0.1:9464].
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<String>,
@@ -84,12 +92,13 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run { server_ports, metrics_addr, key_file, config } => {
+        Command::Run { server_ports, tls_targets, tls_discover_ports, metrics_addr, key_file, config } => {
             let file = match config.as_deref().map(FileConfig::load).transpose() {
                 Ok(f) => f.unwrap_or_default(),
                 Err(e) => return fail(e),
             };
-            match Settings::merge(file, Overrides { server_ports, metrics_addr, key_file }) {
+            let flags = Overrides { server_ports, tls_targets, tls_discover_ports, metrics_addr, key_file };
+            match Settings::merge(file, flags) {
                 Ok(settings) => run(settings),
                 Err(e) => Err(e),
             }
@@ -171,11 +180,17 @@ async fn run_agent(settings: Settings) -> Result<()> {
         settings.max_connections,
         settings.connection_idle_seconds,
     )));
+    for target in &settings.tls_targets {
+        probes.attach_tls(target)?;
+    }
+    discover_tls(&mut probes, &settings.tls_discover_ports);
     lock(&state).health.probes_attached = probes.attached;
     let registry = Arc::new(metrics::registry(state.clone()));
     let server = tokio::spawn(metrics::serve(listener, registry));
     tracing::info!(
         ports = ?settings.server_ports,
+        tls_targets = settings.tls_targets.len(),
+        tls_discover_ports = ?settings.tls_discover_ports,
         metrics = %settings.metrics_addr,
         probes = probes.attached,
         "vigie is watching"
@@ -209,6 +224,9 @@ async fn run_agent(settings: Settings) -> Result<()> {
                 if since_housekeeping >= 10 {
                     since_housekeeping = 0;
                     st.housekeeping(monotonic_ns());
+                    drop(st);
+                    discover_tls(&mut probes, &settings.tls_discover_ports);
+                    lock(&state).health.probes_attached = probes.attached;
                 }
             }
             _ = sigterm.recv() => break,
@@ -229,6 +247,26 @@ async fn run_agent(settings: Settings) -> Result<()> {
     drop(probes);
     tracing::info!("detached, exiting");
     Ok(())
+}
+
+/// Attach to the OpenSSL of whatever listens on the discovery ports. Failures are logged,
+/// not fatal: the server may not be up yet.
+fn discover_tls(probes: &mut loader::Probes, ports: &[u16]) {
+    for &port in ports {
+        match vigie::tls::discover(port) {
+            Ok(paths) if paths.is_empty() => {
+                tracing::warn!(port, "no OpenSSL found in the processes listening on this port")
+            }
+            Ok(paths) => {
+                for path in paths {
+                    if let Err(e) = probes.attach_tls(&path) {
+                        tracing::warn!(port, error = %format!("{e:#}"), "could not attach to a discovered TLS library");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(port, error = %format!("{e:#}"), "TLS discovery"),
+        }
+    }
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {

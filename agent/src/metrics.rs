@@ -15,7 +15,7 @@ use prometheus_client::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::aggregate::ByEndpoint;
+use crate::aggregate::{ByEndpoint, Class};
 use crate::pipeline::State;
 use vigie_common::{COUNTER_CAPTURE_FAILED, COUNTER_CONNS_FULL, COUNTER_NO_BUFFER, COUNTER_RINGBUF_FULL};
 
@@ -44,6 +44,10 @@ fn labelled_counter(
     counter(&mut m.encode_family(&labels)?, value)
 }
 
+fn class_labels<'a>(token: &'a str, class: Class) -> [(&'static str, &'a str); 3] {
+    [("token", token), ("endpoint", class.endpoint.as_str()), ("vantage", class.vantage.as_str())]
+}
+
 fn gauge(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: u64) -> Result<(), std::fmt::Error> {
     enc.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&value)
 }
@@ -66,8 +70,8 @@ impl Collector for StateCollector {
             MetricType::Counter,
         )?;
         for (token, counts) in &series {
-            for (endpoint, c) in counts.iter() {
-                labelled_counter(&mut m, &[("token", token), ("endpoint", endpoint.as_str())], c.requests)?;
+            for (class, c) in counts.iter() {
+                labelled_counter(&mut m, &class_labels(token, class), c.requests)?;
             }
         }
         let mut m = enc.encode_descriptor(
@@ -77,8 +81,8 @@ impl Collector for StateCollector {
             MetricType::Counter,
         )?;
         for (token, counts) in &series {
-            for (endpoint, c) in counts.iter() {
-                labelled_counter(&mut m, &[("token", token), ("endpoint", endpoint.as_str())], c.bytes)?;
+            for (class, c) in counts.iter() {
+                labelled_counter(&mut m, &class_labels(token, class), c.bytes)?;
             }
         }
 
@@ -137,6 +141,35 @@ impl Collector for StateCollector {
             MetricType::Counter,
         )?;
         counter(&mut m, agg.unattributed())?;
+
+        let mut m = enc.encode_descriptor(
+            "vigie_tls_records",
+            "TLS plaintext records, by how their TCP socket was known (during_call: the library did the socket I/O; before_call: the thread's previous receive, memory-BIO servers; unknown)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (tie, v) in &h.tls_socket_ties {
+            labelled_counter(&mut m, &[("socket", tie)], *v)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "vigie_tls_client_connections",
+            "TLS connections on which a process mapping the TLS library was the client (not counted per token)",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, h.tls_client_connections)?;
+        for (what, name, help) in [
+            ("connections", "vigie_http2_connections", "Connections recognised as HTTP/2 (not attributed to tokens)"),
+            ("requests", "vigie_http2_requests", "HTTP/2 requests (client HEADERS frames)"),
+            ("response_bytes", "vigie_http2_response_bytes", "Bytes sent on HTTP/2 connections"),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for ((vantage, w), v) in &h.http2 {
+                if *w == what {
+                    labelled_counter(&mut m, &[("vantage", vantage.as_str())], *v)?;
+                }
+            }
+        }
 
         let ts = state.tracker.stats();
         let ags = agg.stats();

@@ -7,11 +7,12 @@
 use std::collections::BTreeMap;
 
 use vigie_common::{
-    COUNTER_COUNT, EVENT_CLOSE, EVENT_HEADER_LEN, EVENT_RECV, EVENT_SEND, EventHeader, FLAG_NO_BUFFER,
+    COUNTER_COUNT, EVENT_CLOSE, EVENT_HEADER_LEN, EVENT_RECV, EVENT_SEND, EVENT_TLS_CLOSE, EVENT_TLS_RECV,
+    EVENT_TLS_SEND, EventHeader, FLAG_NO_BUFFER, FLAG_SOCK_DURING_CALL,
 };
 
-use crate::aggregate::{Aggregator, Limits};
-use crate::conn::{Attribution, ConnKey, RequestSeen, Sink, Tracker};
+use crate::aggregate::{Aggregator, Class, Limits};
+use crate::conn::{Attribution, ConnKey, Http2Event, RequestSeen, Sink, Tracker, Vantage};
 use crate::token::TokenKey;
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of the kernel's timestamps.
@@ -34,6 +35,12 @@ pub struct Health {
     /// Kernel-side counters, `vigie_common::COUNTER_*`.
     pub kernel: [u64; COUNTER_COUNT as usize],
     pub probes_attached: usize,
+    /// TLS records by how their socket was known: "during_call", "before_call", "unknown".
+    pub tls_socket_ties: BTreeMap<&'static str, u64>,
+    /// TLS connections on which the watched process was the client (ignored).
+    pub tls_client_connections: u64,
+    /// HTTP/2 connections, requests and response bytes, by vantage.
+    pub http2: BTreeMap<(Vantage, &'static str), u64>,
 }
 
 pub struct State {
@@ -53,11 +60,11 @@ struct Feed<'a> {
 impl Sink for Feed<'_> {
     fn request(&mut self, request: &RequestSeen<'_>) {
         let a = request.attribution;
-        self.aggregator.request(a.token, a.endpoint, self.now_s);
+        self.aggregator.request(a.token, class(a), self.now_s);
     }
 
     fn response_bytes(&mut self, a: Attribution, bytes: u64) {
-        self.aggregator.response_bytes(a.token, a.endpoint, bytes);
+        self.aggregator.response_bytes(a.token, class(a), bytes);
     }
 
     fn unattributed_bytes(&mut self, bytes: u64) {
@@ -67,6 +74,23 @@ impl Sink for Feed<'_> {
     fn parse_failure(&mut self, reason: &'static str) {
         *self.health.parse_failures.entry(reason).or_default() += 1;
     }
+
+    fn http2(&mut self, vantage: Vantage, event: Http2Event) {
+        let (what, n) = match event {
+            Http2Event::Connection => ("connections", 1),
+            Http2Event::Request => ("requests", 1),
+            Http2Event::ResponseBytes(b) => ("response_bytes", b),
+        };
+        *self.health.http2.entry((vantage, what)).or_default() += n;
+    }
+
+    fn tls_client_connection(&mut self) {
+        self.health.tls_client_connections += 1;
+    }
+}
+
+fn class(a: Attribution) -> Class {
+    Class { endpoint: a.endpoint, vantage: a.vantage }
 }
 
 impl State {
@@ -92,23 +116,33 @@ impl State {
             self.health.malformed_records += 1;
             return;
         };
-        let key = ConnKey { sock: h.conn, start_ns: h.conn_start_ns };
+        let tls = matches!(h.kind, EVENT_TLS_RECV | EVENT_TLS_SEND | EVENT_TLS_CLOSE);
+        let vantage = if tls { Vantage::Tls } else { Vantage::Socket };
+        let key = ConnKey { vantage, id: h.conn, generation: h.conn_start_ns };
+        if tls && h.kind != EVENT_TLS_CLOSE {
+            let tie = match (h.sock_hint, h.flags & FLAG_SOCK_DURING_CALL != 0) {
+                (0, _) => "unknown",
+                (_, true) => "during_call",
+                (_, false) => "before_call",
+            };
+            *self.health.tls_socket_ties.entry(tie).or_default() += 1;
+        }
         let mut feed = Feed {
             aggregator: &mut self.aggregator,
             health: &mut self.health,
             now_s: h.ts_ns as f64 / 1e9,
         };
         match h.kind {
-            EVENT_RECV => {
+            EVENT_RECV | EVENT_TLS_RECV => {
                 feed.health.recv_events += 1;
                 let blind = h.flags & FLAG_NO_BUFFER != 0;
                 self.tracker.on_recv(key, h.ts_ns, h.bytes, data, blind, &mut feed);
             }
-            EVENT_SEND => {
+            EVENT_SEND | EVENT_TLS_SEND => {
                 feed.health.send_events += 1;
                 self.tracker.on_send(key, h.ts_ns, h.bytes, &mut feed);
             }
-            EVENT_CLOSE => {
+            EVENT_CLOSE | EVENT_TLS_CLOSE => {
                 feed.health.close_events += 1;
                 self.tracker.on_close(key, &mut feed);
             }

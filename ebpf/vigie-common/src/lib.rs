@@ -18,11 +18,19 @@ pub const RING_BYTES: u32 = 16 * 1024 * 1024;
 pub const MAX_CONNS: u32 = 65536;
 pub const MAX_PENDING_READS: u32 = 16384;
 pub const MAX_WATCHED_PORTS: u32 = 64;
+pub const MAX_SSL_CALLS: u32 = 16384;
+pub const MAX_TLS_PROCESSES: u32 = 4096;
 
 /// `EventHeader::kind` values.
 pub const EVENT_RECV: u32 = 1;
 pub const EVENT_SEND: u32 = 2;
 pub const EVENT_CLOSE: u32 = 3;
+/// Plaintext returned by `SSL_read`/`SSL_read_ex` (`conn` is the `SSL*`, followed by a capture).
+pub const EVENT_TLS_RECV: u32 = 4;
+/// Plaintext accepted by `SSL_write`/`SSL_write_ex` (`conn` is the `SSL*`).
+pub const EVENT_TLS_SEND: u32 = 5;
+/// `SSL_free`: the TLS connection is over.
+pub const EVENT_TLS_CLOSE: u32 = 6;
 
 /// `EventHeader::flags` bits.
 /// The capture holds fewer bytes than the receive moved (capture limit, or the data went to a
@@ -31,6 +39,10 @@ pub const FLAG_CAPTURE_PARTIAL: u32 = 1;
 /// No buffer was known for this receive (an entry point vigie does not hook, such as io_uring
 /// or recvmmsg, or an evicted pending-read entry): bytes are exact, content is missing.
 pub const FLAG_NO_BUFFER: u32 = 2;
+/// TLS records: `sock_hint` is a socket the thread used *during* the SSL call (the library
+/// does its own socket I/O, as nginx's does): certain. Without it, `sock_hint` is the socket
+/// the thread last received on before the call (memory-BIO servers such as Twisted): a hint.
+pub const FLAG_SOCK_DURING_CALL: u32 = 4;
 
 /// Indices of the per-CPU counters in the `COUNTERS` map.
 pub const COUNTER_RINGBUF_FULL: u32 = 0;
@@ -60,9 +72,12 @@ pub struct EventHeader {
     pub bytes: u64,
     /// Payload bytes that follow this header.
     pub captured: u32,
-    /// Local (server) port, host order.
+    /// Local (server) port, host order; 0 for TLS records.
     pub port: u16,
     pub _pad: u16,
+    /// TLS records: the socket the connection is believed to use (see FLAG_SOCK_DURING_CALL);
+    /// 0 when unknown.
+    pub sock_hint: u64,
 }
 
 pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
@@ -80,6 +95,26 @@ pub struct PendingRead {
 pub const SHAPE_BUF: u32 = 1;
 pub const SHAPE_IOVEC: u32 = 2;
 pub const SHAPE_MSGHDR: u32 = 3;
+
+/// An SSL call in flight on a thread, saved at the uprobe and read at the uretprobe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SslCall {
+    pub ssl: u64,
+    pub buf: u64,
+    /// `_ex` variants: where the library writes the byte count.
+    pub len_out: u64,
+    pub kind: u32,
+    pub _pad: u32,
+    /// The thread's last received-on and sent-on sockets when the call began.
+    pub recv_before: u64,
+    pub send_before: u64,
+}
+
+pub const SSL_READ: u32 = 1;
+pub const SSL_READ_EX: u32 = 2;
+pub const SSL_WRITE: u32 = 3;
+pub const SSL_WRITE_EX: u32 = 4;
 
 /// Per-connection state in the kernel: only what gives a connection its identity.
 #[repr(C)]
@@ -104,4 +139,5 @@ mod user {
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::PendingRead {}
     unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::SslCall {}
 }

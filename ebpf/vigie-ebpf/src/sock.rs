@@ -1,0 +1,154 @@
+//! `sock:*` tracepoints: exact byte counts of every receive and send on watched sockets, and
+//! the connection's close.
+//!
+//! `sock_recv_length` and `sock_send_length` fire inside `sock_recvmsg` and `sock_sendmsg`,
+//! which every receive and send path goes through (read, recv*, readv, write, send*, writev,
+//! sendfile and splice), so byte accounting does not depend on which syscall a server uses.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
+    macros::tracepoint,
+    maps::LruHashMap,
+    programs::TracePointContext,
+};
+use vigie_common::*;
+
+use crate::{
+    CONFIG, CONNS, LAST_RECV_SOCK, LAST_SEND_SOCK, PENDING_READS, TLS_PROCESSES, WATCHED_PORTS,
+    bump, capture_and_emit, emit_header, new_header,
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+const MSG_PEEK: i32 = 2;
+const TCP_CLOSE: i32 = 7;
+/// `offsetof(struct sock_common, skc_num)` on every kernel since 2.6; the agent can override
+/// it through `CONFIG`.
+const DEFAULT_SKC_NUM_OFFSET: u64 = 14;
+
+/// The fields `sock_send_length` and `sock_recv_length` share
+/// (events/sock/sock_{send,recv}_length/format).
+struct SockLength {
+    sk: u64,
+    ret: i32,
+    flags: i32,
+}
+
+#[inline(always)]
+fn read_sock_length(ctx: &TracePointContext) -> Option<SockLength> {
+    let sk: u64 = unsafe { ctx.read_at(8) }.ok()?;
+    let family: u16 = unsafe { ctx.read_at(16) }.ok()?;
+    let protocol: u16 = unsafe { ctx.read_at(18) }.ok()?;
+    let ret: i32 = unsafe { ctx.read_at(20) }.ok()?;
+    let flags: i32 = unsafe { ctx.read_at(24) }.ok()?;
+    if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) || ret <= 0 {
+        return None;
+    }
+    Some(SockLength { sk, ret, flags })
+}
+
+/// In a process that uses SSL functions, remember which socket this thread just used: that is
+/// how an `SSL*` is tied to its connection.
+#[inline(always)]
+fn note_tls_thread(map: &LruHashMap<u64, u64>, sk: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if unsafe { TLS_PROCESSES.get(&((pid_tgid >> 32) as u32)) }.is_some() {
+        let _ = map.insert(&pid_tgid, &sk, 0);
+    }
+}
+
+/// The connection this socket belongs to, if its local port is watched. First sight of a
+/// socket registers it, so connections accepted before the agent started are picked up too.
+#[inline(always)]
+fn watched_conn(sk: u64) -> Option<ConnInfo> {
+    if let Some(info) = unsafe { CONNS.get(&sk) } {
+        return Some(*info);
+    }
+    let offset = match CONFIG.get(CONFIG_SKC_NUM_OFFSET) {
+        Some(&o) if o != 0 => o,
+        _ => DEFAULT_SKC_NUM_OFFSET,
+    };
+    let port: u16 = unsafe { bpf_probe_read_kernel((sk + offset) as *const u16) }.ok()?;
+    unsafe { WATCHED_PORTS.get(&port) }?;
+    let info = ConnInfo { start_ns: unsafe { bpf_ktime_get_ns() }, port, _pad: [0; 3] };
+    if CONNS.insert(&sk, &info, 0).is_err() {
+        bump(COUNTER_CONNS_FULL);
+    }
+    Some(info)
+}
+
+#[tracepoint]
+pub fn vigie_sock_send(ctx: TracePointContext) -> u32 {
+    let Some(s) = read_sock_length(&ctx) else { return 0 };
+    note_tls_thread(&LAST_SEND_SOCK, s.sk);
+    let Some(conn) = watched_conn(s.sk) else { return 0 };
+    emit_header(&new_header(EVENT_SEND, s.sk, conn.start_ns, conn.port, s.ret as u64));
+    0
+}
+
+/// Start and length of the first user buffer the receive wrote into.
+#[inline(always)]
+fn first_buffer(pending: &PendingRead) -> Option<(u64, u64)> {
+    match pending.shape {
+        SHAPE_BUF => Some((pending.addr, u64::MAX)),
+        SHAPE_IOVEC => {
+            let base: u64 = unsafe { bpf_probe_read_user(pending.addr as *const u64) }.ok()?;
+            let len: u64 = unsafe { bpf_probe_read_user((pending.addr + 8) as *const u64) }.ok()?;
+            Some((base, len))
+        }
+        SHAPE_MSGHDR => {
+            // struct user_msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
+            let iov: u64 = unsafe { bpf_probe_read_user((pending.addr + 16) as *const u64) }.ok()?;
+            let base: u64 = unsafe { bpf_probe_read_user(iov as *const u64) }.ok()?;
+            let len: u64 = unsafe { bpf_probe_read_user((iov + 8) as *const u64) }.ok()?;
+            Some((base, len))
+        }
+        _ => None,
+    }
+}
+
+#[tracepoint]
+pub fn vigie_sock_recv(ctx: TracePointContext) -> u32 {
+    let Some(s) = read_sock_length(&ctx) else { return 0 };
+    if s.flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    note_tls_thread(&LAST_RECV_SOCK, s.sk);
+    let Some(conn) = watched_conn(s.sk) else { return 0 };
+    let mut header = new_header(EVENT_RECV, s.sk, conn.start_ns, conn.port, s.ret as u64);
+
+    let key = header.pid_tgid;
+    let buffer = match unsafe { PENDING_READS.get(&key) } {
+        Some(p) => first_buffer(p),
+        None => None,
+    };
+    let _ = PENDING_READS.remove(&key);
+    let Some((base, buf_len)) = buffer else {
+        bump(COUNTER_NO_BUFFER);
+        header.flags = FLAG_NO_BUFFER;
+        emit_header(&header);
+        return 0;
+    };
+    let mut want = s.ret as u64;
+    if buf_len < want {
+        // The rest went to later iovecs, which are not copied.
+        want = buf_len;
+        header.flags |= FLAG_CAPTURE_PARTIAL;
+    }
+    capture_and_emit(&header, base, want);
+    0
+}
+
+#[tracepoint]
+pub fn vigie_sock_state(ctx: TracePointContext) -> u32 {
+    let Ok(newstate) = (unsafe { ctx.read_at::<i32>(20) }) else { return 0 };
+    if newstate != TCP_CLOSE {
+        return 0;
+    }
+    let Ok(sk) = (unsafe { ctx.read_at::<u64>(8) }) else { return 0 };
+    let Some(conn) = (unsafe { CONNS.get(&sk) }).copied() else { return 0 };
+    let _ = CONNS.remove(&sk);
+    emit_header(&new_header(EVENT_CLOSE, sk, conn.start_ns, conn.port, 0));
+    0
+}
