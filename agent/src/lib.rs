@@ -12,6 +12,7 @@
 //! - [`tls`]: finding OpenSSL's functions in a file, and the files a TLS server maps.
 //! - [`config`]: the TOML file and command-line settings.
 //! - [`preflight`]: `vigie check`, what the host supports.
+//! - [`resolve`]: `vigie resolve`, labels back to users from Synapse's database.
 pub mod aggregate;
 pub mod config;
 pub mod conn;
@@ -21,5 +22,6 @@ pub mod loader;
 pub mod metrics;
 pub mod pipeline;
 pub mod preflight;
+pub mod resolve;
 pub mod tls;
 pub mod token;

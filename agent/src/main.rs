@@ -70,6 +70,25 @@ enum Command {
         #[arg(long)]
         no_trial: bool,
     },
+    /// Turn token labels back into user and device, from Synapse's database: every access
+    /// token there is hashed with the same key. Labels come as arguments or, with none, on
+    /// standard input (one per line); with `--all`, every token is listed. Tokens are never
+    /// printed.
+    Resolve {
+        #[arg(long, value_name = "PATH")]
+        key_file: PathBuf,
+        /// Synapse's SQLite database (homeserver.db).
+        #[arg(long, value_name = "PATH", conflicts_with = "postgres")]
+        sqlite: Option<PathBuf>,
+        /// PostgreSQL URL, e.g. postgresql://synapse@localhost/synapse (a password is better
+        /// in PGPASSWORD or ~/.pgpass than here, where `ps` shows it).
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
+        /// List every token's label, user and device.
+        #[arg(long)]
+        all: bool,
+        labels: Vec<String>,
+    },
     /// Print the label of each token read from standard input (one per line, one label per
     /// line). Tokens are never taken as arguments: they would show in `ps`.
     TokenHash {
@@ -105,6 +124,9 @@ fn main() -> std::process::ExitCode {
         }
         Command::TokenHash { key_file } => token_hash(&key_file),
         Command::Check { server_ports, config, no_trial } => check(server_ports, config, !no_trial),
+        Command::Resolve { key_file, sqlite, postgres, all, labels } => {
+            resolve(&key_file, sqlite.as_deref(), postgres.as_deref(), all, labels)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -128,8 +150,59 @@ fn check(mut ports: Vec<u16>, config: Option<PathBuf>, trial: bool) -> Result<()
     if report.can_run() { Ok(()) } else { anyhow::bail!("preflight failed") }
 }
 
+fn resolve(
+    key_file: &std::path::Path,
+    sqlite: Option<&std::path::Path>,
+    postgres: Option<&str>,
+    all: bool,
+    mut labels: Vec<String>,
+) -> Result<()> {
+    use vigie::resolve::{Database, resolve};
+    use vigie::token::TokenLabel;
+    let db = match (sqlite, postgres) {
+        (Some(path), None) => Database::Sqlite(path),
+        (None, Some(url)) => Database::Postgres(url),
+        _ => anyhow::bail!("give Synapse's database: --sqlite PATH or --postgres URL"),
+    };
+    if labels.is_empty() && !all {
+        labels = std::io::stdin().lines().collect::<Result<_, _>>().context("reading labels from standard input")?;
+    }
+    let mut wanted = std::collections::BTreeSet::new();
+    for l in labels.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
+        wanted.insert(TokenLabel::parse(l).with_context(|| format!("{l:?} is not a 16-hex-character token label"))?);
+    }
+    if wanted.is_empty() && !all {
+        anyhow::bail!("no label to resolve (give labels, or --all)");
+    }
+    let key = existing_key(key_file)?;
+    let found = resolve(db, &key, &wanted)?;
+    println!("label\tuser_id\tdevice_id\ttoken_localpart");
+    for m in &found {
+        println!(
+            "{}\t{}\t{}\t{}",
+            m.label,
+            m.user_id,
+            m.device_id.as_deref().unwrap_or("-"),
+            m.token_localpart.as_deref().unwrap_or("-")
+        );
+    }
+    let missing: Vec<_> = wanted.iter().filter(|l| !found.iter().any(|m| m.label == **l)).collect();
+    for l in &missing {
+        eprintln!("vigie: {l}: no live access token has this label (expired, logged out, or another key)");
+    }
+    Ok(())
+}
+
+/// The agent's key, which must already exist: a new key would give labels matching nothing.
+fn existing_key(path: &std::path::Path) -> Result<TokenKey> {
+    if !path.exists() {
+        anyhow::bail!("no key file at {}: give the key file the agent runs with", path.display());
+    }
+    TokenKey::load_or_create(path)
+}
+
 fn token_hash(key_file: &std::path::Path) -> Result<()> {
-    let key = TokenKey::load_or_create(key_file)?;
+    let key = existing_key(key_file)?;
     let stdin = std::io::stdin();
     let mut input = stdin.lock();
     let stdout = std::io::stdout();
