@@ -198,6 +198,8 @@ impl Collector for StateCollector {
         gauge(&mut enc, "vigie_tracked_tokens", "Tokens the agent currently tracks", ags.tracked_tokens as u64)?;
         gauge(&mut enc, "vigie_exported_tokens", "Tokens that currently have their own series", ags.exported_tokens as u64)?;
         gauge(&mut enc, "vigie_probes_attached", "Kernel programs attached", h.probes_attached as u64)?;
+        let mut m = enc.encode_descriptor("vigie_build_info", "vigie's version (always 1)", None, MetricType::Gauge)?;
+        m.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?.encode_gauge(&1u64)?;
         Ok(())
     }
 }
