@@ -130,6 +130,11 @@ impl Aggregator {
         self.limits
     }
 
+    /// New bounds take effect at the next [`Aggregator::rebalance`].
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     /// The series an increment for this token goes to right now.
     fn series(&mut self, token: Option<TokenLabel>) -> &mut ByEndpoint {
         let Some(label) = token else { return &mut self.anonymous };

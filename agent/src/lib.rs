@@ -16,6 +16,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod conn;
+pub mod detect;
 pub mod endpoint;
 pub mod http;
 pub mod loader;

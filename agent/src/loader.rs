@@ -99,6 +99,21 @@ impl Probes {
         self.events.take().context("the ring buffer was already taken")
     }
 
+    /// Replace the set of watched server ports. Connections already known to the kernel stay
+    /// watched until they close.
+    pub fn set_ports(&mut self, ports: &[u16]) -> Result<()> {
+        let mut watched: HashMap<_, u16, u8> =
+            HashMap::try_from(self.ebpf.map_mut("WATCHED_PORTS").context("map WATCHED_PORTS missing")?)?;
+        let old: Vec<u16> = watched.keys().filter_map(|k| k.ok()).collect();
+        for port in old.iter().filter(|p| !ports.contains(p)) {
+            watched.remove(port).with_context(|| format!("removing port {port} from WATCHED_PORTS"))?;
+        }
+        for port in ports.iter().filter(|p| !old.contains(p)) {
+            watched.insert(port, 1, 0).with_context(|| format!("adding port {port} to WATCHED_PORTS"))?;
+        }
+        Ok(())
+    }
+
     /// Attach the OpenSSL uprobes to one file (shared library or executable). They fire in
     /// every process that maps it, including processes started later. Returns how many
     /// probes were attached; attaching the same file twice is a no-op.

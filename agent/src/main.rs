@@ -100,7 +100,11 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VIGIE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -117,8 +121,8 @@ fn main() -> std::process::ExitCode {
                 Err(e) => return fail(e),
             };
             let flags = Overrides { server_ports, tls_targets, tls_discover_ports, metrics_addr, key_file };
-            match Settings::merge(file, flags) {
-                Ok(settings) => run(settings),
+            match Settings::merge(file, flags.clone()) {
+                Ok(settings) => run(settings, Reload { config, flags }),
                 Err(e) => Err(e),
             }
         }
@@ -227,29 +231,69 @@ fn token_hash(key_file: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn run(settings: Settings) -> Result<()> {
+/// What SIGHUP re-reads: the config file, with the same command-line flags on top.
+struct Reload {
+    config: Option<PathBuf>,
+    flags: Overrides,
+}
+
+impl Reload {
+    fn settings(&self) -> Result<Settings> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Settings::merge(file, self.flags.clone())
+    }
+}
+
+fn limits(settings: &Settings) -> Limits {
+    Limits {
+        top_k: settings.top_k,
+        max_tokens: settings.max_tokens,
+        idle_s: settings.token_idle_seconds as f64,
+        ..Limits::default()
+    }
+}
+
+fn run(settings: Settings, reload: Reload) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run_agent(settings))
+    runtime.block_on(run_agent(settings, reload))
 }
 
-async fn run_agent(settings: Settings) -> Result<()> {
+/// Apply a reloaded config: ports, TLS targets and bounds change live; the metrics address
+/// and the key need a restart (a new key would change every label).
+fn apply_reload(old: &Settings, new: Settings, probes: &mut loader::Probes, state: &Mutex<State>) -> Result<Settings> {
+    if new.metrics_addr != old.metrics_addr || new.key_file != old.key_file {
+        tracing::warn!("metrics_addr and key_file changes take effect at the next restart");
+    }
+    if new.max_connections != old.max_connections || new.connection_idle_seconds != old.connection_idle_seconds {
+        tracing::warn!("max_connections and connection_idle_seconds changes take effect at the next restart");
+    }
+    probes.set_ports(&new.server_ports)?;
+    for target in &new.tls_targets {
+        probes.attach_tls(target)?;
+    }
+    discover_tls(probes, &new.tls_discover_ports);
+    let mut st = lock(state);
+    st.aggregator.set_limits(limits(&new));
+    st.health.probes_attached = probes.attached;
+    tracing::info!(ports = ?new.server_ports, tls_targets = new.tls_targets.len(), "configuration reloaded");
+    Ok(Settings { metrics_addr: old.metrics_addr, key_file: old.key_file.clone(), ..new })
+}
+
+async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     let key = TokenKey::load_or_create(&settings.key_file)?;
     let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
     let mut probes = loader::load(&settings.server_ports)?;
-    let limits = Limits {
-        top_k: settings.top_k,
-        max_tokens: settings.max_tokens,
-        idle_s: settings.token_idle_seconds as f64,
-        ..Limits::default()
-    };
     let state = Arc::new(Mutex::new(State::new(
         key,
-        limits,
+        limits(&settings),
         settings.max_connections,
         settings.connection_idle_seconds,
     )));
@@ -276,6 +320,7 @@ async fn run_agent(settings: Settings) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut since_housekeeping = 0u32;
     loop {
         tokio::select! {
@@ -300,6 +345,13 @@ async fn run_agent(settings: Settings) -> Result<()> {
                     drop(st);
                     discover_tls(&mut probes, &settings.tls_discover_ports);
                     lock(&state).health.probes_attached = probes.attached;
+                }
+            }
+            _ = sighup.recv() => {
+                // A bad new config is logged and ignored: the agent keeps running as it was.
+                match reload.settings().and_then(|new| apply_reload(&settings, new, &mut probes, &state)) {
+                    Ok(new) => settings = new,
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "configuration not reloaded"),
                 }
             }
             _ = sigterm.recv() => break,
