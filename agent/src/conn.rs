@@ -84,6 +84,8 @@ pub trait Sink {
     /// A TLS connection turned out to be a client's (its first plaintext in is a response):
     /// a process on the host that maps the same TLS library talking to someone else.
     fn tls_client_connection(&mut self);
+    /// A request arrived before the previous one on its connection was answered.
+    fn pipelined_request(&mut self);
 }
 
 /// Which end of the connection the watched process is. Sockets are watched by local port, so
@@ -183,6 +185,9 @@ struct Conn {
     current: Option<Attribution>,
     /// Response bytes were sent since the latest request head.
     answering: bool,
+    /// The latest request asked for `100 Continue`: the first bytes sent are that interim
+    /// response, not the end of the request body.
+    expect_continue: bool,
     role: Role,
     last_seen_ns: u64,
 }
@@ -216,6 +221,7 @@ impl Table {
             phase: Phase::head(),
             current: None,
             answering: false,
+            expect_continue: false,
             role: match key.vantage {
                 Vantage::Socket => Role::Server,
                 Vantage::Tls => Role::Unknown { held: 0 },
@@ -266,7 +272,11 @@ impl Tracker {
             Role::Client => return,
             Role::Server => {}
         }
-        conn.answering = true;
+        if conn.expect_continue {
+            conn.expect_continue = false;
+        } else {
+            conn.answering = true;
+        }
         if matches!(conn.phase, Phase::Http2(_)) {
             return sink.http2(key.vantage, Http2Event::ResponseBytes(bytes));
         }
@@ -447,8 +457,14 @@ fn start_request(
         endpoint: classified.endpoint,
         vantage: key.vantage,
     };
+    // A head that arrives before the previous request was answered is pipelined: its response
+    // boundary is unknown without parsing responses, so bytes may land on the later request.
+    if conn.current.is_some() && !conn.answering {
+        sink.pipelined_request();
+    }
     conn.current = Some(attribution);
     conn.answering = false;
+    conn.expect_continue = parsed.expect_continue;
     conn.phase = match (parsed.chunked, parsed.content_length) {
         (true, _) => Phase::ChunkedBody,
         (false, Some(n)) if n > 0 => Phase::Body(n),
@@ -479,6 +495,7 @@ mod tests {
         failures: Vec<&'static str>,
         h2: Vec<Http2Event>,
         client_connections: u32,
+        pipelined: u32,
     }
 
     impl Sink for Recorder {
@@ -499,6 +516,9 @@ mod tests {
         }
         fn tls_client_connection(&mut self) {
             self.client_connections += 1;
+        }
+        fn pipelined_request(&mut self) {
+            self.pipelined += 1;
         }
     }
 
@@ -720,5 +740,33 @@ mod tests {
         recv(&mut t, &data, &mut s);
         assert_eq!(s.requests.len(), 1);
         assert!(s.failures.is_empty());
+    }
+
+    #[test]
+    fn an_interim_100_continue_does_not_end_the_request_body() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        recv(&mut t, b"POST /_matrix/media/v3/upload HTTP/1.1\r\nAuthorization: Bearer syt_a\r\nExpect: 100-continue\r\nContent-Length: 70000\r\n\r\n", &mut s);
+        t.on_send(C, 0, 25, &mut s);
+        t.on_recv(C, 0, 65536, b"GET / HTTP/1.1\r\n\r\n looks like a request but is body", false, &mut s);
+        t.on_recv(C, 0, 70000 - 65536, b"more body", false, &mut s);
+        t.on_send(C, 0, 521, &mut s);
+        recv(&mut t, &get("/_matrix/client/v3/sync", "syt_a"), &mut s);
+        t.on_send(C, 0, 100, &mut s);
+        assert_eq!(s.requests.len(), 2);
+        assert_eq!(bytes_for(&s, "syt_a"), 25 + 521 + 100);
+        assert!(s.failures.is_empty(), "{:?}", s.failures);
+    }
+
+    #[test]
+    fn pipelined_requests_are_all_counted_and_flagged_and_no_byte_is_lost() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        let mut batch = get("/_matrix/client/v3/sync", "syt_a");
+        batch.extend(get("/_matrix/client/v3/joined_rooms", "syt_a"));
+        batch.extend(get("/_matrix/client/v3/sync", "syt_a"));
+        recv(&mut t, &batch, &mut s);
+        t.on_send(C, 0, 300, &mut s);
+        assert_eq!(s.requests.len(), 3);
+        assert_eq!(s.pipelined, 2);
+        assert_eq!(bytes_for(&s, "syt_a"), 300);
     }
 }

@@ -135,6 +135,13 @@ impl Collector for StateCollector {
             labelled_counter(&mut m, &[("reason", reason)], *v)?;
         }
         let mut m = enc.encode_descriptor(
+            "vigie_pipelined_requests",
+            "Requests sent before the previous one on the connection was answered (HTTP pipelining): counted, but their response bytes may be charged to a later request of the batch",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, h.pipelined_requests)?;
+        let mut m = enc.encode_descriptor(
             "vigie_unattributed_response_bytes",
             "Bytes sent on connections whose current request was unknown (before the agent started, after unparsable input)",
             None,

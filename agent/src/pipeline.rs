@@ -37,6 +37,8 @@ pub struct Health {
     pub probes_attached: usize,
     /// TLS records by how their socket was known: "during_call", "before_call", "unknown".
     pub tls_socket_ties: BTreeMap<&'static str, u64>,
+    /// Requests that arrived before the previous one on their connection was answered.
+    pub pipelined_requests: u64,
     /// TLS connections on which the watched process was the client (ignored).
     pub tls_client_connections: u64,
     /// HTTP/2 connections, requests and response bytes, by vantage.
@@ -86,6 +88,10 @@ impl Sink for Feed<'_> {
 
     fn tls_client_connection(&mut self) {
         self.health.tls_client_connections += 1;
+    }
+
+    fn pipelined_request(&mut self) {
+        self.health.pipelined_requests += 1;
     }
 }
 
