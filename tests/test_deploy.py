@@ -259,13 +259,12 @@ def test_systemd_execstartpre_mounts_tracefs(tmp_path):
 
 
 def test_deb_metadata_table_is_complete():
-    """The table parses, merges into agent/Cargo.toml, and names files that exist."""
-    text = (DEB / "cargo-deb.toml").read_text()
+    """The table parses, is the one agent/Cargo.toml carries, and names files that exist."""
     table = deb_table()
-    # It merges into agent/Cargo.toml as one more table.
-    merged = tomllib.loads((REPO_ROOT / "agent" / "Cargo.toml").read_text() + "\n" + text)
-    assert merged["package"]["name"] == "vigie"
-    assert merged["package"]["metadata"]["deb"] == table
+    manifest = tomllib.loads((REPO_ROOT / "agent" / "Cargo.toml").read_text())
+    assert manifest["package"]["name"] == "vigie"
+    assert manifest["package"].get("description"), "cargo-deb needs a description"
+    assert manifest["package"]["metadata"]["deb"] == table, "agent/Cargo.toml and deploy/deb/cargo-deb.toml differ"
 
     assets = {dest: (src, mode) for src, dest, mode in table["assets"]}
     for src, dest, mode in table["assets"]:

@@ -1,0 +1,61 @@
+"""Acceptance test of vigie's capture: per-token request counts, response bytes and endpoint
+classes must match what an exactly-counting client did against a real Synapse.
+
+Environment: VIGIE_BIN (agent binary, default target/release/vigie), VIGIE_TEST_SEED (default 1),
+VIGIE_TEST_DURATION (seconds of concurrent traffic, default 25).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from harness.compare import client_figures, compare, poll_until_stable
+from harness.matrix import Recorder
+from harness.scenario import DECOY_TOKEN, Scenario, ScenarioConfig
+
+
+def test_capture_matches_client_accounting(synapse, vigie_factory, seed, tmp_path):
+    print(f"seed: {seed} (set VIGIE_TEST_SEED to change)")
+    # The agent first: everything the tokens do is measured, setup traffic included.
+    vigie = vigie_factory(synapse.port)
+
+    duration = float(os.environ.get("VIGIE_TEST_DURATION", "25"))
+    cfg = ScenarioConfig(users=14, extra_logins=1, rooms=4, prefill=40, duration=duration, seed=seed)
+    rec = Recorder()
+    sc = Scenario(synapse, cfg, recorder=rec)
+    try:
+        sc.setup()
+        sc.run()
+        assert not sc.failures, "client loops failed:\n" + "\n".join(sc.failures)
+        # Every loop has returned: no request is outstanding.
+        assert rec.in_flight == 0, "requests still in flight"
+        bad = [e for e in sc.errors if e[2] >= 500 or e[2] == 429]
+        assert not bad, f"Synapse answered errors: {bad[:20]}"
+        vigie.assert_running()
+
+        tokens = sc.tokens
+        totals = rec.totals()
+        labels = vigie.labels(tokens + [DECOY_TOKEN])
+        decoy_label = labels.pop(DECOY_TOKEN)
+        assert len(set(labels.values())) == len(tokens), "two tokens got the same label"
+        expected = client_figures(totals, tokens, labels)
+        m, fig, waited = poll_until_stable(vigie, [labels[t] for t in tokens], expected)
+    finally:
+        sc.close()
+        rec.dump(tmp_path / "client_requests.jsonl", redact=sc.tokens)
+
+    print(f"client requests log: {tmp_path / 'client_requests.jsonl'}")
+    print(f"vigie figures read after {waited:.1f} s of polling; connections: {sc.connection_stats()}")
+    if sc.errors:
+        print(f"{len(sc.errors)} Matrix errors answered (still requests): "
+              f"{sorted({(a, s, c) for _, a, s, c in sc.errors})}")
+    names = {s.token: f"s{s.index:02d}" + ("(q)" if s.index == cfg.query_token_session else "")
+             for s in sc.sessions}
+    result = compare(m, fig, totals, names, labels,
+                     forbidden_labels={"the token inside an uploaded body": decoy_label})
+    print(result.report())
+    vigie.assert_running()
+    if result.problems:
+        pytest.fail(f"{len(result.problems)} mismatches:\n" + "\n".join(result.problems[:60]), pytrace=False)
