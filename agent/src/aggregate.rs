@@ -179,8 +179,21 @@ impl Aggregator {
         self.tokens.insert(label, TokenState { exported, last_seen_s: now_s, activity: 1.0 });
     }
 
-    /// Forget idle tokens and give export slots to the most active ones.
-    pub fn rebalance(&mut self, now_s: f64) {
+    /// Give this token its own series now, whatever its activity: a suspect must never be
+    /// hidden in overflow. Pinned tokens may take the exported count past `top_k`; they are
+    /// bounded by the detector's suspects, not by activity.
+    pub fn pin(&mut self, label: TokenLabel) {
+        if let Some(t) = self.tokens.get_mut(&label)
+            && t.exported.is_none()
+        {
+            t.exported = Some(ByEndpoint::default());
+            self.exported += 1;
+        }
+    }
+
+    /// Forget idle tokens and give export slots to the most active ones; `pinned` tokens
+    /// keep theirs.
+    pub fn rebalance(&mut self, now_s: f64, pinned: &dyn Fn(&TokenLabel) -> bool) {
         let idle = self.limits.idle_s;
         let before = self.tokens.len();
         self.tokens.retain(|_, t| now_s - t.last_seen_s < idle);
@@ -195,7 +208,7 @@ impl Aggregator {
             ranked.select_nth_unstable_by(k, |a, b| b.0.total_cmp(&a.0));
             for (i, (_, label)) in ranked.iter().enumerate() {
                 if let Some(t) = self.tokens.get_mut(label) {
-                    match (i < k, t.exported.is_some()) {
+                    match (i < k || pinned(label), t.exported.is_some()) {
                         (true, false) => t.exported = Some(ByEndpoint::default()),
                         (false, true) => t.exported = None,
                         _ => {}
@@ -295,7 +308,7 @@ mod tests {
             agg.response_bytes(label(2), c(Endpoint::Messages), 10);
         }
         assert_eq!(own(&agg, 2), None, "no free slot yet: token 2 is in overflow");
-        agg.rebalance(2.0);
+        agg.rebalance(2.0, &|_| false);
         assert_eq!(own(&agg, 1), None);
         assert_eq!(own(&agg, 2), Some(Counts::default()), "a new series starts at zero");
         agg.request(label(2), c(Endpoint::Messages), 3.0);
@@ -312,7 +325,7 @@ mod tests {
     fn idle_tokens_are_forgotten_and_free_their_slot() {
         let mut agg = Aggregator::new(Limits { top_k: 1, idle_s: 10.0, ..Limits::default() });
         agg.request(label(1), c(Endpoint::Sync), 0.0);
-        agg.rebalance(11.0);
+        agg.rebalance(11.0, &|_| false);
         assert_eq!(agg.stats().tracked_tokens, 0);
         assert_eq!(agg.stats().tokens_expired, 1);
         agg.request(label(2), c(Endpoint::Sync), 12.0);
@@ -327,5 +340,22 @@ mod tests {
         assert_eq!(agg.stats().tracked_tokens, 1);
         assert_eq!(agg.stats().tokens_untracked, 1);
         assert_eq!(agg.overflow().total().requests, 1);
+    }
+
+    #[test]
+    fn a_pinned_suspect_keeps_its_series_however_quiet_it_is() {
+        let mut agg = Aggregator::new(Limits { top_k: 1, ..Limits::default() });
+        agg.request(label(1), c(Endpoint::Sync), 0.0);
+        agg.request(label(2), c(Endpoint::Messages), 0.0);
+        assert_eq!(own(&agg, 2), None);
+        agg.pin(TokenLabel([2; 8]));
+        agg.request(label(2), c(Endpoint::Messages), 1.0);
+        assert_eq!(own(&agg, 2), Some(Counts { requests: 1, bytes: 0 }));
+        for _ in 0..100 {
+            agg.request(label(1), c(Endpoint::Sync), 2.0);
+        }
+        agg.rebalance(3.0, &|l| *l == TokenLabel([2; 8]));
+        assert!(own(&agg, 1).is_some(), "the busiest keeps the one top-K slot");
+        assert!(own(&agg, 2).is_some(), "the suspect keeps its pinned slot");
     }
 }

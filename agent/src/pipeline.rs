@@ -159,6 +159,6 @@ impl State {
     /// Periodic upkeep: expire idle connections and tokens, reassign export slots.
     pub fn housekeeping(&mut self, now_ns: u64) {
         self.tracker.expire_idle(now_ns, self.connection_idle_ns);
-        self.aggregator.rebalance(now_ns as f64 / 1e9);
+        self.aggregator.rebalance(now_ns as f64 / 1e9, &|_| false);
     }
 }
