@@ -25,6 +25,11 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub token_idle_seconds: Option<u64>,
     pub connection_idle_seconds: Option<u64>,
+    /// Which vantage point feeds the detector: "socket", "tls", or "auto" (socket when
+    /// server ports are watched, else tls).
+    pub detect_vantage: Option<String>,
+    /// Detector thresholds (docs/detection.md); every key optional.
+    pub detect: Option<crate::detect::DetectConfig>,
 }
 
 impl FileConfig {
@@ -52,6 +57,8 @@ pub struct Settings {
     pub max_connections: usize,
     pub token_idle_seconds: u64,
     pub connection_idle_seconds: u64,
+    pub detect_vantage: crate::conn::Vantage,
+    pub detect: crate::detect::DetectConfig,
 }
 
 /// What the command line can override.
@@ -87,7 +94,17 @@ impl Settings {
         let positive = |name: &str, v: usize| -> Result<usize> {
             if v == 0 { bail!("{name} must be at least 1") } else { Ok(v) }
         };
+        use crate::conn::Vantage;
+        let detect_vantage = match file.detect_vantage.as_deref().unwrap_or("auto") {
+            "socket" => Vantage::Socket,
+            "tls" => Vantage::Tls,
+            "auto" if server_ports.is_empty() => Vantage::Tls,
+            "auto" => Vantage::Socket,
+            other => bail!("detect_vantage must be \"socket\", \"tls\" or \"auto\", not {other:?}"),
+        };
         Ok(Settings {
+            detect_vantage,
+            detect: file.detect.unwrap_or_default(),
             server_ports,
             tls_targets,
             tls_discover_ports,
@@ -124,6 +141,20 @@ mod tests {
     fn garbage_is_an_error_not_a_panic() {
         assert!(FileConfig::parse("\u{0}\u{ff}[[[").is_err());
         assert!(FileConfig::parse("server_ports = [70000]").is_err());
+    }
+
+    #[test]
+    fn the_detector_learns_from_one_vantage_point() {
+        use crate::conn::Vantage;
+        let ports = Overrides { server_ports: vec![8008], ..Default::default() };
+        let s = Settings::merge(FileConfig::default(), ports.clone()).unwrap();
+        assert_eq!(s.detect_vantage, Vantage::Socket);
+        let tls = Overrides { tls_targets: vec!["/lib/libssl.so.3".into()], ..Default::default() };
+        assert_eq!(Settings::merge(FileConfig::default(), tls).unwrap().detect_vantage, Vantage::Tls);
+        let file = FileConfig::parse("detect_vantage = \"tls\"\n[detect]\n").unwrap();
+        assert_eq!(Settings::merge(file, ports.clone()).unwrap().detect_vantage, Vantage::Tls);
+        let bad = FileConfig::parse("detect_vantage = \"both\"").unwrap();
+        assert!(Settings::merge(bad, ports).is_err());
     }
 
     #[test]

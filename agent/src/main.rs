@@ -270,8 +270,12 @@ fn apply_reload(old: &Settings, new: Settings, probes: &mut loader::Probes, stat
     if new.metrics_addr != old.metrics_addr || new.key_file != old.key_file {
         tracing::warn!("metrics_addr and key_file changes take effect at the next restart");
     }
-    if new.max_connections != old.max_connections || new.connection_idle_seconds != old.connection_idle_seconds {
-        tracing::warn!("max_connections and connection_idle_seconds changes take effect at the next restart");
+    if new.max_connections != old.max_connections
+        || new.connection_idle_seconds != old.connection_idle_seconds
+        || new.detect != old.detect
+        || new.detect_vantage != old.detect_vantage
+    {
+        tracing::warn!("max_connections, connection_idle_seconds and detector changes take effect at the next restart");
     }
     probes.set_ports(&new.server_ports)?;
     for target in &new.tls_targets {
@@ -296,6 +300,8 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
         limits(&settings),
         settings.max_connections,
         settings.connection_idle_seconds,
+        settings.detect.clone(),
+        settings.detect_vantage,
     )));
     for target in &settings.tls_targets {
         probes.attach_tls(target)?;
@@ -338,6 +344,7 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                 let kernel = probes.counters();
                 let mut st = lock(&state);
                 st.health.kernel = kernel;
+                st.tick(monotonic_ns());
                 since_housekeeping += 1;
                 if since_housekeeping >= 10 {
                     since_housekeeping = 0;

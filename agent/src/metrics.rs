@@ -86,6 +86,60 @@ impl Collector for StateCollector {
             }
         }
 
+        // Every scored token is exported here, whatever the top-K selection did.
+        let det = &state.detector;
+        let mut m = enc.encode_descriptor(
+            "vigie_token_anomaly_score",
+            "How far the token is from normal reading; 1 or more means alert (docs/detection.md)",
+            None,
+            MetricType::Gauge,
+        )?;
+        let scored: Vec<_> = det.scores().collect();
+        let labels: Vec<String> = scored.iter().map(|s| s.token.to_string()).collect();
+        for (s, label) in scored.iter().zip(&labels) {
+            m.encode_family(&[("token", label.as_str())])?.encode_gauge(&s.score)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "vigie_token_anomaly_reason",
+            "Contribution of each reason to the token's anomaly score",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (s, label) in scored.iter().zip(&labels) {
+            for (reason, v) in s.reasons {
+                m.encode_family(&[("token", label.as_str()), ("reason", reason)])?.encode_gauge(v)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "vigie_token_distinct_rooms",
+            "Estimated distinct rooms the token touched in the window",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (token, _) in &series {
+            let Some(label) = crate::token::TokenLabel::parse(token) else { continue };
+            if let Some(rooms) = det.distinct_rooms_10m(&label) {
+                m.encode_family(&[("token", token.as_str()), ("window", "10m")])?.encode_gauge(&rooms)?;
+            }
+        }
+        let ds = det.stats();
+        gauge(&mut enc, "vigie_tokens_alerting", "Tokens whose score is 1 or more", ds.alerting as u64)?;
+        let mut m = enc.encode_descriptor(
+            "vigie_anomaly_alerts",
+            "Times a token's score rose to 1 or more",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, ds.alerts_total)?;
+        gauge(&mut enc, "vigie_detector_tracked_tokens", "Tokens the detector keeps features for", ds.tracked_tokens as u64)?;
+        let mut m = enc.encode_descriptor(
+            "vigie_detector_tokens_evicted",
+            "Tokens the detector dropped because its table was full",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, ds.tokens_evicted)?;
+
         let h = &state.health;
         let mut m = enc.encode_descriptor(
             "vigie_events",

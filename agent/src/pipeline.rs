@@ -13,6 +13,7 @@ use vigie_common::{
 
 use crate::aggregate::{Aggregator, Class, Limits};
 use crate::conn::{Attribution, ConnKey, Http2Event, RequestSeen, Sink, Tracker, Vantage};
+use crate::detect::{DetectConfig, Detector};
 use crate::token::TokenKey;
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of the kernel's timestamps.
@@ -48,13 +49,19 @@ pub struct Health {
 pub struct State {
     pub tracker: Tracker,
     pub aggregator: Aggregator,
+    pub detector: Detector,
+    /// The one vantage point the detector learns from: behind a TLS proxy each request is
+    /// seen at both, and feeding both would double every feature.
+    pub detect_vantage: Vantage,
     pub health: Health,
     connection_idle_ns: u64,
 }
 
-/// The sink the connection tracker reports into: the aggregator and the health counters.
+/// The sink the connection tracker reports into: aggregator, detector and health counters.
 struct Feed<'a> {
     aggregator: &'a mut Aggregator,
+    detector: &'a mut Detector,
+    detect_vantage: Vantage,
     health: &'a mut Health,
     now_s: f64,
 }
@@ -63,10 +70,18 @@ impl Sink for Feed<'_> {
     fn request(&mut self, request: &RequestSeen<'_>) {
         let a = request.attribution;
         self.aggregator.request(a.token, class(a), self.now_s);
+        if a.vantage == self.detect_vantage {
+            self.detector.on_request(request, self.now_s);
+        }
     }
 
     fn response_bytes(&mut self, a: Attribution, bytes: u64) {
         self.aggregator.response_bytes(a.token, class(a), bytes);
+        if let Some(token) = a.token
+            && a.vantage == self.detect_vantage
+        {
+            self.detector.on_response_bytes(token, a.endpoint, bytes, self.now_s);
+        }
     }
 
     fn unattributed_bytes(&mut self, bytes: u64) {
@@ -100,10 +115,19 @@ fn class(a: Attribution) -> Class {
 }
 
 impl State {
-    pub fn new(key: TokenKey, limits: Limits, max_connections: usize, connection_idle_s: u64) -> Self {
+    pub fn new(
+        key: TokenKey,
+        limits: Limits,
+        max_connections: usize,
+        connection_idle_s: u64,
+        detect: DetectConfig,
+        detect_vantage: Vantage,
+    ) -> Self {
         State {
             tracker: Tracker::new(key, max_connections),
             aggregator: Aggregator::new(limits),
+            detector: Detector::new(detect),
+            detect_vantage,
             health: Health::default(),
             connection_idle_ns: connection_idle_s.saturating_mul(1_000_000_000),
         }
@@ -135,6 +159,8 @@ impl State {
         }
         let mut feed = Feed {
             aggregator: &mut self.aggregator,
+            detector: &mut self.detector,
+            detect_vantage: self.detect_vantage,
             health: &mut self.health,
             now_s: h.ts_ns as f64 / 1e9,
         };
@@ -156,9 +182,19 @@ impl State {
         }
     }
 
-    /// Periodic upkeep: expire idle connections and tokens, reassign export slots.
+    /// Every second: rescore, and give every suspect its own series at once.
+    pub fn tick(&mut self, now_ns: u64) {
+        self.detector.tick(now_ns as f64 / 1e9);
+        for suspect in self.detector.suspects() {
+            self.aggregator.pin(suspect);
+        }
+    }
+
+    /// Periodic upkeep: expire idle connections and tokens, reassign export slots (suspects
+    /// keep theirs).
     pub fn housekeeping(&mut self, now_ns: u64) {
         self.tracker.expire_idle(now_ns, self.connection_idle_ns);
-        self.aggregator.rebalance(now_ns as f64 / 1e9, &|_| false);
+        let detector = &self.detector;
+        self.aggregator.rebalance(now_ns as f64 / 1e9, &|t| detector.is_suspect(t));
     }
 }

@@ -1,0 +1,472 @@
+//! A token's state: what it did, in fixed memory, and the features read from it.
+//!
+//! Everything here is a fixed-size array: three rings of counters (≈1 min, ≈10 min, ≈1 h),
+//! three HyperLogLog sketches of rooms, the eight rooms last paged, four user agents and four
+//! addresses, four EWMAs. [`TokenState`] is 1,488 bytes (a test pins the bound) and never
+//! allocates after creation.
+
+use crate::endpoint::Endpoint;
+
+use super::clients::{Clients, Late};
+use super::config::DetectConfig;
+use super::hll::EpochHll;
+use super::request::Shape;
+use super::rooms::RoomTable;
+use super::window::{Bucket, Bytes, Count, QUARTERS, SIXTEENTHS, Totals, Window};
+
+/// Granularities, in seconds, of the three rings and of the two room-sketch epochs.
+pub const G_1M: u32 = 10;
+pub const G_10M: u32 = 60;
+pub const G_1H: u32 = 600;
+const ROOMS_10M_EPOCH: u32 = 300;
+const ROOMS_1H_EPOCH: u32 = 1800;
+/// A room not paged for this long starts a new paging session (depth back to 1).
+const ROOM_SESSION_S: u32 = 600;
+
+/// Features the baseline follows, per minute: history weight (pages and `/context`), room
+/// reads, media downloads (net), megabytes sent.
+pub const BASELINE: usize = 4;
+/// Features the population view compares, per 10 minutes: the four baseline ones (same
+/// order) plus rooms paged, last.
+pub const POPULATION: usize = 5;
+/// Where each baseline feature sits among the population ones.
+pub const BASELINE_IN_POPULATION: [usize; BASELINE] = [0, 1, 2, 3];
+
+const MB: f64 = 1_048_576.0;
+
+/// Per-minute rates of the token's own history: a running mean over its first minutes
+/// (the prior counting as `baseline_prior_minutes` of them), an EWMA of time constant
+/// `baseline_tau_s` after that. Idle minutes count as zeros.
+#[derive(Clone, Debug)]
+pub struct Baseline {
+    pub rate: [f32; BASELINE],
+    /// Minutes folded in so far (saturating).
+    pub minutes: u32,
+}
+
+impl Baseline {
+    pub fn new(prior: [f64; BASELINE]) -> Self {
+        let rate = prior.map(|p| {
+            if p.is_finite() {
+                p.max(0.0) as f32
+            } else {
+                0.0
+            }
+        });
+        Baseline { rate, minutes: 0 }
+    }
+
+    fn of_minute(b: &Bucket) -> [f64; BASELINE] {
+        let history = (f64::from(b.get(Count::PageWeight))
+            + f64::from(b.get(Count::ContextWeight)))
+            / SIXTEENTHS;
+        let media = (f64::from(b.get(Count::MediaDownloads))
+            - f64::from(b.get(Count::MediaUploads)))
+        .max(0.0)
+            / QUARTERS;
+        [
+            history,
+            f64::from(b.get(Count::RoomReads)),
+            media,
+            b.bytes(Bytes::All) as f64 / MB,
+        ]
+    }
+
+    fn alpha(&self, alpha_tau: f64, prior_minutes: f64) -> f64 {
+        alpha_tau.max(1.0 / (prior_minutes.max(0.0) + f64::from(self.minutes) + 1.0))
+    }
+
+    fn step(&mut self, x: [f64; BASELINE], alpha: f64) {
+        for (r, x) in self.rate.iter_mut().zip(x) {
+            let v = f64::from(*r) + alpha * (x - f64::from(*r));
+            *r = if v.is_finite() {
+                v.max(0.0) as f32
+            } else {
+                0.0
+            };
+        }
+        self.minutes = self.minutes.saturating_add(1);
+    }
+
+    /// Fold a completed minute, then `idle` empty ones.
+    fn fold(&mut self, minute: &Bucket, idle: u32, alpha_tau: f64, prior_minutes: f64) {
+        let alpha_tau = if alpha_tau.is_finite() {
+            alpha_tau.clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        let prior_minutes = if prior_minutes.is_finite() {
+            prior_minutes
+        } else {
+            0.0
+        };
+        self.step(
+            Self::of_minute(minute),
+            self.alpha(alpha_tau, prior_minutes),
+        );
+        let mut left = idle;
+        while left > 0 {
+            let a = self.alpha(alpha_tau, prior_minutes);
+            if a <= alpha_tau {
+                // A plain EWMA from here on: all the idle minutes at once.
+                let keep =
+                    (1.0 - alpha_tau).powi(i32::try_from(left.min(1_000_000)).unwrap_or(1_000_000));
+                for r in self.rate.iter_mut() {
+                    *r = (f64::from(*r) * keep) as f32;
+                }
+                self.minutes = self.minutes.saturating_add(left);
+                break;
+            }
+            self.step([0.0; BASELINE], a);
+            left -= 1;
+        }
+    }
+}
+
+/// Everything the detector keeps about one token.
+#[derive(Clone, Debug)]
+pub struct TokenState {
+    pub first_s: u32,
+    pub last_s: u32,
+    /// Latest incremental `/sync` (or sliding sync with `pos`).
+    last_sync_s: Option<u32>,
+    /// Latest key-backup read made while the token was young.
+    young_key_read_s: Option<u32>,
+    m1: Window<6>,
+    m10: Window<10>,
+    h1: Window<6>,
+    /// Rooms read through history (pages, `/context`, room `/initialSync`).
+    rooms_10m: EpochHll<32>,
+    rooms_1h: EpochHll<128>,
+    /// Rooms named by any request.
+    touched_10m: EpochHll<32>,
+    rooms: RoomTable,
+    agents: Clients,
+    addresses: Clients,
+    pub baseline: Baseline,
+    /// Score at the latest tick, and when it last reached 1.
+    pub score: f32,
+    pub last_alert_s: Option<u32>,
+    /// Something happened since the latest tick.
+    pub dirty: bool,
+    /// Population features at the latest scoring, for the population statistics.
+    pub population: [f32; POPULATION],
+}
+
+impl TokenState {
+    /// A token first seen at `now`, with `prior` as its baseline (per-minute rates).
+    pub fn new(now: u32, prior: [f64; BASELINE]) -> Self {
+        TokenState {
+            first_s: now,
+            last_s: now,
+            last_sync_s: None,
+            young_key_read_s: None,
+            m1: Window::new(now / G_1M),
+            m10: Window::new(now / G_10M),
+            h1: Window::new(now / G_1H),
+            rooms_10m: EpochHll::new(now / ROOMS_10M_EPOCH),
+            rooms_1h: EpochHll::new(now / ROOMS_1H_EPOCH),
+            touched_10m: EpochHll::new(now / ROOMS_10M_EPOCH),
+            rooms: RoomTable::default(),
+            agents: Clients::default(),
+            addresses: Clients::default(),
+            baseline: Baseline::new(prior),
+            score: 0.0,
+            last_alert_s: None,
+            dirty: true,
+            population: [0.0; POPULATION],
+        }
+    }
+
+    /// Move the rings to `now`, folding completed minutes into the baseline unless the token
+    /// is suspect (an attacker must not teach its token that scraping is normal).
+    pub fn advance(&mut self, now: u32, cfg: &DetectConfig) {
+        let minute = now / G_10M;
+        let head = self.m10.head();
+        if minute > head {
+            let learning = f64::from(self.score) < cfg.pin_score;
+            let tau_min = cfg.baseline_tau_s / 60.0;
+            let alpha = if tau_min.is_finite() && tau_min > 0.0 {
+                1.0 - (-1.0 / tau_min).exp()
+            } else {
+                1.0
+            };
+            if learning {
+                self.baseline.fold(
+                    &self.m10.head_bucket(),
+                    minute - head - 1,
+                    alpha,
+                    cfg.baseline_prior_minutes,
+                );
+            }
+        }
+        self.m1.advance(now / G_1M);
+        self.m10.advance(minute);
+        self.h1.advance(now / G_1H);
+    }
+
+    fn bump(&mut self, what: Count, n: u32, now: u32) {
+        self.m1.at(now / G_1M).add(what, n);
+        self.m10.at(now / G_10M).add(what, n);
+        self.h1.at(now / G_1H).add(what, n);
+    }
+
+    fn weigh(w: f64, scale: f64) -> u32 {
+        let v = (w * scale).round();
+        if v.is_finite() && v > 0.0 {
+            v.min(f64::from(u32::MAX)) as u32
+        } else {
+            0
+        }
+    }
+
+    /// Account one request.
+    pub fn record(&mut self, s: &Shape, now: u32, cfg: &DetectConfig) {
+        self.advance(now, cfg);
+        self.last_s = now;
+        self.dirty = true;
+        let grace = secs(cfg.client_grace_s);
+        let late_agent = self.agents.see(s.agent, now, self.first_s, grace);
+        self.addresses.see(s.address, now, self.first_s, grace);
+        self.bump(Count::Requests, 1, now);
+        if let Some(room) = s.room {
+            self.touched_10m.insert_hash(now / ROOMS_10M_EPOCH, room);
+        }
+        let limit = s.limit.unwrap_or(cfg.default_limit);
+        let read = match s.endpoint {
+            Some(Endpoint::Sync | Endpoint::SlidingSync) => {
+                if s.incremental && !s.full_state {
+                    self.last_sync_s = Some(now);
+                    self.agents.mark_sync(s.agent);
+                } else {
+                    self.full_sync(s, cfg, now);
+                }
+                false
+            }
+            Some(Endpoint::InitialSync) if s.room.is_some() => {
+                self.history_page(s, limit, cfg, now)
+            }
+            Some(Endpoint::InitialSync) => {
+                self.full_sync(s, cfg, now);
+                false
+            }
+            Some(Endpoint::Messages) => self.history_page(s, limit, cfg, now),
+            Some(Endpoint::Context) => {
+                self.bump(
+                    Count::ContextWeight,
+                    Self::weigh(cfg.page_weight(limit), SIXTEENTHS),
+                    now,
+                );
+                if limit >= cfg.large_limit {
+                    self.bump(Count::ContextLarge, 1, now);
+                }
+                self.room_read_for_breadth(s, now);
+                true
+            }
+            Some(Endpoint::Search) => {
+                self.bump(Count::Search, 1, now);
+                true
+            }
+            Some(Endpoint::Members | Endpoint::State | Endpoint::Event) => {
+                self.bump(Count::RoomReads, 1, now);
+                true
+            }
+            Some(Endpoint::MediaDownload) => {
+                self.bump(Count::MediaDownloads, 4, now);
+                true
+            }
+            Some(Endpoint::MediaThumbnail) => {
+                self.bump(Count::MediaDownloads, 1, now);
+                false
+            }
+            Some(Endpoint::MediaUpload) => {
+                self.bump(Count::MediaUploads, 4, now);
+                false
+            }
+            Some(Endpoint::RoomKeys) if s.get && s.version => {
+                self.bump(Count::KeyReads, 1, now);
+                if f64::from(now.saturating_sub(self.first_s)) < cfg.key_backup_young_s {
+                    self.young_key_read_s = Some(now);
+                }
+                false
+            }
+            _ => false,
+        };
+        if read && late_agent && self.agents.is_foreign_reader(s.agent) {
+            self.bump(Count::ForeignReads, 1, now);
+        }
+    }
+
+    fn full_sync(&mut self, s: &Shape, cfg: &DetectConfig, now: u32) {
+        let w = s.limit.map_or(1.0, |l| cfg.page_weight(l));
+        self.bump(Count::FullSyncWeight, Self::weigh(w, SIXTEENTHS), now);
+    }
+
+    fn room_read_for_breadth(&mut self, s: &Shape, now: u32) {
+        if let Some(room) = s.room {
+            self.rooms_10m.insert_hash(now / ROOMS_10M_EPOCH, room);
+            self.rooms_1h.insert_hash(now / ROOMS_1H_EPOCH, room);
+        }
+    }
+
+    fn history_page(&mut self, s: &Shape, limit: u32, cfg: &DetectConfig, now: u32) -> bool {
+        self.bump(Count::Pages, 1, now);
+        self.bump(
+            Count::PageWeight,
+            Self::weigh(cfg.page_weight(limit), SIXTEENTHS),
+            now,
+        );
+        self.room_read_for_breadth(s, now);
+        if let Some(room) = s.room {
+            let fp = (room ^ (room >> 32)) as u32;
+            self.rooms.page(fp, s.from, now, ROOM_SESSION_S);
+        }
+        true
+    }
+
+    /// Account response bytes.
+    pub fn record_bytes(&mut self, endpoint: Endpoint, bytes: u64, now: u32, cfg: &DetectConfig) {
+        self.advance(now, cfg);
+        self.dirty = true;
+        let media = matches!(endpoint, Endpoint::MediaDownload | Endpoint::MediaThumbnail);
+        for b in [
+            self.m1.at(now / G_1M),
+            self.m10.at(now / G_10M),
+            self.h1.at(now / G_1H),
+        ] {
+            b.add_bytes(Bytes::All, bytes);
+            if media {
+                b.add_bytes(Bytes::Media, bytes);
+            }
+        }
+    }
+
+    /// The features at `now` (call [`TokenState::advance`] first).
+    pub fn features(&self, now: u32, cfg: &DetectConfig) -> Features {
+        let t1 = self.m1.totals(now / G_1M);
+        let t10 = self.m10.totals(now / G_10M);
+        let th = self.h1.totals(now / G_1H);
+        let history = |t: &Totals| t.weight(Count::PageWeight, SIXTEENTHS);
+        let context = |t: &Totals| t.weight(Count::ContextWeight, SIXTEENTHS);
+        let media = |t: &Totals| {
+            (f64::from(t.get(Count::MediaDownloads)) - f64::from(t.get(Count::MediaUploads)))
+                .max(0.0)
+                / QUARTERS
+        };
+        let since_10m = now.saturating_sub(600);
+        let reads_1m = f64::from(t1.get(Count::Pages))
+            + context(&t1)
+            + f64::from(t1.get(Count::Search))
+            + f64::from(t1.get(Count::RoomReads))
+            + f64::from(t1.get(Count::MediaDownloads)) / QUARTERS;
+        let young_key_read = self
+            .young_key_read_s
+            .is_some_and(|s| now.saturating_sub(s) < 600);
+        let live = self
+            .last_sync_s
+            .is_some_and(|s| f64::from(now.saturating_sub(s)) <= cfg.live_sync_s);
+        let rooms_10m = self.rooms_10m.estimate(now / ROOMS_10M_EPOCH).round();
+        Features {
+            age_s: f64::from(now.saturating_sub(self.first_s)),
+            pages_1m: f64::from(t1.get(Count::Pages)),
+            history_1m: history(&t1),
+            history_10m: history(&t10),
+            history_1h: history(&th),
+            oversize_1m: (history(&t1) - f64::from(t1.get(Count::Pages))).max(0.0),
+            oversize_10m: (history(&t10) - f64::from(t10.get(Count::Pages))).max(0.0),
+            depth: f64::from(self.rooms.max_depth_since(since_10m)),
+            new_rooms_1m: f64::from(self.rooms.started_since(now.saturating_sub(60))),
+            rooms_10m,
+            rooms_1h: self.rooms_1h.estimate(now / ROOMS_1H_EPOCH).round(),
+            touched_10m: self.touched_10m.estimate(now / ROOMS_10M_EPOCH).round(),
+            context_1m: context(&t1),
+            context_10m: context(&t10),
+            context_large_10m: f64::from(t10.get(Count::ContextLarge)),
+            search_1m: f64::from(t1.get(Count::Search)),
+            search_10m: f64::from(t10.get(Count::Search)),
+            media_1m: media(&t1),
+            media_10m: media(&t10),
+            media_bytes_10m: t10.bytes(Bytes::Media) as f64,
+            key_reads_10m: f64::from(t10.get(Count::KeyReads)),
+            young_key_read,
+            full_sync_10m: t10.weight(Count::FullSyncWeight, SIXTEENTHS),
+            reads_1m,
+            live,
+            late_agent: self.agents.late_since(since_10m),
+            late_address: self.addresses.late_since(since_10m),
+            foreign_10m: f64::from(t10.get(Count::ForeignReads)),
+            room_reads_10m: f64::from(t10.get(Count::RoomReads)),
+            bytes_10m: t10.bytes(Bytes::All) as f64,
+            bytes_1h: th.bytes(Bytes::All) as f64,
+            requests_10m: f64::from(t10.get(Count::Requests)),
+            agents: self.agents.distinct(),
+            addresses: self.addresses.distinct(),
+        }
+    }
+}
+
+/// Seconds as `u32`, for durations from the configuration (NaN and negatives are 0).
+pub fn secs(s: f64) -> u32 {
+    if s.is_finite() && s > 0.0 {
+        s.min(f64::from(u32::MAX)) as u32
+    } else {
+        0
+    }
+}
+
+/// A token's features at one instant. Weights are page-weights; counts are plain.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Features {
+    pub age_s: f64,
+    pub pages_1m: f64,
+    pub history_1m: f64,
+    pub history_10m: f64,
+    pub history_1h: f64,
+    /// Page-weight beyond 1 per page: what large limits add.
+    pub oversize_1m: f64,
+    pub oversize_10m: f64,
+    /// Deepest paging session in the last 10 minutes (among the 8 rooms last paged).
+    pub depth: f64,
+    pub new_rooms_1m: f64,
+    pub rooms_10m: f64,
+    pub rooms_1h: f64,
+    pub touched_10m: f64,
+    pub context_1m: f64,
+    pub context_10m: f64,
+    pub context_large_10m: f64,
+    pub search_1m: f64,
+    pub search_10m: f64,
+    /// Media downloads net of uploads (thumbnails a quarter).
+    pub media_1m: f64,
+    pub media_10m: f64,
+    pub media_bytes_10m: f64,
+    pub key_reads_10m: f64,
+    pub young_key_read: bool,
+    pub full_sync_10m: f64,
+    /// Pages, context weight, searches, room reads and downloads in the last minute.
+    pub reads_1m: f64,
+    /// An incremental sync within `live_sync_s`.
+    pub live: bool,
+    pub late_agent: Option<Late>,
+    pub late_address: Option<Late>,
+    pub foreign_10m: f64,
+    pub room_reads_10m: f64,
+    pub bytes_10m: f64,
+    pub bytes_1h: f64,
+    pub requests_10m: f64,
+    pub agents: u8,
+    pub addresses: u8,
+}
+
+impl Features {
+    /// The population features (see [`POPULATION`]).
+    pub fn population(&self) -> [f64; POPULATION] {
+        [
+            self.history_10m + self.context_10m,
+            self.room_reads_10m,
+            self.media_10m,
+            self.bytes_10m / MB,
+            self.rooms_10m,
+        ]
+    }
+}

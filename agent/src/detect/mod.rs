@@ -1,0 +1,375 @@
+//! Bulk-read detection: a score per access token, 1.0 and above meaning "alert".
+//!
+//! The attack this exists for reads, it does not write: a hijacked session pages room
+//! history back to the beginning, room after room, downloads every media file, walks
+//! `/context`, sweeps `/search`, pulls the key backup. Synapse rate-limits none of that.
+//! The detector keeps bounded per-token features over sliding windows (≈1 min, ≈10 min,
+//! ≈1 h) and turns them into a score that is the sum of named reasons:
+//!
+//! - domain reasons, ramps over what no interactive client does (many or large history
+//!   pages, many rooms, deep paging, `/context` with large limits, media downloads, searches,
+//!   key-backup reads, full syncs);
+//! - corroborating reasons, capped below 1: a new client on an established token, reads
+//!   without a sync loop, volume far above the token's own past (per-minute EWMAs) or above
+//!   the host's other tokens (median and MAD, with floors so a small population does not
+//!   make everyone an outlier);
+//! - hard ceilings, each adding 1.
+//!
+//! `docs/detection.md` describes the model, every threshold ([`DetectConfig`]) and tuning.
+//!
+//! Use: [`Detector::on_request`] for every request with a token and
+//! [`Detector::on_response_bytes`] for every response byte count (both on the hot path: no
+//! allocation once a token is known), [`Detector::tick`] about once a second (scores,
+//! population statistics, expiry), then read [`Detector::scores`] and
+//! [`Detector::suspects`] (or [`Detector::is_suspect`]). Only token labels are ever seen or
+//! kept.
+//!
+//! Feed it one vantage only: behind a TLS terminator the same request is seen at the socket
+//! and in the TLS library, and counting both would halve every threshold.
+
+mod clients;
+mod config;
+mod features;
+mod hll;
+mod request;
+mod rooms;
+mod score;
+mod window;
+
+#[cfg(test)]
+mod sim;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+pub use config::{DetectConfig, Ramp};
+pub use score::{Population, REASONS, Reason};
+
+use crate::conn::RequestSeen;
+use crate::endpoint::Endpoint;
+use crate::token::TokenLabel;
+use features::{BASELINE, BASELINE_IN_POPULATION, POPULATION, TokenState, secs};
+use request::Shape;
+use score::evaluate;
+
+/// A token's score and the reasons behind it, largest first.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scored<'a> {
+    pub token: TokenLabel,
+    pub score: f64,
+    pub reasons: &'a [(&'static str, f64)],
+}
+
+/// The detector's own bookkeeping, for agent-health metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DetectStats {
+    pub tracked_tokens: usize,
+    /// Tokens at or above 1.0 at the latest tick.
+    pub alerting: usize,
+    /// Times a token went from below 1.0 to 1.0 or more.
+    pub alerts_total: u64,
+    pub tokens_expired: u64,
+    /// Tokens dropped because `max_tokens` was reached.
+    pub tokens_evicted: u64,
+    /// Active tokens in the latest population statistics.
+    pub population: usize,
+}
+
+/// Token labels are keyed BLAKE3 output, already uniform: hashing them again is wasted work
+/// and they cannot be chosen to collide.
+#[derive(Default)]
+struct LabelHasher(u64);
+
+impl Hasher for LabelHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            for (d, s) in w.iter_mut().zip(chunk) {
+                *d = *s;
+            }
+            self.0 =
+                (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_usize(&mut self, _: usize) {
+        // Only the slice length prefix of the label's array: constant, no information.
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Tokens = HashMap<TokenLabel, Box<TokenState>, BuildHasherDefault<LabelHasher>>;
+
+/// An entry of the latest tick's scores; its reasons are `reasons[start..end]`.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    token: TokenLabel,
+    score: f64,
+    alerted: bool,
+    start: usize,
+    end: usize,
+}
+
+pub struct Detector {
+    cfg: DetectConfig,
+    tokens: Tokens,
+    /// The detector's clock, whole seconds, never going back.
+    now: u32,
+    population: Population,
+    last_population_s: Option<u32>,
+    scored: Vec<Entry>,
+    reasons: Vec<(&'static str, f64)>,
+    /// Scratch space for the population statistics, kept between ticks.
+    columns: [Vec<f64>; POPULATION],
+    stats: DetectStats,
+}
+
+impl Detector {
+    pub fn new(cfg: DetectConfig) -> Self {
+        Detector {
+            population: Population::floors(&cfg),
+            cfg,
+            tokens: Tokens::default(),
+            now: 0,
+            last_population_s: None,
+            scored: Vec::new(),
+            reasons: Vec::new(),
+            columns: Default::default(),
+            stats: DetectStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &DetectConfig {
+        &self.cfg
+    }
+
+    /// The clock: `now_s` in whole seconds, ignoring NaN, negative and backward times.
+    fn clock(&mut self, now_s: f64) -> u32 {
+        if now_s.is_finite() && now_s >= 0.0 {
+            self.now = self.now.max(now_s.min(f64::from(u32::MAX)) as u32);
+        }
+        self.now
+    }
+
+    /// A request with a token (requests without one are ignored). `now_s` is monotonic
+    /// seconds. No allocation unless the token is new.
+    pub fn on_request(&mut self, req: &RequestSeen<'_>, now_s: f64) {
+        let Some(token) = req.attribution.token else {
+            return;
+        };
+        let now = self.clock(now_s);
+        let shape = Shape::of(req);
+        if let Some(t) = self.tokens.get_mut(&token) {
+            t.record(&shape, now, &self.cfg);
+            return;
+        }
+        self.make_room();
+        let mut t = Box::new(TokenState::new(now, self.prior()));
+        t.record(&shape, now, &self.cfg);
+        self.tokens.insert(token, t);
+    }
+
+    /// Response bytes for a token's request of this endpoint class. Bytes for a token not
+    /// (or no longer) tracked are dropped: its request is what starts tracking.
+    pub fn on_response_bytes(
+        &mut self,
+        token: TokenLabel,
+        endpoint: Endpoint,
+        bytes: u64,
+        now_s: f64,
+    ) {
+        let now = self.clock(now_s);
+        if let Some(t) = self.tokens.get_mut(&token) {
+            t.record_bytes(endpoint, bytes, now, &self.cfg);
+        }
+    }
+
+    /// A new token's baseline: the configured prior, or the population's median rates when
+    /// the population is busier. A new token thus starts out "typical", never "suspicious
+    /// for being new".
+    fn prior(&self) -> [f64; BASELINE] {
+        let mut prior = self.cfg.baseline_prior;
+        if self.population.active >= self.cfg.population_min_tokens.max(1) {
+            for (p, j) in prior.iter_mut().zip(BASELINE_IN_POPULATION) {
+                let median_per_min = self.population.median.get(j).copied().unwrap_or(0.0) / 10.0;
+                *p = p.max(median_per_min);
+            }
+        }
+        prior
+    }
+
+    /// At `max_tokens`, drop the least recently seen eighth, suspects last. Amortised: one
+    /// pass per `max_tokens / 8` new tokens.
+    fn make_room(&mut self) {
+        let max = self.cfg.max_tokens.max(1);
+        if self.tokens.len() < max {
+            return;
+        }
+        let mut order: Vec<(bool, u32, TokenLabel)> = self
+            .tokens
+            .iter()
+            .map(|(k, t)| (self.is_suspect_state(t), t.last_s, *k))
+            .collect();
+        let n = (order.len() / 8).max(1).min(order.len());
+        if n < order.len() {
+            order.select_nth_unstable(n);
+        }
+        for (_, _, k) in order.iter().take(n) {
+            self.tokens.remove(k);
+        }
+        self.stats.tokens_evicted += n as u64;
+    }
+
+    fn is_suspect_state(&self, t: &TokenState) -> bool {
+        f64::from(t.score) >= self.cfg.pin_score || self.alerted_recently(t)
+    }
+
+    fn alerted_recently(&self, t: &TokenState) -> bool {
+        t.last_alert_s
+            .is_some_and(|a| f64::from(self.now.saturating_sub(a)) < self.cfg.alert_memory_s)
+    }
+
+    /// About once a second: expire idle tokens, refresh the population statistics, rescore
+    /// every token that was active since the last tick or still has a score.
+    pub fn tick(&mut self, now_s: f64) {
+        let now = self.clock(now_s);
+        self.expire(now);
+        let due = self
+            .last_population_s
+            .is_none_or(|last| f64::from(now.saturating_sub(last)) >= self.cfg.population_every_s);
+        if due {
+            self.refresh_population(now);
+        }
+        self.scored.clear();
+        self.reasons.clear();
+        let mut alerting = 0;
+        let cfg = &self.cfg;
+        let memory = secs(cfg.alert_memory_s);
+        for (label, t) in self.tokens.iter_mut() {
+            let latched = t
+                .last_alert_s
+                .is_some_and(|a| now.saturating_sub(a) < memory);
+            if !(t.dirty || t.score > 0.0 || latched) {
+                continue;
+            }
+            t.advance(now, cfg);
+            let f = t.features(now, cfg);
+            for (p, v) in t.population.iter_mut().zip(f.population()) {
+                *p = v as f32;
+            }
+            let ev = evaluate(&f, &t.baseline.rate, &self.population, cfg);
+            let score = ev.total();
+            if score >= 1.0 {
+                if f64::from(t.score) < 1.0 {
+                    self.stats.alerts_total += 1;
+                }
+                t.last_alert_s = Some(now);
+                alerting += 1;
+            }
+            t.score = score as f32;
+            t.dirty = false;
+            let latched = t
+                .last_alert_s
+                .is_some_and(|a| now.saturating_sub(a) < memory);
+            if score > 0.0 || latched {
+                let start = self.reasons.len();
+                self.reasons
+                    .extend(ev.reasons().map(|(r, v)| (r.as_str(), v)));
+                self.scored.push(Entry {
+                    token: *label,
+                    score,
+                    alerted: latched,
+                    start,
+                    end: self.reasons.len(),
+                });
+            }
+        }
+        self.scored
+            .sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.token.cmp(&b.token)));
+        self.stats.alerting = alerting;
+        self.stats.tracked_tokens = self.tokens.len();
+    }
+
+    fn expire(&mut self, now: u32) {
+        let idle = secs(self.cfg.idle_expiry_s);
+        let memory = secs(self.cfg.alert_memory_s);
+        let before = self.tokens.len();
+        self.tokens.retain(|_, t| {
+            now.saturating_sub(t.last_s) < idle
+                || t.last_alert_s
+                    .is_some_and(|a| now.saturating_sub(a) < memory)
+        });
+        self.stats.tokens_expired += (before - self.tokens.len()) as u64;
+    }
+
+    fn refresh_population(&mut self, now: u32) {
+        for col in self.columns.iter_mut() {
+            col.clear();
+        }
+        let since = now.saturating_sub(600);
+        for t in self.tokens.values().filter(|t| t.last_s >= since) {
+            for (col, v) in self.columns.iter_mut().zip(t.population) {
+                col.push(f64::from(v));
+            }
+        }
+        self.population = Population::compute(&mut self.columns, &self.cfg);
+        self.last_population_s = Some(now);
+        self.stats.population = self.population.active;
+    }
+
+    /// Scores as of the latest tick, highest first: every token whose score is above 0 or
+    /// that reached 1.0 within `alert_memory_s`.
+    pub fn scores(&self) -> impl Iterator<Item = Scored<'_>> {
+        self.scored.iter().map(|e| Scored {
+            token: e.token,
+            score: e.score,
+            reasons: self.reasons.get(e.start..e.end).unwrap_or(&[]),
+        })
+    }
+
+    /// Tokens that must keep their own metric series whatever their activity: score at or
+    /// above `pin_score`, or an alert within `alert_memory_s`.
+    pub fn suspects(&self) -> impl Iterator<Item = TokenLabel> + '_ {
+        self.scored
+            .iter()
+            .filter(|e| e.score >= self.cfg.pin_score || e.alerted)
+            .map(|e| e.token)
+    }
+
+    /// Whether `token` is among [`Detector::suspects`], in constant time (for the
+    /// aggregator's `pinned` predicate).
+    pub fn is_suspect(&self, token: &TokenLabel) -> bool {
+        self.tokens
+            .get(token)
+            .is_some_and(|t| self.is_suspect_state(t))
+    }
+
+    /// Estimated distinct rooms the token touched in the last 10 minutes (as of the latest
+    /// tick; `features` only reads, the tick advanced the windows).
+    pub fn distinct_rooms_10m(&self, token: &TokenLabel) -> Option<f64> {
+        self.tokens.get(token).map(|t| t.features(self.now, &self.cfg).rooms_10m)
+    }
+
+    pub fn tracked_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn stats(&self) -> DetectStats {
+        DetectStats {
+            tracked_tokens: self.tokens.len(),
+            ..self.stats
+        }
+    }
+
+    /// The population statistics in use (medians and outlier scales of the 10-minute
+    /// history weight, room reads, media downloads, megabytes and rooms paged).
+    pub fn population(&self) -> &Population {
+        &self.population
+    }
+}
+
+#[cfg(test)]
+mod tests;

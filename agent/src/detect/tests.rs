@@ -1,0 +1,645 @@
+//! The detector's specification: simulated populations and attacks (see `sim.rs`), and the
+//! properties the integrator relies on (bounded memory, expiry, no panic, cheap hot path).
+
+use super::sim::{self, Client, Pace, Rng, World};
+use super::*;
+
+/// Simulated monotonic clock at the start of every run (an uptime of ~11 days).
+const T0: f64 = 1_000_000.0;
+const SEEDS: std::ops::RangeInclusive<u64> = 1..=8;
+
+fn cfg() -> DetectConfig {
+    DetectConfig::default()
+}
+
+/// Twelve Element-like users and one heavy user in 25 rooms, from `T0` to `end`.
+fn population(seed: u64, end: f64) -> (Rng, World) {
+    let mut rng = Rng::new(seed);
+    let w = sim::world(&mut rng, 12, 25, T0, end);
+    (rng, w)
+}
+
+fn assert_no_user_alerts(w: &World, out: &sim::Outcome, what: &str) {
+    for (c, _) in &w.users {
+        let max = out.max(c.token);
+        assert!(
+            max < 1.0,
+            "{what}: user {} reached {max:.2}: {:?}",
+            c.ua,
+            out.max_reasons.get(&c.token)
+        );
+    }
+}
+
+/// Runs `attack` (requests of `attacker`) inside a population from `start`; returns the
+/// seconds from the attack's first request to the first tick scoring it at 1.0 or more.
+fn detect(
+    seed: u64,
+    start: f64,
+    attacker: TokenLabel,
+    attack: impl FnOnce(&mut Rng, &World) -> Vec<sim::Req>,
+) -> f64 {
+    let end = start + 180.0;
+    let (mut rng, mut w) = population(seed, end);
+    let reqs = attack(&mut rng, &w);
+    let first = reqs.iter().map(|r| r.at).fold(f64::INFINITY, f64::min);
+    assert!(first >= start, "the attack starts at {start}");
+    w.reqs.extend(reqs);
+    let (_, out) = sim::run(std::mem::take(&mut w.reqs), T0, end, cfg());
+    // Users other than the attacker's (a stolen token is a user's) never alert.
+    for (c, _) in &w.users {
+        if c.token != attacker {
+            assert!(
+                out.max(c.token) < 1.0,
+                "seed {seed}: bystander {} alerted: {:?}",
+                c.ua,
+                out.max_reasons.get(&c.token)
+            );
+        }
+    }
+    let at = out
+        .first_alert
+        .get(&attacker)
+        .copied()
+        .unwrap_or(f64::INFINITY);
+    let delay = at - first;
+    assert!(
+        delay <= 60.0,
+        "seed {seed}: not detected within 60 s (delay {delay:.0} s, max {:.2}: {:?})",
+        out.max(attacker),
+        out.max_reasons.get(&attacker)
+    );
+    delay
+}
+
+/// Detection delays over every seed, with the attack starting 10 minutes into the run and,
+/// for fresh-token attacks, also 5 seconds into it (the agent just started).
+fn delays(
+    fresh: bool,
+    attacker: TokenLabel,
+    attack: impl Fn(&mut Rng, &World, f64) -> Vec<sim::Req>,
+) -> Vec<f64> {
+    let mut v = Vec::new();
+    for seed in SEEDS {
+        let starts: &[f64] = if fresh {
+            &[T0 + 600.0, T0 + 5.0]
+        } else {
+            &[T0 + 600.0]
+        };
+        for &start in starts {
+            v.push(detect(seed, start, attacker, |rng, w| {
+                attack(rng, w, start)
+            }));
+        }
+    }
+    let mut sorted = v.clone();
+    sorted.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        sorted
+            .get(((sorted.len() - 1) as f64 * q) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    eprintln!(
+        "time to detect over {} runs: best {:.0} s, median {:.0} s, worst {:.0} s",
+        v.len(),
+        at(0.0),
+        at(0.5),
+        at(1.0)
+    );
+    v
+}
+
+fn attacker(ua: &str) -> Client {
+    Client::new(sim::label(0xBAD), ua)
+}
+
+// --- the population alone ---------------------------------------------------------------
+
+#[test]
+fn a_dozen_element_users_and_a_heavy_user_never_alert_in_30_minutes() {
+    for seed in SEEDS {
+        let end = T0 + 1800.0;
+        let (_, w) = population(seed, end);
+        let (_, out) = sim::run(w.reqs.clone(), T0, end, cfg());
+        assert_no_user_alerts(&w, &out, &format!("seed {seed}"));
+        let heavy = w
+            .users
+            .last()
+            .map(|(c, _)| c.token)
+            .unwrap_or(sim::label(0));
+        let worst = w
+            .users
+            .iter()
+            .rev()
+            .skip(1)
+            .map(|(c, _)| c.token)
+            .max_by(|a, b| out.max(*a).total_cmp(&out.max(*b)));
+        let worst = worst.unwrap_or(heavy);
+        eprintln!(
+            "seed {seed}: worst normal {:.2} {:?}; heavy {:.2} {:?}",
+            out.max(worst),
+            out.max_reasons.get(&worst),
+            out.max(heavy),
+            out.max_reasons.get(&heavy)
+        );
+    }
+}
+
+#[test]
+fn new_tokens_start_from_a_typical_baseline_and_do_not_score_for_being_new() {
+    let mut d = Detector::new(cfg());
+    let c = Client::new(sim::label(7), "Element");
+    let mut rng = Rng::new(3);
+    let reqs = sim::element_user(
+        &mut rng,
+        &c,
+        &[sim::room(1), sim::room(2)],
+        T0,
+        T0 + 120.0,
+        &sim::Profile::normal(),
+    );
+    sim::feed(&mut d, reqs.first().expect("a request"));
+    d.tick(T0 + 1.0);
+    let t = d.tokens.get(&c.token).expect("tracked");
+    assert_eq!(
+        t.baseline.rate.map(f64::from),
+        cfg().baseline_prior.map(|p| f64::from(p as f32))
+    );
+    assert_eq!(
+        d.scores().count(),
+        0,
+        "a new token with one sync has no score"
+    );
+    for r in &reqs {
+        sim::feed(&mut d, r);
+    }
+    d.tick(T0 + 120.0);
+    assert_eq!(d.scores().count(), 0);
+}
+
+#[test]
+fn a_long_lived_token_is_judged_against_its_own_past() {
+    // Three tokens read the same burst of history (150 pages of one room in 10 minutes):
+    // one that was quiet for two hours before, one that always paged a lot, one just born.
+    let room = sim::room(1);
+    let quiet = Client::new(sim::label(1), "Element");
+    let busy = Client::new(sim::label(2), "Element");
+    let fresh = Client::new(sim::label(3), "Element");
+    let burst_at = T0 + 7200.0;
+    let mut reqs = Vec::new();
+    for c in [&quiet, &busy, &fresh] {
+        let from = if c.token == fresh.token {
+            burst_at - 30.0
+        } else {
+            T0
+        };
+        let mut t = from;
+        while t < burst_at + 600.0 {
+            reqs.push(c.req(t, Endpoint::Sync, "GET", None, "since=s1".into(), 2_000));
+            t += 20.0;
+        }
+        for i in 0..150 {
+            let at = burst_at + f64::from(i) * 4.0;
+            reqs.push(c.req(
+                at,
+                Endpoint::Messages,
+                "GET",
+                Some(&room),
+                "dir=b&limit=50".into(),
+                30_000,
+            ));
+        }
+    }
+    let mut t = T0;
+    while t < burst_at {
+        reqs.push(busy.req(
+            t,
+            Endpoint::Messages,
+            "GET",
+            Some(&room),
+            "dir=b&limit=50".into(),
+            30_000,
+        ));
+        t += 30.0;
+    }
+    let (d, _) = sim::run(reqs, T0, burst_at + 599.0, cfg());
+    let deviation = |c: &Client| {
+        let s = d.scores().find(|s| s.token == c.token);
+        s.and_then(|s| {
+            s.reasons
+                .iter()
+                .find(|(r, _)| *r == "baseline_deviation")
+                .map(|(_, v)| *v)
+        })
+        .unwrap_or(0.0)
+    };
+    let (q, b, f) = (deviation(&quiet), deviation(&busy), deviation(&fresh));
+    eprintln!("baseline_deviation: quiet {q:.2}, busy {b:.2}, fresh {f:.2}");
+    assert!(q > 0.2 && q > b + 0.1, "quiet {q:.2}, busy {b:.2}");
+    assert_eq!(f, 0.0, "no history, no deviation");
+}
+
+// --- the attacks --------------------------------------------------------------------------
+
+#[test]
+fn fast_scrape_of_every_room_with_large_limits_alerts_within_seconds() {
+    let c = attacker("python-requests/2.31.0");
+    let v = delays(true, c.token, |rng, w, start| {
+        let n = rng.int(10, 25) as usize;
+        sim::scrape(
+            rng,
+            &c,
+            &w.rooms[..n],
+            start,
+            Pace { gap: (0.05, 0.3) },
+            &[100, 200, 500, 1000],
+        )
+    });
+    assert!(v.iter().all(|&d| d <= 10.0), "{v:?}");
+}
+
+#[test]
+fn slow_scrape_of_one_request_every_few_seconds_alerts_within_a_minute() {
+    let c = attacker("python-requests/2.31.0");
+    delays(true, c.token, |rng, w, start| {
+        sim::scrape(
+            rng,
+            &c,
+            &w.rooms,
+            start,
+            Pace { gap: (2.0, 4.0) },
+            &[100, 250, 500, 1000],
+        )
+    });
+}
+
+#[test]
+fn slowest_scrape_with_the_smallest_large_limit_still_alerts_within_a_minute() {
+    // One request every 4 s (15 in the first minute), limit 100 throughout.
+    let c = attacker("Mozilla/5.0");
+    delays(true, c.token, |rng, w, start| {
+        sim::scrape(rng, &c, &w.rooms, start, Pace { gap: (3.9, 4.0) }, &[100])
+    });
+}
+
+#[test]
+fn stolen_token_paging_next_to_its_victim_alerts_the_victims_token() {
+    for (limits, pace, new_address) in [
+        (&[100u32, 500][..], Pace { gap: (0.1, 0.5) }, true),
+        (&[100, 500][..], Pace { gap: (2.0, 4.0) }, true),
+        (&[100][..], Pace { gap: (2.0, 4.0) }, false),
+    ] {
+        let victim = sim::label(1);
+        delays(false, victim, |rng, w, start| {
+            let (v, _) = w.users.first().expect("a victim");
+            let mut script = Client::new(v.token, "python-requests/2.31.0");
+            script.xff = if new_address {
+                Some("198.51.100.23".into())
+            } else {
+                v.xff.clone()
+            };
+            sim::scrape(rng, &script, &w.rooms, start, pace, limits)
+        });
+    }
+}
+
+#[test]
+fn context_walk_with_large_limits_across_rooms_alerts_within_a_minute() {
+    let c = attacker("python-requests/2.31.0");
+    delays(true, c.token, |rng, w, start| {
+        sim::context_walk(rng, &c, &w.rooms, start, Pace { gap: (0.5, 3.0) }, 100)
+    });
+}
+
+#[test]
+fn media_spree_alerts_within_a_minute() {
+    let c = attacker("curl/8.5.0");
+    delays(true, c.token, |rng, _, start| {
+        let items = rng.int(40, 200);
+        sim::media_spree(rng, &c, start, Pace { gap: (0.05, 1.0) }, items)
+    });
+}
+
+#[test]
+fn search_sweep_alerts_within_a_minute() {
+    let c = attacker("python-requests/2.31.0");
+    delays(true, c.token, |rng, _, start| {
+        let terms = rng.int(30, 100);
+        sim::search_sweep(rng, &c, start, Pace { gap: (0.3, 3.0) }, terms)
+    });
+}
+
+// --- integration properties ---------------------------------------------------------------
+
+#[test]
+fn per_token_state_is_bounded_and_small() {
+    let size = std::mem::size_of::<features::TokenState>();
+    eprintln!("TokenState: {size} bytes");
+    assert!(size <= 1536, "{size} bytes");
+    // A token's state never grows: thousands of rooms, agents and addresses later it is
+    // the same boxed value with no heap behind it (every field is an array).
+    let mut d = Detector::new(cfg());
+    let mut rng = Rng::new(9);
+    for i in 0..5000u32 {
+        let mut c = Client::new(sim::label(1), &format!("agent {}", i % 50));
+        c.xff = Some(format!("198.51.100.{}", i % 200));
+        let r = sim::room(i);
+        let q = format!("dir=b&from=t{}&limit={}", rng.next_u64(), rng.int(1, 5000));
+        sim::feed(
+            &mut d,
+            &c.req(
+                T0 + f64::from(i) * 0.1,
+                Endpoint::Messages,
+                "GET",
+                Some(&r),
+                q,
+                1000,
+            ),
+        );
+    }
+    d.tick(T0 + 600.0);
+    assert_eq!(d.tracked_tokens(), 1);
+}
+
+#[test]
+fn idle_tokens_expire_but_recent_alerts_are_remembered() {
+    let mut d = Detector::new(DetectConfig {
+        idle_expiry_s: 600.0,
+        alert_memory_s: 1200.0,
+        ..cfg()
+    });
+    let quiet = Client::new(sim::label(1), "Element");
+    sim::feed(
+        &mut d,
+        &quiet.req(T0, Endpoint::Sync, "GET", None, "since=s1".into(), 100),
+    );
+    let bad = attacker("curl/8");
+    let mut rng = Rng::new(1);
+    for r in sim::scrape(
+        &mut rng,
+        &bad,
+        &(0..25).map(sim::room).collect::<Vec<_>>(),
+        T0,
+        Pace { gap: (0.1, 0.2) },
+        &[1000],
+    ) {
+        sim::feed(&mut d, &r);
+    }
+    d.tick(T0 + 30.0);
+    assert!(d.suspects().any(|t| t == bad.token));
+    assert_eq!(d.tracked_tokens(), 2);
+    d.tick(T0 + 700.0);
+    assert_eq!(
+        d.tracked_tokens(),
+        1,
+        "the quiet token expired; the attacker is remembered"
+    );
+    assert!(
+        d.scores().any(|s| s.token == bad.token),
+        "an alert stays listed"
+    );
+    assert!(d.suspects().any(|t| t == bad.token), "and keeps its series");
+    // The 1-hour window may renew the alert at 700 s: 1200 s after the latest renewal at most.
+    d.tick(T0 + 700.0 + 1201.0);
+    assert_eq!(d.tracked_tokens(), 0);
+    assert_eq!(d.scores().count(), 0);
+    assert_eq!(d.stats().tokens_expired, 2);
+    assert_eq!(d.stats().alerts_total, 1);
+}
+
+#[test]
+fn scores_list_reasons_largest_first_and_suspects_include_pinned_tokens() {
+    let mut d = Detector::new(cfg());
+    let bad = attacker("curl/8");
+    let mut rng = Rng::new(2);
+    for r in sim::scrape(
+        &mut rng,
+        &bad,
+        &(0..25).map(sim::room).collect::<Vec<_>>(),
+        T0,
+        Pace { gap: (0.1, 0.2) },
+        &[500],
+    ) {
+        sim::feed(&mut d, &r);
+    }
+    d.tick(T0 + 20.0);
+    let s = d.scores().next().expect("scored");
+    assert_eq!(s.token, bad.token);
+    assert!(s.score >= 1.0);
+    let total: f64 = s.reasons.iter().map(|(_, v)| v).sum();
+    assert!(
+        (total - s.score).abs() < 1e-9,
+        "the score is the sum of its reasons"
+    );
+    assert!(s.reasons.windows(2).all(|w| w[0].1 >= w[1].1));
+    let labels: Vec<_> = s.reasons.iter().map(|(l, _)| *l).collect();
+    assert!(
+        labels.contains(&"history_paging") && labels.contains(&"hard_ceiling"),
+        "{labels:?}"
+    );
+    assert!(
+        labels
+            .iter()
+            .all(|l| Reason::ALL.iter().any(|r| r.as_str() == *l))
+    );
+    assert_eq!(d.suspects().collect::<Vec<_>>(), vec![bad.token]);
+    assert!(d.is_suspect(&bad.token) && !d.is_suspect(&sim::label(12345)));
+}
+
+#[test]
+fn the_token_table_is_bounded_and_keeps_suspects_when_full() {
+    let mut d = Detector::new(DetectConfig {
+        max_tokens: 64,
+        ..cfg()
+    });
+    let bad = attacker("curl/8");
+    let mut rng = Rng::new(2);
+    for r in sim::scrape(
+        &mut rng,
+        &bad,
+        &(0..25).map(sim::room).collect::<Vec<_>>(),
+        T0,
+        Pace { gap: (0.1, 0.2) },
+        &[500],
+    ) {
+        sim::feed(&mut d, &r);
+    }
+    d.tick(T0 + 20.0);
+    for i in 0..10_000u64 {
+        let c = Client::new(sim::label(100 + i), "Element");
+        sim::feed(
+            &mut d,
+            &c.req(
+                T0 + 21.0 + i as f64 * 0.01,
+                Endpoint::Sync,
+                "GET",
+                None,
+                String::new(),
+                100,
+            ),
+        );
+        assert!(d.tracked_tokens() <= 64);
+    }
+    d.tick(T0 + 200.0);
+    assert!(
+        d.suspects().any(|t| t == bad.token),
+        "a flood of new tokens does not evict a suspect"
+    );
+    assert!(d.stats().tokens_evicted > 0);
+}
+
+#[test]
+fn hostile_input_never_panics_and_never_scores_nan() {
+    let mut d = Detector::new(cfg());
+    let mut rng = Rng::new(5);
+    let alphabet = b"%&=+bdfilmrstuv0123456789{}\":,xX\xff";
+    let mut buf = Vec::new();
+    for i in 0..20_000u32 {
+        buf.clear();
+        for _ in 0..rng.int(0, 200) {
+            buf.push(*rng.pick(alphabet));
+        }
+        let query = String::from_utf8_lossy(&buf).into_owned();
+        let endpoint = *rng.pick(Endpoint::ALL);
+        let ua: Vec<u8> = (0..rng.int(0, 3000))
+            .map(|_| rng.next_u64() as u8)
+            .collect();
+        let req = sim::seen(
+            Some(sim::label(u64::from(i % 7))),
+            endpoint,
+            if i % 2 == 0 { "GET" } else { "POST" },
+            (i % 3 == 0).then_some("!x:y"),
+            &query,
+            (i % 5 != 0).then_some(&ua[..]),
+            Some(b",,, ,"),
+        );
+        let now = match i % 11 {
+            0 => f64::NAN,
+            1 => -5.0,
+            2 => f64::INFINITY,
+            3 => 1e300,
+            _ => T0 + f64::from(i) * 0.01,
+        };
+        d.on_request(&req, now);
+        d.on_response_bytes(sim::label(u64::from(i % 7)), endpoint, rng.next_u64(), now);
+        if i % 100 == 0 {
+            d.tick(now);
+        }
+    }
+    d.tick(f64::NAN);
+    for s in d.scores() {
+        assert!(
+            s.score.is_finite() && s.reasons.iter().all(|(_, v)| v.is_finite()),
+            "{s:?}"
+        );
+    }
+    // Requests without a token are not tracked.
+    let anon = sim::seen(None, Endpoint::Messages, "GET", None, "", None, None);
+    let before = d.tracked_tokens();
+    d.on_request(&anon, T0);
+    assert_eq!(d.tracked_tokens(), before);
+}
+
+#[test]
+fn a_config_with_nonsense_values_does_not_panic() {
+    let bad = DetectConfig {
+        pin_score: f64::NAN,
+        idle_expiry_s: -1.0,
+        alert_memory_s: f64::INFINITY,
+        max_tokens: 0,
+        normal_limit: 0,
+        page_weight_max: f64::NAN,
+        baseline_tau_s: 0.0,
+        population_every_s: f64::NAN,
+        population_min_tokens: 0,
+        history_1m: Ramp::new(f64::NAN, f64::NAN),
+        ..cfg()
+    };
+    let (mut rng, w) = population(1, T0 + 120.0);
+    let extra = sim::scrape(
+        &mut rng,
+        &attacker("x"),
+        &w.rooms,
+        T0 + 10.0,
+        Pace { gap: (0.1, 0.2) },
+        &[1000],
+    );
+    let mut reqs = w.reqs;
+    reqs.extend(extra);
+    let (d, _) = sim::run(reqs, T0, T0 + 120.0, bad);
+    assert!(d.scores().all(|s| s.score.is_finite()));
+}
+
+#[test]
+fn on_request_is_cheap() {
+    // Measured in release builds only (CI runs `cargo test --release`).
+    let mut d = Detector::new(cfg());
+    let (_, w) = population(4, T0 + 600.0);
+    let reqs: Vec<_> = w.reqs.iter().take(2000).cloned().collect();
+    let seen: Vec<_> = reqs.iter().map(|r| (r, r.seen())).collect();
+    for (r, s) in &seen {
+        d.on_request(s, r.at);
+    }
+    let rounds: u32 = 200;
+    let started = std::time::Instant::now();
+    for k in 0..rounds {
+        for (r, s) in &seen {
+            d.on_request(s, r.at + f64::from(k) * 0.001);
+        }
+    }
+    let per = started.elapsed().as_nanos() as f64 / (f64::from(rounds) * seen.len() as f64);
+    eprintln!("on_request: {per:.0} ns");
+    if !cfg!(debug_assertions) {
+        assert!(per < 1000.0, "{per:.0} ns per request");
+    }
+}
+
+#[test]
+fn a_tick_over_ten_thousand_active_tokens_is_cheap() {
+    let mut d = Detector::new(cfg());
+    let room = sim::room(1);
+    for i in 0..10_000u64 {
+        let c = Client::new(sim::label(i + 1), "Element");
+        let at = T0 + (i % 60) as f64;
+        sim::feed(
+            &mut d,
+            &c.req(at, Endpoint::Sync, "GET", None, "since=s1".into(), 2_000),
+        );
+        sim::feed(
+            &mut d,
+            &c.req(
+                at,
+                Endpoint::Messages,
+                "GET",
+                Some(&room),
+                "dir=b&limit=20".into(),
+                20_000,
+            ),
+        );
+    }
+    d.tick(T0 + 60.0);
+    // Every token active again: the worst case, all of them rescored.
+    for i in 0..10_000u64 {
+        let c = Client::new(sim::label(i + 1), "Element");
+        sim::feed(
+            &mut d,
+            &c.req(
+                T0 + 61.0,
+                Endpoint::Send,
+                "PUT",
+                Some(&room),
+                String::new(),
+                100,
+            ),
+        );
+    }
+    let started = std::time::Instant::now();
+    d.tick(T0 + 70.0);
+    let took = started.elapsed();
+    eprintln!("tick over {} tokens: {took:?}", d.tracked_tokens());
+    if !cfg!(debug_assertions) {
+        // A smoke bound (about 2 µs a token alone; CI runs tests side by side).
+        assert!(took.as_millis() < 250, "{took:?}");
+    }
+}
