@@ -123,6 +123,24 @@ enum Phase {
     Http2(H2Frames),
 }
 
+/// What only a client receives first: an HTTP/1 response, or an HTTP/2 server's SETTINGS
+/// frame (stream 0, a whole number of 6-byte settings). A server receives a request line or
+/// the HTTP/2 preface.
+fn is_client_side(first: &[u8]) -> bool {
+    if first.starts_with(b"HTTP/") {
+        return true;
+    }
+    match first.get(..H2_FRAME_HEADER) {
+        Some(&[l0, l1, l2, kind, _flags, s0, s1, s2, s3]) => {
+            let len = u32::from(l0) << 16 | u32::from(l1) << 8 | u32::from(l2);
+            kind == H2_SETTINGS && [s0, s1, s2, s3] == [0; 4] && len % 6 == 0
+        }
+        _ => false,
+    }
+}
+
+const H2_SETTINGS: u8 = 0x4;
+
 /// The HTTP/2 client preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const H2_FRAME_HEADER: usize = 9;
@@ -315,12 +333,15 @@ impl Tracker {
         match conn.role {
             Role::Client => return,
             Role::Unknown { held } => {
-                if !blind && data.starts_with(b"HTTP/") {
+                if !blind && is_client_side(data) {
                     conn.role = Role::Client;
                     return sink.tls_client_connection();
                 }
                 conn.role = Role::Server;
-                if held > 0 {
+                if held > 0 && !blind && data.starts_with(H2_PREFACE) {
+                    // An HTTP/2 server may send its SETTINGS before reading the client's preface.
+                    sink.http2(key.vantage, Http2Event::ResponseBytes(held));
+                } else if held > 0 {
                     sink.unattributed_bytes(held);
                 }
             }
@@ -768,5 +789,18 @@ mod tests {
         assert_eq!(s.requests.len(), 3);
         assert_eq!(s.pipelined, 2);
         assert_eq!(bytes_for(&s, "syt_a"), 300);
+    }
+
+    #[test]
+    fn an_http2_client_end_is_recognised_by_the_servers_settings_frame() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        t.on_send(T, 0, 24 + 27, &mut s);
+        let mut settings = h2_frame(H2_SETTINGS, 18);
+        settings[8] = 0;
+        t.on_recv(T, 0, settings.len() as u64, &settings, false, &mut s);
+        t.on_send(T, 0, 40, &mut s);
+        assert_eq!(s.client_connections, 1);
+        assert_eq!(s.unattributed, 0);
+        assert!(s.failures.is_empty() && s.h2.is_empty());
     }
 }

@@ -4,8 +4,10 @@ Layers:
 - `CountingSocket`: a `socket.socket` subclass whose every receive (`recv`, `recv_into`,
   `recvfrom[_into]`, `recvmsg[_into]`, and so `makefile()` readers, which go through
   `recv_into`) adds to `rx`, and every send to `tx`. `MSG_PEEK` reads are not counted.
+- `CountingSSLSocket` / `counting_tls_context()`: the same over TLS, counting the plaintext
+  received after decryption (what the server's TLS library was asked to write).
 - `Connection`: one persistent HTTP/1.1 keep-alive connection (`http.client`) over a
-  `CountingSocket`. It reconnects transparently when the server has closed it, and each
+  `CountingSocket` (or, with `tls=`, a `CountingSSLSocket`). It reconnects transparently when the server has closed it, and each
   `request()` returns the exact number of bytes the server sent for that request: status
   line, headers, interim `100 Continue` responses, chunk framing and body.
 - `Recorder`: thread-safe per-token tallies (requests, bytes, per endpoint class), and a count
@@ -23,6 +25,7 @@ import json
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from collections import defaultdict
@@ -150,6 +153,100 @@ class CountingHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+class CountingSSLSocket(ssl.SSLSocket):
+    """A TLS socket that counts the *plaintext* bytes received (`rx`) and sent (`tx`): what
+    the application reads after decryption, i.e. what the server's TLS library was given to
+    write. Install with `context.sslsocket_class = CountingSSLSocket` (see `counting_tls_context`).
+
+    `recv(n, socket.MSG_DONTWAIT)` is emulated (SSL sockets refuse flags) so that
+    `Connection` can drain a kept-alive connection the same way over TLS; when no
+    application data is ready it raises BlockingIOError.
+    """
+
+    # SSLSocket instances are built by `_create`, not `__init__`: class-level defaults.
+    rx = 0
+    tx = 0
+    rx_calls = 0
+
+    def _count_rx(self, n: int) -> None:
+        self.rx += n
+        self.rx_calls += 1
+
+    def recv(self, bufsize=1024, flags=0):
+        if flags & ~socket.MSG_DONTWAIT:
+            raise ValueError(f"unsupported flags {flags:#x} on a TLS socket")
+        if flags & socket.MSG_DONTWAIT:
+            timeout = self.gettimeout()
+            self.settimeout(0.0)
+            try:
+                data = super().recv(bufsize)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise BlockingIOError("no application data ready") from None
+            finally:
+                self.settimeout(timeout)
+        else:
+            data = super().recv(bufsize)
+        self._count_rx(len(data))
+        return data
+
+    def recv_into(self, buffer, nbytes=None, flags=0):
+        n = super().recv_into(buffer, nbytes, flags)
+        self._count_rx(n)
+        return n
+
+    def send(self, data, flags=0):
+        n = super().send(data, flags)
+        self.tx += n
+        return n
+
+    def sendall(self, data, flags=0):
+        view = memoryview(data).cast("B")
+        while view:
+            n = self.send(view, flags)
+            view = view[n:]
+
+
+def counting_tls_context(cafile: str | os.PathLike | None = None, alpn: list[str] | None = None) -> ssl.SSLContext:
+    """A client context whose sockets are `CountingSSLSocket`s. With `cafile`, the server's
+    certificate is verified against it (hostname checks off: tests connect to 127.0.0.1);
+    without, nothing is verified."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    if cafile is not None:
+        ctx.load_verify_locations(cafile=str(cafile))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    ctx.sslsocket_class = CountingSSLSocket
+    return ctx
+
+
+class CountingHTTPSConnection(CountingHTTPConnection):
+    """HTTP/1.1 over TLS; the socket is a `CountingSSLSocket` counting plaintext bytes."""
+
+    def __init__(self, host, port=None, *, context: ssl.SSLContext, **kwargs):
+        super().__init__(host, port, **kwargs)
+        if not issubclass(context.sslsocket_class, CountingSSLSocket):
+            raise ValueError("the TLS context must make CountingSSLSocket sockets (counting_tls_context())")
+        self.tls_context = context
+
+    def connect(self):
+        super().connect()
+        raw = self.sock
+        try:
+            self.sock = self.tls_context.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+
+
+class CountingHTTPS10Connection(CountingHTTPSConnection):
+    _http_vsn = 10
+    _http_vsn_str = "HTTP/1.0"
+
+
 class CountingHTTP10Connection(CountingHTTPConnection):
     """Speaks HTTP/1.0: the server closes the connection after each response."""
 
@@ -242,8 +339,12 @@ class Connection:
         idle_reconnect: float = 45.0,
         name: str = "",
         http10: bool = False,
+        tls: ssl.SSLContext | None = None,
     ):
+        """tls: speak HTTPS with this context (from `counting_tls_context()`); bytes are then
+        counted as plaintext, after decryption."""
         self.http10 = http10
+        self.tls = tls
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -273,8 +374,12 @@ class Connection:
         return self.tx_closed + (self._sock.tx if self._sock is not None else 0)
 
     def _open(self) -> None:
-        cls = CountingHTTP10Connection if self.http10 else CountingHTTPConnection
-        conn = cls(self.host, self.port, timeout=self.timeout)
+        if self.tls is not None:
+            cls = CountingHTTPS10Connection if self.http10 else CountingHTTPSConnection
+            conn = cls(self.host, self.port, timeout=self.timeout, context=self.tls)
+        else:
+            cls = CountingHTTP10Connection if self.http10 else CountingHTTPConnection
+            conn = cls(self.host, self.port, timeout=self.timeout)
         conn.connect()
         self._conn = conn
         self._sock = conn.sock
@@ -317,7 +422,8 @@ class Connection:
         eof = False
         while True:
             readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
+            # Over TLS, decrypted bytes may already wait inside the TLS library.
+            if not readable and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 break
             try:
                 data = sock.recv(65536, socket.MSG_DONTWAIT)
@@ -574,9 +680,11 @@ class MatrixClient:
         user_agent: str = "vigie-tests/1",
         extra_headers: dict[str, str] | None = None,
         http10: bool = False,
+        tls: ssl.SSLContext | None = None,
     ):
         """extra_headers go on every request (e.g. {"Connection": "close"}); http10 makes the
-        client speak HTTP/1.0."""
+        client speak HTTP/1.0; tls (from `counting_tls_context()`) makes it speak HTTPS and
+        count plaintext bytes."""
         assert room_id_style in ("raw", "encoded", "alternate")
         self.extra_headers = dict(extra_headers or {})
         self.access_token = access_token
@@ -585,7 +693,7 @@ class MatrixClient:
         self.recorder = recorder if recorder is not None else Recorder()
         self.room_id_style = room_id_style
         self.user_agent = user_agent
-        self.conn = Connection(host, port, timeout=timeout, name=name, http10=http10)
+        self.conn = Connection(host, port, timeout=timeout, name=name, http10=http10, tls=tls)
         self._txn = itertools.count(1)
         self._style_flip = itertools.count()
 

@@ -1,5 +1,5 @@
-"""A throw-away Synapse homeserver for tests: SQLite, plain HTTP on 127.0.0.1, no federation,
-no rate limits."""
+"""A throw-away Synapse homeserver for tests: SQLite, plain HTTP on 127.0.0.1 (or HTTPS with
+`tls=(cert, key)`: Synapse's own TLS listener), no federation, no rate limits."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import hmac
 import http.client
 import json
 import secrets
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -75,13 +76,18 @@ class Synapse:
     """One Synapse process in `workdir`. Use `start()`/`stop()`, or the `synapse` fixture."""
 
     def __init__(self, workdir: Path, *, server_name: str = SERVER_NAME, python: str | None = None,
-                 presence: bool = False, extra_config: dict | None = None):
+                 presence: bool = False, extra_config: dict | None = None,
+                 tls: tuple[Path, Path] | None = None):
+        """tls: (certificate, private key) PEM files: the client listener speaks HTTPS
+        (`tls: true`), and the harness's own setup calls (register, login) go over TLS too."""
         self.workdir = Path(workdir)
+        self.tls = (Path(tls[0]), Path(tls[1])) if tls else None
         self.server_name = server_name
         self.python = python or venv_python()
         self.port = free_port()
         self.host = LOOPBACK
-        self.base_url = f"http://{LOOPBACK}:{self.port}"
+        self.scheme = "https" if self.tls else "http"
+        self.base_url = f"{self.scheme}://{LOOPBACK}:{self.port}"
         self.config_path = self.workdir / "homeserver.yaml"
         self.log_file = self.workdir / "homeserver.log"
         self.stdout_path = self.workdir / "synapse.stdout"
@@ -124,7 +130,7 @@ class Synapse:
                         "port": self.port,
                         "bind_addresses": [LOOPBACK],
                         "type": "http",
-                        "tls": False,
+                        "tls": self.tls is not None,
                         "x_forwarded": False,
                         "resources": [{"names": ["client"], "compress": False}],
                     }
@@ -151,6 +157,9 @@ class Synapse:
                 **RATE_LIMITS,
             }
         )
+        if self.tls is not None:
+            cfg["tls_certificate_path"] = str(self.tls[0])
+            cfg["tls_private_key_path"] = str(self.tls[1])
         cfg.update(self.extra_config)
         with open(self.config_path, "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
@@ -206,7 +215,13 @@ class Synapse:
     # -- plain HTTP (not counted; for setup) ----------------------------------------------
     def _raw(self, method: str, path: str, body: dict | None = None, timeout: float = 30,
              headers: dict | None = None) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        if self.tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.load_verify_locations(cafile=str(self.tls[0]))
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=ctx)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
             data = json.dumps(body).encode() if body is not None else None
             hdrs = {"Content-Type": "application/json"} if data is not None else {}

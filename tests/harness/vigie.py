@@ -39,9 +39,10 @@ def check_binary() -> Path:
 
 
 class Vigie:
-    """One `vigie run` process watching `server_port`."""
+    """One `vigie run` process watching `server_port` (None: no `--server-port`, e.g. an
+    agent given only `--tls-target`/`--tls-discover-port` in `extra_args`)."""
 
-    def __init__(self, workdir: Path, server_port: int, *, extra_args: list[str] | None = None,
+    def __init__(self, workdir: Path, server_port: int | None, *, extra_args: list[str] | None = None,
                  env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ class Vigie:
     def command(self) -> list[str]:
         return [
             str(self.bin or vigie_bin()), "run",
-            "--server-port", str(self.server_port),
+            *(["--server-port", str(self.server_port)] if self.server_port is not None else []),
             "--metrics-addr", self.metrics_addr,
             "--key-file", str(self.key_file),
             *self.extra_args,
