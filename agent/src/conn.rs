@@ -71,6 +71,11 @@ pub struct RequestSeen<'a> {
     pub forwarded_for: Option<&'a [u8]>,
 }
 
+/// Every reason the tracker itself reports to [`Sink::parse_failure`], besides the head
+/// parser's own ([`http::HeadError::reason`]).
+pub const FAILURE_REASONS: &[&str] =
+    &["not_http", "capture_truncated", "no_capture", "closed_mid_head", "head_too_large", "http2_frame_lost"];
+
 /// Where the tracker reports what it rebuilt.
 pub trait Sink {
     fn request(&mut self, request: &RequestSeen<'_>);

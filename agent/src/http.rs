@@ -145,6 +145,20 @@ pub enum HeadError {
 
 impl HeadError {
     /// Short snake_case name, stable: used as a metric label value.
+    /// Every variant, so that each reason can be exported at zero before it happens.
+    pub const ALL: [HeadError; 10] = [
+        HeadError::Incomplete,
+        HeadError::TooLarge,
+        HeadError::BadRequestLine,
+        HeadError::NotUtf8Target,
+        HeadError::BadVersion,
+        HeadError::BadHeader,
+        HeadError::TooManyHeaders,
+        HeadError::BadContentLength,
+        HeadError::ConflictingLength,
+        HeadError::BadTransferEncoding,
+    ];
+
     pub fn reason(self) -> &'static str {
         match self {
             HeadError::Incomplete => "incomplete_head",

@@ -128,7 +128,16 @@ impl State {
             aggregator: Aggregator::new(limits),
             detector: Detector::new(detect),
             detect_vantage,
-            health: Health::default(),
+            health: Health {
+                // Known reasons start at zero, so that dashboards and rules see the series.
+                parse_failures: crate::conn::FAILURE_REASONS
+                    .iter()
+                    .copied()
+                    .chain(crate::http::HeadError::ALL.iter().map(|e| e.reason()))
+                    .map(|r| (r, 0))
+                    .collect(),
+                ..Health::default()
+            },
             connection_idle_ns: connection_idle_s.saturating_mul(1_000_000_000),
         }
     }
