@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from harness.compare import client_figures, compare, poll_until_stable
+from harness.compare import compare, run_and_read
 from harness.matrix import Recorder
 from harness.scenario import DECOY_TOKEN, Scenario, ScenarioConfig
 
@@ -25,26 +25,9 @@ def test_capture_matches_client_accounting(synapse, vigie_factory, seed, tmp_pat
     cfg = ScenarioConfig(users=14, extra_logins=1, rooms=4, prefill=40, duration=duration, seed=seed)
     rec = Recorder()
     sc = Scenario(synapse, cfg, recorder=rec)
-    try:
-        sc.setup()
-        sc.run()
-        assert not sc.failures, "client loops failed:\n" + "\n".join(sc.failures)
-        # Every loop has returned: no request is outstanding.
-        assert rec.in_flight == 0, "requests still in flight"
-        bad = [e for e in sc.errors if e[2] >= 500 or e[2] == 429]
-        assert not bad, f"Synapse answered errors: {bad[:20]}"
-        vigie.assert_running()
-
-        tokens = sc.tokens
-        totals = rec.totals()
-        labels = vigie.labels(tokens + [DECOY_TOKEN])
-        decoy_label = labels.pop(DECOY_TOKEN)
-        assert len(set(labels.values())) == len(tokens), "two tokens got the same label"
-        expected = client_figures(totals, tokens, labels)
-        m, fig, waited = poll_until_stable(vigie, [labels[t] for t in tokens], expected)
-    finally:
-        sc.close()
-        rec.dump(tmp_path / "client_requests.jsonl", redact=sc.tokens)
+    r = run_and_read(sc, rec, vigie, vigie, tmp_path, DECOY_TOKEN)
+    tokens, totals, labels, decoy_label = r.tokens, r.totals, r.labels, r.decoy_label
+    m, fig, waited = r.metrics, r.figures, r.waited
 
     print(f"client requests log: {tmp_path / 'client_requests.jsonl'}")
     print(f"vigie figures read after {waited:.1f} s of polling; connections: {sc.connection_stats()}")

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from harness import metrics as metrics_mod
-from harness.compare import BYTES, REQUESTS, client_figures, compare, poll_until_stable
+from harness.compare import BYTES, REQUESTS, client_figures, compare, poll_until_stable, run_and_read
 from harness.matrix import CLIENT_V3, MatrixClient, Recorder, counting_tls_context
 from harness.nginx import Nginx
 from harness.scenario import DECOY_BODY, DECOY_TOKEN, ScenarioConfig
@@ -136,24 +136,9 @@ def run_scenario_and_compare(name: str, vigie, sc: TLSScenario, rec: Recorder, t
     caller fails the test on problems once its servers are stopped."""
     view = VantageView(vigie, "tls")
     t0 = time.monotonic()
-    try:
-        sc.setup()
-        sc.run(duration)
-        assert not sc.failures, "client loops failed:\n" + "\n".join(sc.failures)
-        assert rec.in_flight == 0, "requests still in flight"
-        bad = [e for e in sc.errors if e[2] >= 500 or e[2] == 429]
-        assert not bad, f"server answered errors: {bad[:20]}"
-        vigie.assert_running()
-        tokens = sc.tokens
-        totals = rec.totals()
-        labels = vigie.labels(tokens + [DECOY_TOKEN])
-        decoy_label = labels.pop(DECOY_TOKEN)
-        assert len(set(labels.values())) == len(tokens), "two tokens got the same label"
-        expected = client_figures(totals, tokens, labels)
-        m, fig, waited = poll_until_stable(view, [labels[t] for t in tokens], expected)
-    finally:
-        sc.close()
-        rec.dump(tmp_path / "client_requests.jsonl", redact=sc.tokens)
+    r = run_and_read(sc, rec, vigie, view, tmp_path, DECOY_TOKEN, run=lambda: sc.run(duration))
+    tokens, totals, labels, decoy_label = r.tokens, r.totals, r.labels, r.decoy_label
+    m, fig, waited = r.metrics, r.figures, r.waited
     full = vigie.scrape()
     print(f"[{name}] {len(tokens)} tokens, {len(rec.records)} requests, "
           f"{sum(r.wire_bytes for r in rec.records)} plaintext bytes received by the clients, "

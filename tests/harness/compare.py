@@ -154,3 +154,41 @@ def compare(m, fig: dict[str, tuple], totals: dict, names: dict[str, str], label
         c.problems.append(f"{exported['overflow']:.0f} requests went to the overflow series "
                           f"with only {len(tokens)} tokens")
     return c
+
+
+@dataclass
+class Run:
+    """What a scenario run left to compare: the client's side and the agent's figures."""
+    tokens: list[str]
+    totals: dict
+    labels: dict[str, str]
+    decoy_label: str
+    metrics: object
+    figures: dict[str, tuple]
+    waited: float
+
+
+def run_and_read(sc, rec, vigie, view, tmp_path, decoy: str, run=None) -> Run:
+    """Run the scenario to its end (no request left in flight, no server error), then read
+    the agent's figures (through `view`, e.g. one vantage point) once they stop changing.
+    The client's request log is left in tmp_path with tokens redacted."""
+    try:
+        sc.setup()
+        (run or sc.run)()
+        assert not sc.failures, "client loops failed:\n" + "\n".join(sc.failures)
+        # Every loop has returned: no request is outstanding.
+        assert rec.in_flight == 0, "requests still in flight"
+        bad = [e for e in sc.errors if e[2] >= 500 or e[2] == 429]
+        assert not bad, f"server answered errors: {bad[:20]}"
+        vigie.assert_running()
+        tokens = sc.tokens
+        totals = rec.totals()
+        labels = vigie.labels(tokens + [decoy])
+        decoy_label = labels.pop(decoy)
+        assert len(set(labels.values())) == len(tokens), "two tokens got the same label"
+        expected = client_figures(totals, tokens, labels)
+        m, fig, waited = poll_until_stable(view, [labels[t] for t in tokens], expected)
+    finally:
+        sc.close()
+        rec.dump(tmp_path / "client_requests.jsonl", redact=sc.tokens)
+    return Run(tokens, totals, labels, decoy_label, m, fig, waited)
