@@ -6,6 +6,8 @@
 //!
 //! Everything is installed from Debian's packages, crates.io and PyPI by name.
 
+mod bench;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         Some("setup") => setup(),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         _ => {
             eprintln!("usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS]");
             return ExitCode::from(2);
