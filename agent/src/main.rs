@@ -324,6 +324,9 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     let mut ring = unsafe { AsyncFd::register(probes.take_events()?) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The kernel does not wake us per record (see vigie_common::WAKEUP_BACKLOG): drain on a timer.
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(vigie_common::DRAIN_INTERVAL_MS));
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -331,15 +334,12 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
+                // Woken early: the kernel saw a backlog.
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                let ring = guard.get_inner_mut();
-                let mut st = lock(&state);
-                while let Some(record) = ring.next() {
-                    st.handle_record(&record);
-                }
-                drop(st);
+                drain(guard.get_inner_mut(), &state);
                 guard.clear_ready();
             }
+            _ = drain_tick.tick() => drain(ring.get_mut(), &state),
             _ = tick.tick() => {
                 let kernel = probes.counters();
                 let mut st = lock(&state);
@@ -398,6 +398,14 @@ fn discover_tls(probes: &mut loader::Probes, ports: &[u16]) {
             }
             Err(e) => tracing::debug!(port, error = %format!("{e:#}"), "TLS discovery"),
         }
+    }
+}
+
+/// Account every record waiting in the ring buffer.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, state: &Mutex<State>) {
+    let mut st = lock(state);
+    while let Some(record) = ring.next() {
+        st.handle_record(&record);
     }
 }
 

@@ -13,6 +13,11 @@ pub const MAX_CAPTURE: usize = 8192;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const RING_BYTES: u32 = 16 * 1024 * 1024;
 
+/// The kernel wakes the agent only past this many waiting bytes; otherwise the agent drains
+/// the ring every `DRAIN_INTERVAL_MS`. Both bound the delay of a record.
+pub const WAKEUP_BACKLOG: u64 = 1024 * 1024;
+pub const DRAIN_INTERVAL_MS: u64 = 5;
+
 /// Bounds of the kernel maps. Each map says in `ebpf/vigie-ebpf/src/main.rs` what happens when
 /// it is full.
 pub const MAX_CONNS: u32 = 65536;

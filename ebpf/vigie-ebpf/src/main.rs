@@ -95,9 +95,21 @@ fn new_header(kind: u32, conn: u64, conn_start_ns: u64, port: u16, bytes: u64) -
     }
 }
 
+/// Wake the agent only when a backlog builds up: a wakeup per record costs more than the
+/// record (an IPI, a VM exit under a hypervisor). The agent drains the ring on a short timer
+/// (`vigie_common::DRAIN_INTERVAL_MS`) and is woken early when more than `WAKEUP_BACKLOG`
+/// bytes wait.
+#[inline(always)]
+fn output_flags() -> u64 {
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    if EVENTS.query(BPF_RB_AVAIL_DATA) > WAKEUP_BACKLOG { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }
+}
+
 #[inline(always)]
 fn emit_header(h: &EventHeader) {
-    if EVENTS.output::<EventHeader>(h, 0).is_err() {
+    if EVENTS.output::<EventHeader>(h, output_flags()).is_err() {
         bump(COUNTER_RINGBUF_FULL);
     }
 }
@@ -147,7 +159,7 @@ fn capture_and_emit(header: &EventHeader, base: u64, want: u64) {
     let bytes = unsafe {
         core::slice::from_raw_parts((record as *const RecvRecord).cast::<u8>(), total as usize)
     };
-    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+    if EVENTS.output::<[u8]>(bytes, output_flags()).is_err() {
         bump(COUNTER_RINGBUF_FULL);
     }
 }
