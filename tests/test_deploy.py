@@ -797,3 +797,29 @@ def test_grafana_provisioning_files():
     assert ds["url"].startswith("http") and ds["access"] == "proxy"
     scrape_interval = yaml.safe_load(SCRAPE.read_text())["scrape_configs"][0]["scrape_interval"]
     assert ds["jsonData"]["timeInterval"] == scrape_interval
+
+
+def test_cargo_deb_builds_the_real_package_and_lists_its_contents(tmp_path):
+    """The real .deb, from the real release binary, with cargo-deb (installed by `cargo xtask
+    setup`): binary, unit, default config as a conffile, rules and dashboard."""
+    cargo_deb = Path(os.environ.get("CARGO_HOME", Path.home() / ".cargo")) / "bin" / "cargo-deb"
+    assert cargo_deb.exists(), "cargo-deb missing: `cargo xtask setup` installs it"
+    binary = REPO_ROOT / "target" / "release" / "vigie"
+    assert binary.exists(), "build the agent first: cargo build --release -p vigie"
+    r = subprocess.run(["cargo", "deb", "-p", "vigie", "--no-build", "--output", str(tmp_path)],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    debs = list(tmp_path.glob("vigie_*.deb"))
+    assert len(debs) == 1, debs
+    listing = subprocess.run(["dpkg-deb", "-c", str(debs[0])], capture_output=True, text=True, check=True).stdout
+    print(listing)
+    files = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
+    for path in ["/usr/bin/vigie", "/lib/systemd/system/vigie.service", "/etc/vigie/vigie.toml",
+                 "/usr/share/vigie/prometheus/vigie-rules.yml", "/usr/share/vigie/grafana/vigie.json"]:
+        assert path in files, f"{path} missing from the package"
+    conffiles = subprocess.run(["dpkg-deb", "-I", str(debs[0]), "conffiles"], capture_output=True, text=True).stdout
+    assert "/etc/vigie/vigie.toml" in conffiles
+    # The packaged binary is the release build, byte for byte.
+    extract = tmp_path / "x"
+    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(extract)], check=True)
+    assert (extract / "usr/bin/vigie").read_bytes() == binary.read_bytes()

@@ -28,6 +28,7 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -121,6 +122,15 @@ fn setup() -> Result<()> {
             .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("PATH", path))?;
+    }
+
+    let deb = cargo_bin("cargo-deb");
+    let have = Command::new(&deb).arg("--version").output().ok().filter(|o| o.status.success());
+    if have.is_some_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION)) {
+        step(&format!("cargo-deb {CARGO_DEB_VERSION} (builds the .deb): present"));
+    } else {
+        step(&format!("cargo-deb {CARGO_DEB_VERSION} (builds the .deb): installing (about 90 s)"));
+        sh(Command::new("cargo").args(["install", "cargo-deb", "--version", CARGO_DEB_VERSION, "--locked"]))?;
     }
 
     let venv = root().join("tests/.venv");
