@@ -99,6 +99,15 @@ fn setup() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    // kubectl (for `kubectl kustomize` in the deploy tests) ships with this machine image from
+    // Google's repository, not Debian's (whose kubernetes-client is too old for kustomize
+    // components): try, and let the test name it if it is still missing.
+    if !succeeds(Command::new("kubectl").args(["version", "--client"])) {
+        step("kubectl: missing; trying apt-get install kubectl");
+        if sh(Command::new("apt-get").args(["install", "-y", "-qq", "kubectl"])).is_err() {
+            eprintln!("warning: kubectl could not be installed; the kustomize test will fail and say so");
+        }
+    }
     // nginx and prometheus start services on install; the tests run their own instances.
     let _ = Command::new("systemctl").args(["disable", "--now", "nginx", "prometheus"]).output();
 
