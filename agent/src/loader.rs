@@ -9,10 +9,10 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, UProbe, uprobe::{UProbeAttachLocation, UProbeScope}},
 };
-use vigie_common::{CONFIG_SKC_NUM_OFFSET, COUNTER_COUNT};
+use vigie_common::COUNTER_COUNT;
 
 /// Where the kernel's tracing filesystem is expected; aya looks there too.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -186,9 +186,6 @@ pub fn load(ports: &[u16]) -> Result<Probes> {
         for port in ports {
             watched.insert(port, 1, 0).with_context(|| format!("adding port {port} to WATCHED_PORTS"))?;
         }
-        let mut config: Array<_, u64> =
-            Array::try_from(ebpf.map_mut("CONFIG").context("map CONFIG missing from the eBPF object")?)?;
-        config.set(CONFIG_SKC_NUM_OFFSET, 14, 0).context("writing CONFIG")?;
     }
 
     let mut attached = 0;

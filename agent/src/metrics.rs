@@ -17,7 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::aggregate::{ByEndpoint, Class};
 use crate::pipeline::State;
-use vigie_common::{COUNTER_CAPTURE_FAILED, COUNTER_CONNS_FULL, COUNTER_NO_BUFFER, COUNTER_RINGBUF_FULL};
+use vigie_common::{
+    COUNTER_CAPTURE_FAILED, COUNTER_CONNS_FULL, COUNTER_NO_BUFFER, COUNTER_RINGBUF_FULL, COUNTER_SSL_CALL_LOST,
+};
 
 /// Label value of requests that carried no access token.
 pub const ANONYMOUS: &str = "anonymous";
@@ -165,6 +167,7 @@ impl Collector for StateCollector {
         )?;
         labelled_counter(&mut m, &[("reason", "read_failed")], h.kernel[COUNTER_CAPTURE_FAILED as usize])?;
         labelled_counter(&mut m, &[("reason", "no_buffer")], h.kernel[COUNTER_NO_BUFFER as usize])?;
+        labelled_counter(&mut m, &[("reason", "ssl_call_lost")], h.kernel[COUNTER_SSL_CALL_LOST as usize])?;
         let mut m = enc.encode_descriptor(
             "vigie_kernel_conn_table_full",
             "Connections the kernel could not record because its connection map was full",

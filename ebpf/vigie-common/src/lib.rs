@@ -54,11 +54,13 @@ pub const COUNTER_RINGBUF_FULL: u32 = 0;
 pub const COUNTER_CONNS_FULL: u32 = 1;
 pub const COUNTER_CAPTURE_FAILED: u32 = 2;
 pub const COUNTER_NO_BUFFER: u32 = 3;
-pub const COUNTER_COUNT: u32 = 4;
+/// An SSL call returned with no record of its entry (the entry was evicted from `SSL_CALLS`,
+/// or the probe was attached mid-call): its plaintext record is lost.
+pub const COUNTER_SSL_CALL_LOST: u32 = 4;
+pub const COUNTER_COUNT: u32 = 5;
 
-/// Index of the `CONFIG` array entries.
-pub const CONFIG_SKC_NUM_OFFSET: u32 = 0;
-pub const CONFIG_COUNT: u32 = 4;
+/// `offsetof(struct sock_common, skc_num)`, the socket's local port, on every kernel since 2.6.
+pub const SKC_NUM_OFFSET: u64 = 14;
 
 /// One record in the ring buffer. `RECV` records are followed by `captured` bytes of payload.
 #[repr(C)]

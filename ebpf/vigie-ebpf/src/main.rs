@@ -18,7 +18,7 @@ mod tls;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use vigie_common::*;
 
@@ -61,10 +61,6 @@ static LAST_SEND_SOCK: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_S
 /// Drop and failure counters (indices in `vigie_common::COUNTER_*`).
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
-
-/// Values the agent computes at load time (indices in `vigie_common::CONFIG_*`).
-#[map]
-static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_COUNT, 0);
 
 /// One receive record per CPU: too large for the stack.
 #[map]

@@ -14,7 +14,7 @@ use aya_ebpf::{
 use vigie_common::*;
 
 use crate::{
-    CONFIG, CONNS, LAST_RECV_SOCK, LAST_SEND_SOCK, PENDING_READS, TLS_PROCESSES, WATCHED_PORTS,
+    CONNS, LAST_RECV_SOCK, LAST_SEND_SOCK, PENDING_READS, TLS_PROCESSES, WATCHED_PORTS,
     bump, capture_and_emit, emit_header, new_header,
 };
 
@@ -23,9 +23,6 @@ const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
 const MSG_PEEK: i32 = 2;
 const TCP_CLOSE: i32 = 7;
-/// `offsetof(struct sock_common, skc_num)` on every kernel since 2.6; the agent can override
-/// it through `CONFIG`.
-const DEFAULT_SKC_NUM_OFFSET: u64 = 14;
 
 /// The fields `sock_send_length` and `sock_recv_length` share
 /// (events/sock/sock_{send,recv}_length/format).
@@ -65,11 +62,7 @@ fn watched_conn(sk: u64) -> Option<ConnInfo> {
     if let Some(info) = unsafe { CONNS.get(&sk) } {
         return Some(*info);
     }
-    let offset = match CONFIG.get(CONFIG_SKC_NUM_OFFSET) {
-        Some(&o) if o != 0 => o,
-        _ => DEFAULT_SKC_NUM_OFFSET,
-    };
-    let port: u16 = unsafe { bpf_probe_read_kernel((sk + offset) as *const u16) }.ok()?;
+    let port: u16 = unsafe { bpf_probe_read_kernel((sk + SKC_NUM_OFFSET) as *const u16) }.ok()?;
     unsafe { WATCHED_PORTS.get(&port) }?;
     let info = ConnInfo { start_ns: unsafe { bpf_ktime_get_ns() }, port, _pad: [0; 3] };
     if CONNS.insert(&sk, &info, 0).is_err() {

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use vigie_common::*;
 
-use crate::{LAST_RECV_SOCK, LAST_SEND_SOCK, SSL_CALLS, TLS_PROCESSES, capture_and_emit, emit_header, new_header};
+use crate::{LAST_RECV_SOCK, LAST_SEND_SOCK, SSL_CALLS, TLS_PROCESSES, bump, capture_and_emit, emit_header, new_header};
 
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: u32) -> u32 {
@@ -74,7 +74,10 @@ fn moved(ctx: &RetProbeContext, call: &SslCall) -> u64 {
 #[uretprobe]
 pub fn vigie_ssl_return(ctx: RetProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(call) = (unsafe { SSL_CALLS.get(&pid_tgid) }).copied() else { return 0 };
+    let Some(call) = (unsafe { SSL_CALLS.get(&pid_tgid) }).copied() else {
+        bump(COUNTER_SSL_CALL_LOST);
+        return 0;
+    };
     let _ = SSL_CALLS.remove(&pid_tgid);
     let bytes = moved(&ctx, &call);
     if bytes == 0 {
