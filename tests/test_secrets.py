@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from harness.util import token_needles
+
 import stat
 import time
 from pathlib import Path
@@ -10,15 +12,6 @@ from harness.matrix import Recorder
 from harness.scenario import Scenario, ScenarioConfig
 
 
-def _needles(token: str) -> list[bytes]:
-    """The token, the part after `syt_`, and its random middle segment."""
-    out = {token}
-    if token.startswith("syt_"):
-        out.add(token[len("syt_"):])
-        parts = token.split("_")
-        if len(parts) >= 4 and len(parts[2]) >= 16:
-            out.add(parts[2])
-    return [n.encode() for n in out]
 
 
 def test_no_raw_token_in_metrics_logs_or_state(synapse, vigie_factory, seed):
@@ -70,7 +63,7 @@ def test_no_raw_token_in_metrics_logs_or_state(synapse, vigie_factory, seed):
 
     found = []
     for i, token in enumerate(tokens):
-        for needle in _needles(token):
+        for needle in token_needles(token):
             for where, data in blobs.items():
                 if needle in data:
                     found.append(f"token #{i} ({len(needle)}-byte piece) found in {where}")

@@ -17,6 +17,8 @@ traffic in the two big scenarios, default 12).
 
 from __future__ import annotations
 
+from harness.util import token_needles
+
 import os
 import random
 import shutil
@@ -538,14 +540,6 @@ def test_tls_connection_edge_cases(front, vigie_factory, cert, seed, tmp_path_fa
 # -- 7. no raw token on the TLS paths -----------------------------------------------------------
 
 
-def _needles(token: str) -> list[bytes]:
-    out = {token}
-    if token.startswith("syt_"):
-        out.add(token[len("syt_"):])
-        parts = token.split("_")
-        if len(parts) >= 4 and len(parts[2]) >= 16:
-            out.add(parts[2])
-    return [n.encode() for n in out]
 
 
 def test_no_raw_token_leaks_on_tls_paths(request, cert, seed, tmp_path):
@@ -573,7 +567,7 @@ def test_no_raw_token_leaks_on_tls_paths(request, cert, seed, tmp_path):
         assert any(str(vigie.state_dir) in k for k in blobs), "the agent's state dir holds no file"
         assert "vigie_token_requests_total" in metrics_text
         for i, token in enumerate(tokens):
-            for needle in _needles(token):
+            for needle in token_needles(token):
                 for where, data in blobs.items():
                     if needle in data:
                         found.append(f"{name}: token #{i} ({len(needle)}-byte piece) found in {where}")

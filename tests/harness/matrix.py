@@ -65,7 +65,23 @@ SLIDING_SYNC = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
 _RECV_ERRORS = (OSError, http.client.HTTPException)
 
 
-class CountingSocket(socket.socket):
+class _CountsSent:
+    """`send`/`sendall` that count what went out (`self.tx`), for both counting sockets."""
+
+    def send(self, data, flags=0):
+        n = super().send(data, flags)
+        self.tx += n
+        return n
+
+    def sendall(self, data, flags=0):
+        # Loop over send() so a partial failure still counts what went out.
+        view = memoryview(data).cast("B")
+        while view:
+            n = self.send(view, flags)
+            view = view[n:]
+
+
+class CountingSocket(_CountsSent, socket.socket):
     """A TCP socket that counts every byte received (`rx`) and sent (`tx`)."""
 
     def __init__(self, *args, **kwargs):
@@ -109,17 +125,6 @@ class CountingSocket(socket.socket):
         self._count_rx(result[0], flags)
         return result
 
-    def send(self, data, flags=0):
-        n = super().send(data, flags)
-        self.tx += n
-        return n
-
-    def sendall(self, data, flags=0):
-        # Loop over send() so a partial failure still counts what went out.
-        view = memoryview(data).cast("B")
-        while view:
-            n = self.send(view, flags)
-            view = view[n:]
 
     def sendto(self, data, *args):
         n = super().sendto(data, *args)
@@ -153,7 +158,7 @@ class CountingHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class CountingSSLSocket(ssl.SSLSocket):
+class CountingSSLSocket(_CountsSent, ssl.SSLSocket):
     """A TLS socket that counts the *plaintext* bytes received (`rx`) and sent (`tx`): what
     the application reads after decryption, i.e. what the server's TLS library was given to
     write. Install with `context.sslsocket_class = CountingSSLSocket` (see `counting_tls_context`).
@@ -194,16 +199,6 @@ class CountingSSLSocket(ssl.SSLSocket):
         self._count_rx(n)
         return n
 
-    def send(self, data, flags=0):
-        n = super().send(data, flags)
-        self.tx += n
-        return n
-
-    def sendall(self, data, flags=0):
-        view = memoryview(data).cast("B")
-        while view:
-            n = self.send(view, flags)
-            view = view[n:]
 
 
 def counting_tls_context(cafile: str | os.PathLike | None = None, alpn: list[str] | None = None) -> ssl.SSLContext:

@@ -80,3 +80,15 @@ def wait_until(predicate, timeout: float, interval: float = 0.1):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def token_needles(token: str) -> list[bytes]:
+    """What a leaked token would look like: the token, the part after `syt_`, and its random
+    middle segment."""
+    out = {token}
+    if token.startswith("syt_"):
+        out.add(token[len("syt_"):])
+        parts = token.split("_")
+        if len(parts) >= 4 and len(parts[2]) >= 16:
+            out.add(parts[2])
+    return [n.encode() for n in out]
