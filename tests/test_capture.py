@@ -16,10 +16,15 @@ from harness.matrix import Recorder
 from harness.scenario import DECOY_TOKEN, Scenario, ScenarioConfig
 
 
-def test_capture_matches_client_accounting(synapse, vigie_factory, seed, tmp_path):
-    print(f"seed: {seed} (set VIGIE_TEST_SEED to change)")
+# Both capture sources must count the same: "sock" (sock:sock_{recv,send}_length, Linux 6.3+)
+# and "syscalls", the fallback for older kernels, forced here on this kernel.
+@pytest.mark.parametrize("source", ["sock", "syscalls"])
+def test_capture_matches_client_accounting(synapse, vigie_factory, seed, tmp_path, source):
+    print(f"seed: {seed} (set VIGIE_TEST_SEED to change); capture source: {source}")
     # The agent first: everything the tokens do is measured, setup traffic included.
-    vigie = vigie_factory(synapse.port)
+    vigie = vigie_factory(synapse.port, extra_args=["--capture-source", source])
+    assert vigie.scrape().get_value("vigie_capture_info", source=source) == 1, \
+        f"vigie does not report capture source {source}: {vigie.scrape().series('vigie_capture_info')}"
 
     duration = float(os.environ.get("VIGIE_TEST_DURATION", "25"))
     cfg = ScenarioConfig(users=14, extra_logins=1, rooms=4, prefill=40, duration=duration, seed=seed)

@@ -28,6 +28,9 @@ pub struct FileConfig {
     /// Which vantage point feeds the detector: "socket", "tls", or "auto" (socket when
     /// server ports are watched, else tls).
     pub detect_vantage: Option<String>,
+    /// Where byte counts come from: "auto" (the socket tracepoints of Linux 6.3+, else the
+    /// syscall tracepoints), "sock" or "syscalls".
+    pub capture_source: Option<String>,
     /// Detector thresholds (docs/detection.md); every key optional.
     pub detect: Option<crate::detect::DetectConfig>,
 }
@@ -59,6 +62,7 @@ pub struct Settings {
     pub connection_idle_seconds: u64,
     pub detect_vantage: crate::conn::Vantage,
     pub detect: crate::detect::DetectConfig,
+    pub capture_source: crate::loader::SourceChoice,
 }
 
 /// What the command line can override.
@@ -69,6 +73,7 @@ pub struct Overrides {
     pub tls_discover_ports: Vec<u16>,
     pub metrics_addr: Option<String>,
     pub key_file: Option<PathBuf>,
+    pub capture_source: Option<String>,
 }
 
 impl Settings {
@@ -102,7 +107,14 @@ impl Settings {
             "auto" => Vantage::Socket,
             other => bail!("detect_vantage must be \"socket\", \"tls\" or \"auto\", not {other:?}"),
         };
+        let capture_source = flags
+            .capture_source
+            .or(file.capture_source)
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or_default();
         Ok(Settings {
+            capture_source,
             detect_vantage,
             detect: file.detect.unwrap_or_default(),
             server_ports,

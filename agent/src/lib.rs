@@ -8,17 +8,21 @@
 //! - [`aggregate`]: per-token counters with bounded cardinality (top-K plus overflow).
 //! - [`pipeline`]: decoding kernel records and feeding the tracker and aggregator.
 //! - [`metrics`]: the Prometheus exposition.
-//! - [`loader`]: loading and attaching the kernel programs.
+//! - [`loader`]: loading and attaching the kernel programs, for the chosen capture source.
+//! - [`btf`]: kernel struct offsets from BTF, for the kernel programs.
+//! - [`listeners`]: which processes listen on a port (/proc).
 //! - [`tls`]: finding OpenSSL's functions in a file, and the files a TLS server maps.
 //! - [`config`]: the TOML file and command-line settings.
 //! - [`preflight`]: `vigie check`, what the host supports.
 //! - [`resolve`]: `vigie resolve`, labels back to users from Synapse's database.
 pub mod aggregate;
+pub mod btf;
 pub mod config;
 pub mod conn;
 pub mod detect;
 pub mod endpoint;
 pub mod http;
+pub mod listeners;
 pub mod loader;
 pub mod metrics;
 pub mod pipeline;

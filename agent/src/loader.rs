@@ -9,13 +9,60 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, UProbe, uprobe::{UProbeAttachLocation, UProbeScope}},
 };
-use vigie_common::COUNTER_COUNT;
+use vigie_common::{COUNTER_COUNT, KernelLayout};
 
 /// Where the kernel's tracing filesystem is expected; aya looks there too.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Where byte counts come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CaptureSource {
+    /// `sock:sock_{recv,send}_length` (Linux 6.3+): every socket call whatever the syscall,
+    /// sendfile and splice included; the socket is given.
+    Sock,
+    /// `syscalls:sys_exit_*` of the receive and send calls, for older kernels: the socket is
+    /// found from the file descriptor with BTF offsets; only the hooked syscalls are seen.
+    Syscalls,
+}
+
+impl CaptureSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            CaptureSource::Sock => "sock",
+            CaptureSource::Syscalls => "syscalls",
+        }
+    }
+}
+
+/// What the operator asked for: a source, or the best this kernel has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SourceChoice {
+    #[default]
+    Auto,
+    Only(CaptureSource),
+}
+
+impl std::str::FromStr for SourceChoice {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(SourceChoice::Auto),
+            "sock" => Ok(SourceChoice::Only(CaptureSource::Sock)),
+            "syscalls" => Ok(SourceChoice::Only(CaptureSource::Syscalls)),
+            other => bail!("capture source {other:?}: expected \"auto\", \"sock\" or \"syscalls\""),
+        }
+    }
+}
+
+/// Which attachments a program belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    Always,
+    Only(CaptureSource),
+}
 
 /// One program and the tracepoint it attaches to.
 pub struct Attachment {
@@ -24,19 +71,56 @@ pub struct Attachment {
     pub name: &'static str,
     /// Why vigie needs it, for error messages and `vigie check`.
     pub purpose: &'static str,
+    pub need: Need,
 }
 
-/// Every attachment vigie makes. All are required: without any of them some requests or
-/// bytes would go uncounted.
+const fn always(program: &'static str, category: &'static str, name: &'static str, purpose: &'static str) -> Attachment {
+    Attachment { program, category, name, purpose, need: Need::Always }
+}
+const fn sock(program: &'static str, category: &'static str, name: &'static str, purpose: &'static str) -> Attachment {
+    Attachment { program, category, name, purpose, need: Need::Only(CaptureSource::Sock) }
+}
+const fn sys(program: &'static str, name: &'static str, purpose: &'static str) -> Attachment {
+    Attachment { program, category: "syscalls", name, purpose, need: Need::Only(CaptureSource::Syscalls) }
+}
+
+/// Every attachment vigie can make. Those of the chosen source, and the `Always` ones, are all
+/// required: without any of them some requests or bytes would go uncounted.
 pub const ATTACHMENTS: &[Attachment] = &[
-    Attachment { program: "vigie_enter_read", category: "syscalls", name: "sys_enter_read", purpose: "request bytes received with read()" },
-    Attachment { program: "vigie_enter_recvfrom", category: "syscalls", name: "sys_enter_recvfrom", purpose: "request bytes received with recv()/recvfrom()" },
-    Attachment { program: "vigie_enter_readv", category: "syscalls", name: "sys_enter_readv", purpose: "request bytes received with readv()" },
-    Attachment { program: "vigie_enter_recvmsg", category: "syscalls", name: "sys_enter_recvmsg", purpose: "request bytes received with recvmsg()" },
-    Attachment { program: "vigie_sock_recv", category: "sock", name: "sock_recv_length", purpose: "every receive on a watched socket (Linux 6.3+)" },
-    Attachment { program: "vigie_sock_send", category: "sock", name: "sock_send_length", purpose: "every response byte sent on a watched socket (Linux 6.3+)" },
-    Attachment { program: "vigie_sock_state", category: "sock", name: "inet_sock_set_state", purpose: "connection close" },
+    always("vigie_enter_read", "syscalls", "sys_enter_read", "request heads received with read()"),
+    always("vigie_enter_recvfrom", "syscalls", "sys_enter_recvfrom", "request heads received with recv()/recvfrom()"),
+    always("vigie_enter_readv", "syscalls", "sys_enter_readv", "request heads received with readv()"),
+    always("vigie_enter_recvmsg", "syscalls", "sys_enter_recvmsg", "request heads received with recvmsg()"),
+    always("vigie_sock_state", "sock", "inet_sock_set_state", "connection close"),
+    always("vigie_fork", "sched", "sched_process_fork", "a server's new worker processes"),
+    sock("vigie_sock_recv", "sock", "sock_recv_length", "every receive on a watched socket (Linux 6.3+)"),
+    sock("vigie_sock_send", "sock", "sock_send_length", "every response byte sent on a watched socket (Linux 6.3+)"),
+    sys("vigie_exit_recv", "sys_exit_read", "bytes received with read()"),
+    sys("vigie_exit_recv", "sys_exit_recvfrom", "bytes received with recv()/recvfrom()"),
+    sys("vigie_exit_recv", "sys_exit_readv", "bytes received with readv()"),
+    sys("vigie_exit_recv", "sys_exit_recvmsg", "bytes received with recvmsg()"),
+    sys("vigie_enter_send", "sys_enter_write", "the socket of write()"),
+    sys("vigie_enter_send", "sys_enter_sendto", "the socket of send()/sendto()"),
+    sys("vigie_enter_send", "sys_enter_sendmsg", "the socket of sendmsg()"),
+    sys("vigie_enter_send", "sys_enter_writev", "the socket of writev()"),
+    sys("vigie_enter_send", "sys_enter_sendfile64", "the socket of sendfile()"),
+    sys("vigie_enter_splice", "sys_enter_splice", "the socket of splice()"),
+    sys("vigie_exit_send", "sys_exit_write", "bytes sent with write()"),
+    sys("vigie_exit_send", "sys_exit_sendto", "bytes sent with send()/sendto()"),
+    sys("vigie_exit_send", "sys_exit_sendmsg", "bytes sent with sendmsg()"),
+    sys("vigie_exit_send", "sys_exit_writev", "bytes sent with writev()"),
+    sys("vigie_exit_send", "sys_exit_sendfile64", "bytes sent with sendfile()"),
+    sys("vigie_exit_send", "sys_exit_splice", "bytes sent with splice()"),
 ];
+
+impl Attachment {
+    pub fn used_by(&self, source: CaptureSource) -> bool {
+        match self.need {
+            Need::Always => true,
+            Need::Only(s) => s == source,
+        }
+    }
+}
 
 /// Uprobe programs on OpenSSL: (program, function it enters). `vigie_ssl_return` is attached
 /// as a uretprobe to each read and write function.
@@ -82,6 +166,81 @@ pub fn missing_tracepoints() -> Vec<&'static Attachment> {
     ATTACHMENTS.iter().filter(|a| !events.join(a.category).join(a.name).is_dir()).collect()
 }
 
+/// Why a capture source cannot run here, or `None` when it can.
+pub fn source_unavailable(source: CaptureSource) -> Option<String> {
+    let missing: Vec<String> = missing_tracepoints()
+        .into_iter()
+        .filter(|a| a.used_by(source))
+        .map(|a| format!("{}:{}", a.category, a.name))
+        .collect();
+    if !missing.is_empty() {
+        return Some(format!("this kernel lacks {}", missing.join(", ")));
+    }
+    if source == CaptureSource::Syscalls {
+        if let Err(e) = crate::btf::Btf::from_file(Path::new(crate::btf::VMLINUX)).and_then(|b| crate::btf::kernel_offsets(&b)) {
+            return Some(format!("it needs the kernel's BTF to find a file descriptor's socket: {e:#}"));
+        }
+    }
+    None
+}
+
+/// The source to use: the one asked for if it can run, else (auto) sock if this kernel has
+/// its tracepoints, else syscalls. The reason for a fallback is returned for the log.
+pub fn choose_source(choice: SourceChoice) -> Result<(CaptureSource, Option<String>)> {
+    match choice {
+        SourceChoice::Only(source) => match source_unavailable(source) {
+            None => Ok((source, None)),
+            Some(why) => bail!("capture source {}: {why}. Run `vigie check` for the full report.", source.name()),
+        },
+        SourceChoice::Auto => match source_unavailable(CaptureSource::Sock) {
+            None => Ok((CaptureSource::Sock, None)),
+            Some(sock_why) => match source_unavailable(CaptureSource::Syscalls) {
+                None => Ok((CaptureSource::Syscalls, Some(sock_why))),
+                Some(sys_why) => bail!(
+                    "no capture source can run on this kernel: sock: {sock_why}; syscalls: {sys_why}. Run `vigie check` for the full report."
+                ),
+            },
+        },
+    }
+}
+
+/// This kernel's layouts for the kernel programs.
+fn kernel_layout(source: CaptureSource) -> Result<vigie_common::KernelLayout> {
+    let mut layout = match crate::btf::Btf::from_file(Path::new(crate::btf::VMLINUX)) {
+        Ok(btf) => crate::btf::kernel_offsets(&btf)?,
+        // The socket source needs no struct offsets but skc_num, whose value has not moved
+        // since 2.6.
+        Err(_) if source == CaptureSource::Sock => vigie_common::KernelLayout {
+            skc_num: vigie_common::SKC_NUM_OFFSET as u32,
+            skc_family: 16,
+            ..Default::default()
+        },
+        Err(e) => return Err(e),
+    };
+    layout.fork_child_pid = tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
+    layout.syscall_source = u32::from(source == CaptureSource::Syscalls);
+    Ok(layout)
+}
+
+/// A field's offset in a tracepoint's record, from its tracefs format file.
+fn tracepoint_field_offset(category: &str, name: &str, field: &str) -> Result<u32> {
+    let path = Path::new(TRACEFS).join("events").join(category).join(name).join("format");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    parse_field_offset(&text, field).with_context(|| format!("no field {field} in {}", path.display()))
+}
+
+fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let mut parts = line.trim().split(';');
+        let decl = parts.next()?.strip_prefix("field:")?;
+        let declared = decl.split_whitespace().last()?.split('[').next()?;
+        if declared != field {
+            return None;
+        }
+        parts.find_map(|p| p.trim().strip_prefix("offset:")?.parse().ok())
+    })
+}
+
 /// Loaded and attached programs plus the maps the agent reads.
 pub struct Probes {
     /// Keeps programs, links and maps alive; dropping it detaches everything.
@@ -91,6 +250,7 @@ pub struct Probes {
     events: Option<RingBuf<MapData>>,
     pub counters: PerCpuArray<MapData, u64>,
     pub attached: usize,
+    pub source: CaptureSource,
 }
 
 impl Probes {
@@ -112,6 +272,19 @@ impl Probes {
             watched.insert(port, 1, 0).with_context(|| format!("adding port {port} to WATCHED_PORTS"))?;
         }
         Ok(())
+    }
+
+    /// Tell the kernel which processes serve `ports` now (their receives are remembered). The
+    /// kernel adds their forks and any process it sees receiving on a watched socket itself;
+    /// this scan catches servers that were running before vigie and after a port change.
+    pub fn add_server_processes(&mut self, ports: &[u16]) -> Result<usize> {
+        let pids = crate::listeners::server_pids(ports);
+        let mut servers: HashMap<_, u32, u8> =
+            HashMap::try_from(self.ebpf.map_mut("SERVER_TGIDS").context("map SERVER_TGIDS missing")?)?;
+        for pid in &pids {
+            servers.insert(pid, 1, 0).with_context(|| format!("adding process {pid} to SERVER_TGIDS"))?;
+        }
+        Ok(pids.len())
     }
 
     /// Attach the OpenSSL uprobes to one file (shared library or executable). They fire in
@@ -163,20 +336,15 @@ impl Probes {
     }
 }
 
-/// Load the programs, tell them which ports to watch, and attach them all.
-pub fn load(ports: &[u16]) -> Result<Probes> {
+/// Load the programs, tell them which ports to watch, and attach those of the chosen capture
+/// source.
+pub fn load(ports: &[u16], choice: SourceChoice) -> Result<Probes> {
     ensure_tracefs()?;
-    let missing = missing_tracepoints();
-    if !missing.is_empty() {
-        let list: Vec<String> = missing
-            .iter()
-            .map(|a| format!("{}:{} ({})", a.category, a.name, a.purpose))
-            .collect();
-        bail!(
-            "this kernel lacks tracepoints vigie needs: {}. Run `vigie check` for the full report.",
-            list.join(", ")
-        );
+    let (source, fallback) = choose_source(choice)?;
+    if let Some(why) = &fallback {
+        tracing::warn!(source = source.name(), reason = %why, "falling back to the syscall capture source: sock:sock_{{recv,send}}_length are unavailable");
     }
+    let layout = kernel_layout(source)?;
 
     let mut ebpf = Ebpf::load(PROGRAMS).context("loading vigie's eBPF object into the kernel (are you root, or do you have CAP_BPF and CAP_PERFMON?)")?;
     {
@@ -186,18 +354,25 @@ pub fn load(ports: &[u16]) -> Result<Probes> {
         for port in ports {
             watched.insert(port, 1, 0).with_context(|| format!("adding port {port} to WATCHED_PORTS"))?;
         }
+        let mut layout_map: Array<_, KernelLayout> =
+            Array::try_from(ebpf.map_mut("LAYOUT").context("map LAYOUT missing from the eBPF object")?)?;
+        layout_map.set(0, layout, 0).context("writing the kernel layout into LAYOUT")?;
     }
 
     let mut attached = 0;
-    for a in ATTACHMENTS {
+    let mut loaded: Vec<&str> = Vec::new();
+    for a in ATTACHMENTS.iter().filter(|a| a.used_by(source)) {
         let program: &mut TracePoint = ebpf
             .program_mut(a.program)
             .with_context(|| format!("program {} missing from the eBPF object", a.program))?
             .try_into()
             .with_context(|| format!("program {} is not a tracepoint program", a.program))?;
-        program
-            .load()
-            .with_context(|| format!("loading program {} for {}:{}", a.program, a.category, a.name))?;
+        if !loaded.contains(&a.program) {
+            program
+                .load()
+                .with_context(|| format!("loading program {} for {}:{}", a.program, a.category, a.name))?;
+            loaded.push(a.program);
+        }
         program
             .attach(a.category, a.name)
             .with_context(|| format!("attaching program {} to {}:{}", a.program, a.category, a.name))?;
@@ -215,5 +390,35 @@ pub fn load(ports: &[u16]) -> Result<Probes> {
 
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
     let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS missing")?)?;
-    Ok(Probes { ebpf, tls_targets: Vec::new(), events: Some(events), counters, attached })
+    let mut probes = Probes { ebpf, tls_targets: Vec::new(), events: Some(events), counters, attached, source };
+    probes.add_server_processes(ports)?;
+    Ok(probes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_field_offset_is_read_from_either_fork_format() {
+        let new = "\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        let old = "\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(parse_field_offset(new, "child_pid"), Some(20));
+        assert_eq!(parse_field_offset(old, "child_pid"), Some(44));
+        assert_eq!(parse_field_offset(old, "child_comm"), Some(28));
+        assert_eq!(parse_field_offset(old, "parent_pid"), None);
+    }
+
+    #[test]
+    fn capture_sources_are_named_and_parsed() {
+        assert_eq!("auto".parse::<SourceChoice>().unwrap(), SourceChoice::Auto);
+        assert_eq!("syscalls".parse::<SourceChoice>().unwrap(), SourceChoice::Only(CaptureSource::Syscalls));
+        let err = "kprobes".parse::<SourceChoice>().unwrap_err();
+        assert!(err.to_string().contains("\"sock\""), "{err}");
+        // Each source has its byte counters for both directions.
+        for source in [CaptureSource::Sock, CaptureSource::Syscalls] {
+            let used: Vec<&str> = ATTACHMENTS.iter().filter(|a| a.used_by(source)).map(|a| a.name).collect();
+            assert!(used.iter().any(|n| n.contains("recv")) && used.iter().any(|n| n.contains("send")), "{source:?}: {used:?}");
+        }
+    }
 }

@@ -58,6 +58,10 @@ enum Command {
         /// TOML config file; flags override its settings.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Where byte counts come from: auto (sock on Linux 6.3+, else syscalls), sock, or
+        /// syscalls [default: auto].
+        #[arg(long, value_name = "SOURCE")]
+        capture_source: Option<String>,
     },
     /// Report what this host supports, line by line; exit non-zero when vigie cannot run.
     Check {
@@ -69,6 +73,9 @@ enum Command {
         /// Only inspect; do not load and attach the programs for a trial.
         #[arg(long)]
         no_trial: bool,
+        /// The capture source to check (auto, sock or syscalls) [default: auto].
+        #[arg(long, value_name = "SOURCE", default_value = "auto")]
+        capture_source: String,
     },
     /// Turn token labels back into user and device, from Synapse's database: every access
     /// token there is hashed with the same key. Labels come as arguments or, with none, on
@@ -115,19 +122,21 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run { server_ports, tls_targets, tls_discover_ports, metrics_addr, key_file, config } => {
+        Command::Run { server_ports, tls_targets, tls_discover_ports, metrics_addr, key_file, config, capture_source } => {
             let file = match config.as_deref().map(FileConfig::load).transpose() {
                 Ok(f) => f.unwrap_or_default(),
                 Err(e) => return fail(e),
             };
-            let flags = Overrides { server_ports, tls_targets, tls_discover_ports, metrics_addr, key_file };
+            let flags = Overrides { server_ports, tls_targets, tls_discover_ports, metrics_addr, key_file, capture_source };
             match Settings::merge(file, flags.clone()) {
                 Ok(settings) => run(settings, Reload { config, flags }),
                 Err(e) => Err(e),
             }
         }
         Command::TokenHash { key_file } => token_hash(&key_file),
-        Command::Check { server_ports, config, no_trial } => check(server_ports, config, !no_trial),
+        Command::Check { server_ports, config, no_trial, capture_source } => {
+            check(server_ports, config, !no_trial, &capture_source)
+        }
         Command::Resolve { key_file, sqlite, postgres, all, labels } => {
             resolve(&key_file, sqlite.as_deref(), postgres.as_deref(), all, labels)
         }
@@ -143,13 +152,14 @@ fn fail(e: anyhow::Error) -> std::process::ExitCode {
     std::process::ExitCode::FAILURE
 }
 
-fn check(mut ports: Vec<u16>, config: Option<PathBuf>, trial: bool) -> Result<()> {
+fn check(mut ports: Vec<u16>, config: Option<PathBuf>, trial: bool, source: &str) -> Result<()> {
+    let choice: loader::SourceChoice = source.parse()?;
     if ports.is_empty()
         && let Some(path) = config
     {
         ports = FileConfig::load(&path)?.server_ports.unwrap_or_default();
     }
-    let report = vigie::preflight::check(&ports, trial);
+    let report = vigie::preflight::check(&ports, trial, choice);
     print!("{}", report.render());
     if report.can_run() { Ok(()) } else { anyhow::bail!("preflight failed") }
 }
@@ -274,10 +284,12 @@ fn apply_reload(old: &Settings, new: Settings, probes: &mut loader::Probes, stat
         || new.connection_idle_seconds != old.connection_idle_seconds
         || new.detect != old.detect
         || new.detect_vantage != old.detect_vantage
+        || new.capture_source != old.capture_source
     {
-        tracing::warn!("max_connections, connection_idle_seconds and detector changes take effect at the next restart");
+        tracing::warn!("max_connections, connection_idle_seconds, capture_source and detector changes take effect at the next restart");
     }
     probes.set_ports(&new.server_ports)?;
+    add_server_processes(probes, &new.server_ports);
     for target in &new.tls_targets {
         probes.attach_tls(target)?;
     }
@@ -294,7 +306,7 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
-    let mut probes = loader::load(&settings.server_ports)?;
+    let mut probes = loader::load(&settings.server_ports, settings.capture_source)?;
     let state = Arc::new(Mutex::new(State::new(
         key,
         limits(&settings),
@@ -307,7 +319,11 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
         probes.attach_tls(target)?;
     }
     discover_tls(&mut probes, &settings.tls_discover_ports);
-    lock(&state).health.probes_attached = probes.attached;
+    {
+        let mut st = lock(&state);
+        st.health.probes_attached = probes.attached;
+        st.health.capture_source = probes.source.name();
+    }
     let registry = Arc::new(metrics::registry(state.clone()));
     let server = tokio::spawn(metrics::serve(listener, registry));
     tracing::info!(
@@ -316,6 +332,7 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
         tls_discover_ports = ?settings.tls_discover_ports,
         metrics = %settings.metrics_addr,
         probes = probes.attached,
+        capture_source = probes.source.name(),
         "vigie is watching"
     );
 
@@ -351,6 +368,7 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                     st.housekeeping(monotonic_ns());
                     drop(st);
                     discover_tls(&mut probes, &settings.tls_discover_ports);
+                    add_server_processes(&mut probes, &settings.server_ports);
                     lock(&state).health.probes_attached = probes.attached;
                 }
             }
@@ -398,6 +416,13 @@ fn discover_tls(probes: &mut loader::Probes, ports: &[u16]) {
             }
             Err(e) => tracing::debug!(port, error = %format!("{e:#}"), "TLS discovery"),
         }
+    }
+}
+
+/// Refresh the kernel's list of server processes from /proc (see `Probes::add_server_processes`).
+fn add_server_processes(probes: &mut loader::Probes, ports: &[u16]) {
+    if let Err(e) = probes.add_server_processes(ports) {
+        tracing::warn!(error = %format!("{e:#}"), "could not update the list of server processes");
     }
 }
 

@@ -264,6 +264,13 @@ impl Collector for StateCollector {
         gauge(&mut enc, "vigie_probes_attached", "Kernel programs attached", h.probes_attached as u64)?;
         let mut m = enc.encode_descriptor("vigie_build_info", "vigie's version (always 1)", None, MetricType::Gauge)?;
         m.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?.encode_gauge(&1u64)?;
+        let mut m = enc.encode_descriptor(
+            "vigie_capture_info",
+            "Where byte counts come from (always 1): source=\"sock\" (sock:sock_{recv,send}_length, Linux 6.3+) or \"syscalls\" (the fallback)",
+            None,
+            MetricType::Gauge,
+        )?;
+        m.encode_family(&[("source", h.capture_source)])?.encode_gauge(&1u64)?;
         Ok(())
     }
 }

@@ -36,6 +36,8 @@ pub struct Health {
     /// Kernel-side counters, `vigie_common::COUNTER_*`.
     pub kernel: [u64; COUNTER_COUNT as usize],
     pub probes_attached: usize,
+    /// `loader::CaptureSource::name` of the programs attached.
+    pub capture_source: &'static str,
     /// TLS records by how their socket was known: "during_call", "before_call", "unknown".
     pub tls_socket_ties: BTreeMap<&'static str, u64>,
     /// Requests that arrived before the previous one on their connection was answered.

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::loader::{self, ATTACHMENTS, TRACEFS};
+use crate::loader::{self, ATTACHMENTS, CaptureSource, SourceChoice, TRACEFS};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -98,25 +98,39 @@ pub fn listening_ports() -> Vec<u16> {
 
 /// Probe the host. `ports` are the configured server ports; `trial` loads and attaches the
 /// programs for real (needs privileges), which is the only proof that vigie can run.
-pub fn check(ports: &[u16], trial: bool) -> Report {
+pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
     let mut r = Report::default();
 
     match kernel_version() {
-        Some((maj, min, release)) if (maj, min) >= (6, 3) => {
-            r.push(Status::Ok, "kernel", format!("{release} (sock_send_length/sock_recv_length need 6.3+)"))
-        }
+        Some((maj, min, release)) if (maj, min) >= (6, 3) => r.push(
+            Status::Ok,
+            "kernel",
+            format!("{release}: the socket capture source (sock:sock_{{send,recv}}_length, 6.3+) is expected"),
+        ),
+        Some((maj, min, release)) if (maj, min) >= (5, 8) => r.push(
+            Status::Warn,
+            "kernel",
+            format!("{release}: older than 6.3, so byte counts come from the syscall capture source (it sees read/recv*/readv/write/send*/writev/sendfile/splice, not io_uring)"),
+        ),
         Some((_, _, release)) => r.push(
             Status::Fail,
             "kernel",
-            format!("{release}: vigie's byte accounting needs the sock:sock_{{send,recv}}_length tracepoints of Linux 6.3+"),
+            format!("{release}: vigie needs Linux 5.8 or later (BPF ring buffer)"),
         ),
         None => r.push(Status::Warn, "kernel", "could not read /proc/sys/kernel/osrelease"),
     }
 
-    if Path::new("/sys/kernel/btf/vmlinux").exists() {
-        r.push(Status::Ok, "BTF", "/sys/kernel/btf/vmlinux present");
-    } else {
-        r.push(Status::Warn, "BTF", "/sys/kernel/btf/vmlinux absent (vigie's tracepoint programs do not need it)");
+    match crate::btf::Btf::from_file(Path::new(crate::btf::VMLINUX)).and_then(|b| crate::btf::kernel_offsets(&b)) {
+        Ok(layout) => r.push(
+            Status::Ok,
+            "BTF",
+            format!("{} present; struct offsets found (sock_common.skc_num at {})", crate::btf::VMLINUX, layout.skc_num),
+        ),
+        Err(e) => r.push(
+            Status::Warn,
+            "BTF",
+            format!("{e:#}: the socket capture source does not need it, the syscall source does"),
+        ),
     }
 
     match std::fs::read_to_string("/sys/kernel/security/lockdown") {
@@ -158,14 +172,40 @@ pub fn check(ports: &[u16], trial: bool) -> Report {
         }
     }
 
+    let mut chosen = None;
     if loader::tracefs_ready() {
+        match loader::choose_source(choice) {
+            Ok((source, fallback)) => {
+                chosen = Some(source);
+                let detail = match (source, fallback) {
+                    (CaptureSource::Sock, _) => "sock: sock:sock_{recv,send}_length count every socket call".to_string(),
+                    (CaptureSource::Syscalls, Some(why)) => {
+                        format!("syscalls, as a fallback: the socket source is unavailable ({why})")
+                    }
+                    (CaptureSource::Syscalls, None) => "syscalls, as configured".to_string(),
+                };
+                let status = if source == CaptureSource::Sock { Status::Ok } else { Status::Warn };
+                r.push(status, "capture source", detail);
+            }
+            Err(e) => r.push(Status::Fail, "capture source", format!("{e:#}")),
+        }
         let missing = loader::missing_tracepoints();
+        let mut seen: Vec<&str> = Vec::new();
         for a in ATTACHMENTS {
+            if seen.contains(&a.name) {
+                continue;
+            }
+            seen.push(a.name);
             let name = format!("tracepoint {}:{}", a.category, a.name);
-            if missing.iter().any(|m| m.name == a.name) {
-                r.push(Status::Fail, name, format!("missing; needed for {}", a.purpose));
-            } else {
-                r.push(Status::Ok, name, format!("present ({})", a.purpose));
+            let needed = chosen.is_none_or(|s| a.used_by(s));
+            let purpose = match a.need {
+                loader::Need::Always => a.purpose.to_string(),
+                loader::Need::Only(s) => format!("{}; {} source", a.purpose, s.name()),
+            };
+            match (missing.iter().any(|m| m.name == a.name), needed) {
+                (true, true) => r.push(Status::Fail, name, format!("missing; needed for {purpose}")),
+                (true, false) => r.push(Status::Ok, name, format!("missing; not needed by the chosen source ({purpose})")),
+                (false, _) => r.push(Status::Ok, name, format!("present ({purpose})")),
             }
         }
     }
@@ -196,11 +236,15 @@ pub fn check(ports: &[u16], trial: bool) -> Report {
         if !r.can_run() {
             r.push(Status::Fail, "trial load", "skipped: fix the lines above first");
         } else {
-            match loader::load(&[u16::MAX]) {
+            match loader::load(&[u16::MAX], choice) {
                 Ok(probes) => r.push(
                     Status::Ok,
                     "trial load",
-                    format!("{} programs loaded, verified and attached, then detached", probes.attached),
+                    format!(
+                        "{} attachments of the {} source loaded, verified and attached, then detached",
+                        probes.attached,
+                        probes.source.name()
+                    ),
                 ),
                 Err(e) => r.push(Status::Fail, "trial load", format!("{e:#}")),
             }

@@ -62,45 +62,6 @@ fn file_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
     })
 }
 
-/// Socket inodes listening on `port` (IPv4 and IPv6).
-fn listening_inodes(port: u16) -> BTreeSet<u64> {
-    let mut inodes = BTreeSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(state), Some(inode)) = (cols.get(1), cols.get(3), cols.get(9)) else { continue };
-            let local_port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
-            if *state == "0A" && local_port == Some(port) {
-                if let Ok(inode) = inode.parse() {
-                    inodes.insert(inode);
-                }
-            }
-        }
-    }
-    inodes
-}
-
-/// Processes holding one of these socket inodes.
-fn pids_with_sockets(inodes: &BTreeSet<u64>) -> Vec<u32> {
-    let mut pids = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return pids };
-    for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
-        let holds = fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path())
-                .ok()
-                .and_then(|l| l.to_str().and_then(|s| s.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok()))
-                .is_some_and(|inode| inodes.contains(&inode))
-        });
-        if holds {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
 /// Executable file mappings of a process, as paths reachable from this mount namespace.
 fn mapped_executables(pid: u32) -> Vec<PathBuf> {
     let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return Vec::new() };
@@ -119,12 +80,12 @@ fn mapped_executables(pid: u32) -> Vec<PathBuf> {
 
 /// The files holding OpenSSL that processes listening on `port` have mapped.
 pub fn discover(port: u16) -> Result<Vec<PathBuf>> {
-    let inodes = listening_inodes(port);
+    let inodes = crate::listeners::listening_inodes(&[port]);
     if inodes.is_empty() {
         bail!("nothing listens on port {port}");
     }
     let mut found = BTreeSet::new();
-    for pid in pids_with_sockets(&inodes) {
+    for pid in crate::listeners::pids_with_sockets(&inodes) {
         for path in mapped_executables(pid) {
             if find_ssl_symbols(&path).map(|s| s.usable()).unwrap_or(false) {
                 found.insert(path);

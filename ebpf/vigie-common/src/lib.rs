@@ -25,6 +25,7 @@ pub const MAX_PENDING_READS: u32 = 16384;
 pub const MAX_WATCHED_PORTS: u32 = 64;
 pub const MAX_SSL_CALLS: u32 = 16384;
 pub const MAX_TLS_PROCESSES: u32 = 4096;
+pub const MAX_SERVER_PROCESSES: u32 = 4096;
 
 /// `EventHeader::kind` values.
 pub const EVENT_RECV: u32 = 1;
@@ -60,7 +61,39 @@ pub const COUNTER_SSL_CALL_LOST: u32 = 4;
 pub const COUNTER_COUNT: u32 = 5;
 
 /// `offsetof(struct sock_common, skc_num)`, the socket's local port, on every kernel since 2.6.
+/// The agent checks it against the kernel's BTF when there is one (`KernelLayout::skc_num`).
 pub const SKC_NUM_OFFSET: u64 = 14;
+
+/// What the programs need to know about this kernel's layouts, read by the agent from tracefs
+/// format files and BTF, and written once into the `LAYOUT` map before anything is attached.
+/// Offsets are in bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// `child_pid` in `sched:sched_process_fork`'s record (its layout changed in 6.x).
+    pub fork_child_pid: u32,
+    /// 1 when the struct offsets below were read from BTF: the syscall capture source, which
+    /// must find a file descriptor's socket itself, needs them.
+    pub fd_walk: u32,
+    /// `struct task_struct.files`, `files_struct.fdt`, `fdtable.max_fds`, `fdtable.fd`.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    /// `struct file.f_inode`, `inode.i_mode`, `file.private_data` (a `struct socket *` for sockets).
+    pub file_inode: u32,
+    pub inode_mode: u32,
+    pub file_private_data: u32,
+    /// `struct socket.type` and `socket.sk`.
+    pub socket_type: u32,
+    pub socket_sk: u32,
+    /// `struct sock_common.skc_family` and `skc_num`.
+    pub skc_family: u32,
+    pub skc_num: u32,
+    /// 1 when the syscall capture source is in use: `sys_enter_*` then also remember the calls
+    /// of TLS processes, whose sockets tie an `SSL*` to its connection.
+    pub syscall_source: u32,
+}
 
 /// One record in the ring buffer. `RECV` records are followed by `captured` bytes of payload.
 #[repr(C)]
@@ -96,12 +129,15 @@ pub struct PendingRead {
     /// User address: the buffer itself, an `iovec` array, or a `user_msghdr`.
     pub addr: u64,
     pub shape: u32,
-    pub _pad: u32,
+    /// The file descriptor (the syscall capture source resolves it to a socket at exit).
+    pub fd: u32,
 }
 
 pub const SHAPE_BUF: u32 = 1;
 pub const SHAPE_IOVEC: u32 = 2;
 pub const SHAPE_MSGHDR: u32 = 3;
+/// A send in flight (syscall capture source only): `addr` is unused.
+pub const SHAPE_SEND: u32 = 4;
 
 /// An SSL call in flight on a thread, saved at the uprobe and read at the uretprobe.
 #[repr(C)]
@@ -147,4 +183,5 @@ mod user {
     unsafe impl aya::Pod for super::PendingRead {}
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::SslCall {}
+    unsafe impl aya::Pod for super::KernelLayout {}
 }

@@ -3,14 +3,17 @@
 //! They record facts about connections: which connection, how many bytes each socket call or
 //! SSL call moved, and the first bytes of what was received. They decide nothing about HTTP,
 //! tokens or Matrix; the agent does all of that. One module per program type:
-//! - [`syscalls`]: `syscalls:sys_enter_*`, where a thread's receive will land;
+//! - [`syscalls`]: `syscalls:sys_enter_*`, where a thread's receive will land; and, on kernels
+//!   without `sock:sock_{recv,send}_length` (before 6.3), `sys_exit_*` as the byte source;
 //! - [`sock`]: `sock:*`, exact byte counts on watched sockets and their close;
+//! - [`process`]: `sched:sched_process_fork`, so a server's new workers are known at once;
 //! - [`tls`]: uprobes on OpenSSL's `SSL_read`/`SSL_write` (and `_ex`, `SSL_free`): plaintext.
 //!
 //! Only tracepoints and uprobes: this design must not need kprobes or fentry.
 #![no_std]
 #![no_main]
 
+mod process;
 mod sock;
 mod syscalls;
 mod tls;
@@ -18,7 +21,7 @@ mod tls;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use vigie_common::*;
 
@@ -46,6 +49,27 @@ static PENDING_READS: LruHashMap<u64, PendingRead> =
 /// inside a call leaves an entry that ages out.
 #[map]
 static SSL_CALLS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(MAX_SSL_CALLS, 0);
+
+/// Processes that serve a watched port: only their receives are worth remembering at
+/// `sys_enter_*`, which fires for every read on the machine. Seeded by the agent from /proc,
+/// completed by the kernel (a process receiving on a watched socket, a server's fork). LRU: a
+/// process that exits ages out.
+#[map]
+static SERVER_TGIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(MAX_SERVER_PROCESSES, 0);
+
+/// This kernel's layouts (`vigie_common::KernelLayout`), written by the agent before attaching.
+#[map]
+static LAYOUT: Array<KernelLayout> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+fn layout() -> Option<&'static KernelLayout> {
+    LAYOUT.get(0)
+}
+
+#[inline(always)]
+fn is_server_process(tgid: u32) -> bool {
+    unsafe { SERVER_TGIDS.get(&tgid) }.is_some()
+}
 
 /// Processes that call SSL functions: only their threads' socket use is remembered below.
 #[map]

@@ -14,8 +14,8 @@ use aya_ebpf::{
 use vigie_common::*;
 
 use crate::{
-    CONNS, LAST_RECV_SOCK, LAST_SEND_SOCK, PENDING_READS, TLS_PROCESSES, WATCHED_PORTS,
-    bump, capture_and_emit, emit_header, new_header,
+    CONNS, LAST_RECV_SOCK, LAST_SEND_SOCK, PENDING_READS, SERVER_TGIDS, TLS_PROCESSES,
+    WATCHED_PORTS, bump, capture_and_emit, emit_header, is_server_process, layout, new_header,
 };
 
 const AF_INET: u16 = 2;
@@ -62,7 +62,8 @@ fn watched_conn(sk: u64) -> Option<ConnInfo> {
     if let Some(info) = unsafe { CONNS.get(&sk) } {
         return Some(*info);
     }
-    let port: u16 = unsafe { bpf_probe_read_kernel((sk + SKC_NUM_OFFSET) as *const u16) }.ok()?;
+    let offset = layout().map(|l| l.skc_num as u64).unwrap_or(SKC_NUM_OFFSET);
+    let port: u16 = unsafe { bpf_probe_read_kernel((sk + offset) as *const u16) }.ok()?;
     unsafe { WATCHED_PORTS.get(&port) }?;
     let info = ConnInfo { start_ns: unsafe { bpf_ktime_get_ns() }, port, _pad: [0; 3] };
     if CONNS.insert(&sk, &info, 0).is_err() {
@@ -71,12 +72,18 @@ fn watched_conn(sk: u64) -> Option<ConnInfo> {
     Some(info)
 }
 
+/// A send of `bytes` on socket `sk` (either capture source).
+#[inline(always)]
+pub fn on_send(sk: u64, bytes: u64) {
+    let Some(conn) = watched_conn(sk) else { return };
+    emit_header(&new_header(EVENT_SEND, sk, conn.start_ns, conn.port, bytes));
+}
+
 #[tracepoint]
 pub fn vigie_sock_send(ctx: TracePointContext) -> u32 {
     let Some(s) = read_sock_length(&ctx) else { return 0 };
     note_tls_thread(&LAST_SEND_SOCK, s.sk);
-    let Some(conn) = watched_conn(s.sk) else { return 0 };
-    emit_header(&new_header(EVENT_SEND, s.sk, conn.start_ns, conn.port, s.ret as u64));
+    on_send(s.sk, s.ret as u64);
     0
 }
 
@@ -101,6 +108,46 @@ fn first_buffer(pending: &PendingRead) -> Option<(u64, u64)> {
     }
 }
 
+/// A receive of `bytes` on socket `sk` (either capture source). `from_exit` is the thread's
+/// pending read when the caller already took it out of `PENDING_READS` (syscall source).
+#[inline(always)]
+pub fn on_recv(sk: u64, bytes: u64, from_exit: Option<PendingRead>) {
+    let Some(conn) = watched_conn(sk) else { return };
+    let mut header = new_header(EVENT_RECV, sk, conn.start_ns, conn.port, bytes);
+
+    let key = header.pid_tgid;
+    let pending = match from_exit {
+        Some(p) => Some(p),
+        None => {
+            let p = unsafe { PENDING_READS.get(&key) }.copied();
+            if p.is_some() {
+                let _ = PENDING_READS.remove(&key);
+            }
+            p
+        }
+    };
+    let buffer = pending.as_ref().and_then(first_buffer);
+    let Some((base, buf_len)) = buffer else {
+        // A process the agent had not yet seen serving this port: from now on its receives
+        // are remembered.
+        let tgid = (key >> 32) as u32;
+        if !is_server_process(tgid) {
+            let _ = SERVER_TGIDS.insert(&tgid, &1, 0);
+        }
+        bump(COUNTER_NO_BUFFER);
+        header.flags = FLAG_NO_BUFFER;
+        emit_header(&header);
+        return;
+    };
+    let mut want = bytes;
+    if buf_len < want {
+        // The rest went to later iovecs, which are not copied.
+        want = buf_len;
+        header.flags |= FLAG_CAPTURE_PARTIAL;
+    }
+    capture_and_emit(&header, base, want);
+}
+
 #[tracepoint]
 pub fn vigie_sock_recv(ctx: TracePointContext) -> u32 {
     let Some(s) = read_sock_length(&ctx) else { return 0 };
@@ -108,28 +155,7 @@ pub fn vigie_sock_recv(ctx: TracePointContext) -> u32 {
         return 0;
     }
     note_tls_thread(&LAST_RECV_SOCK, s.sk);
-    let Some(conn) = watched_conn(s.sk) else { return 0 };
-    let mut header = new_header(EVENT_RECV, s.sk, conn.start_ns, conn.port, s.ret as u64);
-
-    let key = header.pid_tgid;
-    let buffer = match unsafe { PENDING_READS.get(&key) } {
-        Some(p) => first_buffer(p),
-        None => None,
-    };
-    let _ = PENDING_READS.remove(&key);
-    let Some((base, buf_len)) = buffer else {
-        bump(COUNTER_NO_BUFFER);
-        header.flags = FLAG_NO_BUFFER;
-        emit_header(&header);
-        return 0;
-    };
-    let mut want = s.ret as u64;
-    if buf_len < want {
-        // The rest went to later iovecs, which are not copied.
-        want = buf_len;
-        header.flags |= FLAG_CAPTURE_PARTIAL;
-    }
-    capture_and_emit(&header, base, want);
+    on_recv(s.sk, s.ret as u64, None);
     0
 }
 
