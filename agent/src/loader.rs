@@ -251,6 +251,14 @@ pub struct Probes {
     pub counters: PerCpuArray<MapData, u64>,
     pub attached: usize,
     pub source: CaptureSource,
+    /// Uprobes attached for one server process each (discovery).
+    tls_process_links: Vec<ProcessLinks>,
+}
+
+struct ProcessLinks {
+    pid: u32,
+    target: std::path::PathBuf,
+    links: Vec<(&'static str, aya::programs::uprobe::UProbeLinkId)>,
 }
 
 impl Probes {
@@ -288,12 +296,29 @@ impl Probes {
     }
 
     /// Attach the OpenSSL uprobes to one file (shared library or executable). They fire in
-    /// every process that maps it, including processes started later. Returns how many
+    /// every process that maps it, including processes started later: simple, but every
+    /// client on the host that uses the same libssl pays a trap per SSL call. Returns how many
     /// probes were attached; attaching the same file twice is a no-op.
     pub fn attach_tls(&mut self, path: &Path) -> Result<usize> {
+        self.attach_tls_scoped(path, None)
+    }
+
+    /// Attach the OpenSSL uprobes to one file for one process only (the kernel then inserts
+    /// the breakpoints in that process alone, so other processes mapping the same library pay
+    /// nothing). Used for servers found by discovery. A no-op when already attached.
+    pub fn attach_tls_process(&mut self, path: &Path, pid: u32) -> Result<usize> {
+        self.attach_tls_scoped(path, Some(pid))
+    }
+
+    fn attach_tls_scoped(&mut self, path: &Path, pid: Option<u32>) -> Result<usize> {
         let canonical = std::fs::canonicalize(path).with_context(|| format!("TLS target {}", path.display()))?;
         if self.tls_targets.contains(&canonical) {
             return Ok(0);
+        }
+        if let Some(pid) = pid {
+            if self.tls_process_links.iter().any(|l| l.pid == pid && l.target == canonical) {
+                return Ok(0);
+            }
         }
         let symbols = crate::tls::find_ssl_symbols(&canonical)?;
         if !symbols.usable() {
@@ -302,26 +327,91 @@ impl Probes {
                 path.display()
             );
         }
-        let mut attached = 0;
+        let scope = || match pid.and_then(std::num::NonZeroU32::new) {
+            Some(pid) => UProbeScope::OneProcess(pid),
+            None => UProbeScope::AllProcesses,
+        };
+        let mut links = Vec::new();
+        let mut attach = |ebpf: &mut Ebpf, program: &'static str, function: &str, offset: u64| -> Result<()> {
+            let probe: &mut UProbe = ebpf.program_mut(program).context("uprobe program missing")?.try_into()?;
+            let link = probe
+                .attach(UProbeAttachLocation::AbsoluteOffset(offset), &canonical, scope())
+                .with_context(|| format!("attaching {program} to {function} in {}{}", canonical.display(), pid.map(|p| format!(" for process {p}")).unwrap_or_default()))?;
+            links.push((program, link));
+            Ok(())
+        };
+        let mut result = Ok(());
         for (program, function) in SSL_ENTRY_PROGRAMS {
             let Some(offset) = symbols.get(function) else { continue };
-            let probe: &mut UProbe = self.ebpf.program_mut(program).context("uprobe program missing")?.try_into()?;
-            probe
-                .attach(UProbeAttachLocation::AbsoluteOffset(offset), &canonical, UProbeScope::AllProcesses)
-                .with_context(|| format!("attaching {program} to {function} in {}", canonical.display()))?;
-            attached += 1;
-            if *function != "SSL_free" {
-                let ret: &mut UProbe =
-                    self.ebpf.program_mut(SSL_RETURN_PROGRAM).context("uretprobe program missing")?.try_into()?;
-                ret.attach(UProbeAttachLocation::AbsoluteOffset(offset), &canonical, UProbeScope::AllProcesses)
-                    .with_context(|| format!("attaching {SSL_RETURN_PROGRAM} to the return of {function} in {}", canonical.display()))?;
-                attached += 1;
+            result = attach(&mut self.ebpf, program, function, offset);
+            if result.is_ok() && *function != "SSL_free" {
+                result = attach(&mut self.ebpf, SSL_RETURN_PROGRAM, function, offset);
+            }
+            if result.is_err() {
+                break;
             }
         }
-        tracing::info!(target = %canonical.display(), probes = attached, "attached to OpenSSL");
-        self.tls_targets.push(canonical);
+        let attached = links.len();
+        if let Err(e) = result {
+            // All or nothing: half the probes would count reads without writes.
+            self.detach_links(links);
+            return Err(e);
+        }
         self.attached += attached;
+        match pid {
+            None => {
+                tracing::info!(target = %canonical.display(), probes = attached, "attached to OpenSSL in every process");
+                self.tls_targets.push(canonical);
+            }
+            Some(pid) => {
+                tracing::info!(target = %canonical.display(), pid, probes = attached, "attached to OpenSSL in a server process");
+                let mut watched: HashMap<_, u32, u8> =
+                    HashMap::try_from(self.ebpf.map_mut("FORK_WATCHED").context("map FORK_WATCHED missing")?)?;
+                watched.insert(pid, 1, 0).with_context(|| format!("adding process {pid} to FORK_WATCHED"))?;
+                self.tls_process_links.push(ProcessLinks { pid, target: canonical, links });
+            }
+        }
         Ok(attached)
+    }
+
+    /// A process with per-process TLS probes forked: give the child the same probes (pre-forking
+    /// servers start new workers on reload; waiting for the next discovery would miss them).
+    pub fn on_fork(&mut self, parent: u32, child: u32) -> usize {
+        let targets: Vec<std::path::PathBuf> =
+            self.tls_process_links.iter().filter(|l| l.pid == parent).map(|l| l.target.clone()).collect();
+        let mut attached = 0;
+        for target in targets {
+            match self.attach_tls_process(&target, child) {
+                Ok(n) => attached += n,
+                // The child may have exited or exec'd already.
+                Err(e) => tracing::debug!(parent, child, error = %format!("{e:#}"), "TLS probes for a forked server process"),
+            }
+        }
+        attached
+    }
+
+    fn detach_links(&mut self, links: Vec<(&'static str, aya::programs::uprobe::UProbeLinkId)>) {
+        for (program, link) in links {
+            if let Some(probe) = self.ebpf.program_mut(program).and_then(|p| <&mut UProbe>::try_from(p).ok()) {
+                let _ = probe.detach(link);
+            }
+        }
+    }
+
+    /// Detach the per-process probes of processes that are gone, so that a server whose
+    /// workers come and go does not accumulate dead attachments.
+    pub fn prune_exited_processes(&mut self) -> usize {
+        let (gone, alive): (Vec<_>, Vec<_>) = std::mem::take(&mut self.tls_process_links)
+            .into_iter()
+            .partition(|l| !Path::new(&format!("/proc/{}", l.pid)).exists());
+        self.tls_process_links = alive;
+        let mut detached = 0;
+        for l in gone {
+            detached += l.links.len();
+            self.detach_links(l.links);
+        }
+        self.attached -= detached;
+        detached
     }
 
     /// Kernel-side counters (`vigie_common::COUNTER_*`), summed over CPUs.
@@ -390,7 +480,7 @@ pub fn load(ports: &[u16], choice: SourceChoice) -> Result<Probes> {
 
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
     let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS missing")?)?;
-    let mut probes = Probes { ebpf, tls_targets: Vec::new(), events: Some(events), counters, attached, source };
+    let mut probes = Probes { ebpf, tls_targets: Vec::new(), events: Some(events), counters, attached, source, tls_process_links: Vec::new() };
     probes.add_server_processes(ports)?;
     Ok(probes)
 }

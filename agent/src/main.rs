@@ -355,8 +355,12 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 drain(guard.get_inner_mut(), &state);
                 guard.clear_ready();
+                attach_forks(&mut probes, &state);
             }
-            _ = drain_tick.tick() => drain(ring.get_mut(), &state),
+            _ = drain_tick.tick() => {
+                drain(ring.get_mut(), &state);
+                attach_forks(&mut probes, &state);
+            }
             _ = tick.tick() => {
                 let kernel = probes.counters();
                 let mut st = lock(&state);
@@ -399,17 +403,21 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     Ok(())
 }
 
-/// Attach to the OpenSSL of whatever listens on the discovery ports. Failures are logged,
-/// not fatal: the server may not be up yet.
+/// Attach to the OpenSSL of whatever listens on the discovery ports, in those processes only.
+/// Failures are logged, not fatal: the server may not be up yet.
 fn discover_tls(probes: &mut loader::Probes, ports: &[u16]) {
+    let detached = probes.prune_exited_processes();
+    if detached > 0 {
+        tracing::info!(probes = detached, "detached the TLS probes of server processes that exited");
+    }
     for &port in ports {
         match vigie::tls::discover(port) {
             Ok(paths) if paths.is_empty() => {
                 tracing::warn!(port, "no OpenSSL found in the processes listening on this port")
             }
             Ok(paths) => {
-                for path in paths {
-                    if let Err(e) = probes.attach_tls(&path) {
+                for (pid, path) in paths {
+                    if let Err(e) = probes.attach_tls_process(&path, pid) {
                         tracing::warn!(port, error = %format!("{e:#}"), "could not attach to a discovered TLS library");
                     }
                 }
@@ -417,6 +425,18 @@ fn discover_tls(probes: &mut loader::Probes, ports: &[u16]) {
             Err(e) => tracing::debug!(port, error = %format!("{e:#}"), "TLS discovery"),
         }
     }
+}
+
+/// Give TLS server processes that forked the probes of their parent.
+fn attach_forks(probes: &mut loader::Probes, state: &Mutex<State>) {
+    let forks = lock(state).take_forks();
+    if forks.is_empty() {
+        return;
+    }
+    for (parent, child) in forks {
+        probes.on_fork(parent, child);
+    }
+    lock(state).health.probes_attached = probes.attached;
 }
 
 /// Refresh the kernel's list of server processes from /proc (see `Probes::add_server_processes`).

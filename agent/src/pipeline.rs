@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use vigie_common::{
-    COUNTER_COUNT, EVENT_CLOSE, EVENT_HEADER_LEN, EVENT_RECV, EVENT_SEND, EVENT_TLS_CLOSE, EVENT_TLS_RECV,
+    COUNTER_COUNT, EVENT_CLOSE, EVENT_FORK, EVENT_HEADER_LEN, EVENT_RECV, EVENT_SEND, EVENT_TLS_CLOSE, EVENT_TLS_RECV,
     EVENT_TLS_SEND, EventHeader, FLAG_NO_BUFFER, FLAG_SOCK_DURING_CALL,
 };
 
@@ -57,6 +57,7 @@ pub struct State {
     pub detect_vantage: Vantage,
     pub health: Health,
     connection_idle_ns: u64,
+    forks: Vec<(u32, u32)>,
 }
 
 /// The sink the connection tracker reports into: aggregator, detector and health counters.
@@ -141,6 +142,7 @@ impl State {
                 ..Health::default()
             },
             connection_idle_ns: connection_idle_s.saturating_mul(1_000_000_000),
+            forks: Vec::new(),
         }
     }
 
@@ -189,6 +191,12 @@ impl State {
                 feed.health.close_events += 1;
                 self.tracker.on_close(key, &mut feed);
             }
+            EVENT_FORK => {
+                // Bounded: the agent takes them after every drain.
+                if self.forks.len() < 1024 {
+                    self.forks.push(((h.pid_tgid >> 32) as u32, h.bytes as u32));
+                }
+            }
             _ => feed.health.malformed_records += 1,
         }
     }
@@ -199,6 +207,11 @@ impl State {
         for suspect in self.detector.suspects() {
             self.aggregator.pin(suspect);
         }
+    }
+
+    /// (parent, child) pids of TLS server processes that forked since the last call.
+    pub fn take_forks(&mut self) -> Vec<(u32, u32)> {
+        std::mem::take(&mut self.forks)
     }
 
     /// Periodic upkeep: expire idle connections and tokens, reassign export slots (suspects

@@ -78,8 +78,8 @@ fn mapped_executables(pid: u32) -> Vec<PathBuf> {
     paths.into_iter().map(|p| PathBuf::from(format!("/proc/{pid}/root{p}"))).collect()
 }
 
-/// The files holding OpenSSL that processes listening on `port` have mapped.
-pub fn discover(port: u16) -> Result<Vec<PathBuf>> {
+/// The processes listening on `port` and the files holding OpenSSL each has mapped.
+pub fn discover(port: u16) -> Result<Vec<(u32, PathBuf)>> {
     let inodes = crate::listeners::listening_inodes(&[port]);
     if inodes.is_empty() {
         bail!("nothing listens on port {port}");
@@ -88,7 +88,7 @@ pub fn discover(port: u16) -> Result<Vec<PathBuf>> {
     for pid in crate::listeners::pids_with_sockets(&inodes) {
         for path in mapped_executables(pid) {
             if find_ssl_symbols(&path).map(|s| s.usable()).unwrap_or(false) {
-                found.insert(path);
+                found.insert((pid, path));
             }
         }
     }

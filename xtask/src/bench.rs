@@ -4,7 +4,8 @@
 //!    worker pinned to CPU 0) under wrk (`xtask/bench/request.lua`, pinned to CPU 1), small
 //!    (99 B) and large (1 MiB) responses, alternately without and with `vigie run
 //!    --server-port`; medians, and vigie's request count against wrk's.
-//! 2. The same over TLS, vigie attached to libssl with `--tls-target`.
+//! 2. The same over TLS, vigie attached to nginx's libssl with `--tls-discover-port` (probes in
+//!    the server's processes only).
 //! 3. The userspace pipeline alone (`agent/examples/pipeline_bench.rs`): records/s on one
 //!    core, and resident memory per tracked token.
 //! 4. Kernel map memory (`bpftool map show`, the agent's own maps).
@@ -548,7 +549,7 @@ impl Bench {
         cmd.arg("run");
         match watch {
             Watch::Port(p) => cmd.arg("--server-port").arg(p.to_string()),
-            Watch::Tls => cmd.arg("--tls-target").arg(LIBSSL),
+            Watch::Tls(p) => cmd.arg("--tls-discover-port").arg(p.to_string()),
         };
         cmd.arg("--metrics-addr").arg(format!("127.0.0.1:{metrics_port}")).arg("--key-file").arg(d.join("vigie.key"));
         let tag = self.next_tag("vigie");
@@ -620,7 +621,8 @@ impl Nginx {
 
 enum Watch {
     Port(u16),
-    Tls,
+    /// The TLS port to discover the server's OpenSSL from.
+    Tls(u16),
 }
 
 struct Vigie {
@@ -881,7 +883,7 @@ impl Bench {
     fn load_run(&mut self, nginx: &Nginx, case: &Case, with_vigie: bool, conns: u32, n: usize) -> Result<Run> {
         self.wait_quiet()?;
         let vigie = if with_vigie {
-            let watch = if case.tls { Watch::Tls } else { Watch::Port(nginx.port) };
+            let watch = if case.tls { Watch::Tls(nginx.port) } else { Watch::Port(nginx.port) };
             Some(self.start_vigie(&watch)?)
         } else {
             None
@@ -982,7 +984,7 @@ impl Bench {
             if tls { ("TLS, 99 B body", "TLS, 1 MiB body") } else { ("plaintext, 99 B body", "plaintext, 1 MiB body") };
         step(&format!(
             "Overhead, {}: nginx (1 worker, CPU {NGINX_CPU}) under wrk (-t1 -c{} -d{}s, CPU {WRK_CPU}), {} runs without and with vigie, alternating",
-            if tls { "TLS (vigie --tls-target libssl)" } else { "plaintext HTTP/1.1 (vigie --server-port)" },
+            if tls { "TLS (vigie --tls-discover-port: probes in nginx's processes)" } else { "plaintext HTTP/1.1 (vigie --server-port)" },
             self.opts.connections,
             self.opts.duration,
             self.opts.runs

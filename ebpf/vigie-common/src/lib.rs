@@ -26,6 +26,7 @@ pub const MAX_WATCHED_PORTS: u32 = 64;
 pub const MAX_SSL_CALLS: u32 = 16384;
 pub const MAX_TLS_PROCESSES: u32 = 4096;
 pub const MAX_SERVER_PROCESSES: u32 = 4096;
+pub const MAX_FORK_WATCHED: u32 = 4096;
 
 /// `EventHeader::kind` values.
 pub const EVENT_RECV: u32 = 1;
@@ -37,6 +38,9 @@ pub const EVENT_TLS_RECV: u32 = 4;
 pub const EVENT_TLS_SEND: u32 = 5;
 /// `SSL_free`: the TLS connection is over.
 pub const EVENT_TLS_CLOSE: u32 = 6;
+/// A process whose TLS probes are per process forked: `bytes` is the child's pid, `pid_tgid`
+/// the parent's. The agent attaches the parent's probes to the child.
+pub const EVENT_FORK: u32 = 7;
 
 /// `EventHeader::flags` bits.
 /// The capture holds fewer bytes than the receive moved (capture limit, or the data went to a

@@ -57,6 +57,11 @@ static SSL_CALLS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(MAX_SS
 #[map]
 static SERVER_TGIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(MAX_SERVER_PROCESSES, 0);
 
+/// Processes with per-process TLS probes (set by the agent): their forks are reported
+/// (`EVENT_FORK`) so the agent can attach the child before long. LRU: exited processes age out.
+#[map]
+static FORK_WATCHED: LruHashMap<u32, u8> = LruHashMap::with_max_entries(MAX_FORK_WATCHED, 0);
+
 /// This kernel's layouts (`vigie_common::KernelLayout`), written by the agent before attaching.
 #[map]
 static LAYOUT: Array<KernelLayout> = Array::with_max_entries(1, 0);
