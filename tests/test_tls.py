@@ -22,6 +22,7 @@ from harness.util import token_needles
 import os
 import random
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -378,6 +379,56 @@ def test_tls_server_started_after_the_agent(vigie_factory, cert, seed, tmp_path_
     problems = ([f"discover: {p}" for p in problems_d] + [f"target: {p}" for p in problems_t] + early_problems)
     if problems:
         pytest.fail(f"{len(problems)} mismatches:\n" + "\n".join(problems[:60]), pytrace=False)
+
+
+# -- 4b. discovery probes the server only, and follows its forks ---------------------------------
+
+
+def test_discovered_tls_probes_follow_a_reloaded_servers_new_workers(synapse, vigie_factory, cert, tmp_path):
+    """With --tls-discover-port the probes are in nginx's processes only (the test's own
+    clients map the same libssl and are not probed), and after `nginx -s reload` the new
+    workers, forks of the master, get theirs as soon as they appear (the kernel reports the
+    fork), not at the next discovery 10 s later."""
+    with running_nginx(tmp_path / "nginx", cert, synapse.port) as nginx:
+        vigie = vigie_factory(None, extra_args=["--tls-discover-port", str(nginx.port)])
+        before = vigie.scrape().total("vigie_probes_attached")
+        assert before > 0, f"discovery attached nothing at start\n{vigie.logs(40)}"
+        old = set(nginx.worker_pids())
+        os.kill(nginx.master_pid, signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while True:
+            workers = set(nginx.worker_pids())
+            if workers and not workers & old:
+                break
+            assert time.monotonic() < deadline, f"nginx did not replace its workers {old} (now {workers})"
+            time.sleep(0.05)
+        t_new = time.monotonic()
+        _, tok, _ = synapse.register("reloaded")
+        rec = Recorder()
+        client = MatrixClient(nginx.host, nginx.port, tok, recorder=rec, name="reloaded",
+                              tls=counting_tls_context(cert[0]))
+        for _ in range(5):
+            client.whoami()
+            client.joined_rooms()
+        client.close()
+        used_within = time.monotonic() - t_new
+        label = vigie.labels([tok])[tok]
+        et = rec.totals()[tok]
+        exp = {label: client_figures({tok: et}, [tok], {tok: label})[label]}
+        m, fig, _ = poll_until_stable(VantageView(vigie), [label], exp)
+        logs = vigie.logs()
+        followed = [pid for pid in workers if f"child={pid}" in logs and "followed a fork" in logs]
+        print(f"nginx workers {sorted(old)} -> {sorted(workers)}; new workers used within {used_within:.1f} s; "
+              f"vigie {fig.get(label, (0, 0))[0]:.0f} requests {fig.get(label, (0, 0))[1]:.0f} bytes, "
+              f"client {et['requests']} requests {et['bytes']} bytes; probes {before:.0f} -> "
+              f"{vigie.scrape().total('vigie_probes_attached'):.0f}; forks followed for {sorted(followed)}")
+        assert sorted(followed) == sorted(workers), \
+            f"vigie did not follow the fork of every new worker {sorted(workers)}:\n{vigie.logs(30)}"
+        assert fig[label][0] == et["requests"], (fig[label], et)
+        assert fig[label][1] == et["bytes"], (fig[label], et)
+        clients_seen = m.total("vigie_tls_client_connections_total")
+        assert clients_seen == 0, \
+            f"{clients_seen:.0f} client-side TLS connections were probed: discovery should probe nginx only"
 
 
 # -- 5. HTTP/2 through nginx -----------------------------------------------------------------------

@@ -382,7 +382,10 @@ impl Probes {
         let mut attached = 0;
         for target in targets {
             match self.attach_tls_process(&target, child) {
-                Ok(n) => attached += n,
+                Ok(n) => {
+                    tracing::info!(parent, child, target = %target.display(), probes = n, "followed a fork of a TLS server process");
+                    attached += n
+                }
                 // The child may have exited or exec'd already.
                 Err(e) => tracing::debug!(parent, child, error = %format!("{e:#}"), "TLS probes for a forked server process"),
             }
