@@ -28,7 +28,7 @@ use std::time::Instant;
 use vigie::aggregate::Limits;
 use vigie::pipeline::State;
 use vigie::token::TokenKey;
-use vigie_common::{EVENT_CLOSE, EVENT_HEADER_LEN, EVENT_RECV, EVENT_SEND, EventHeader};
+use vigie_common::{EVENT_CLOSE, EVENT_HEADER_LEN, EVENT_RECV, EventHeader};
 
 /// Synthetic request rate: sets the records' timestamps, hence when housekeeping runs (every
 /// 10 s of record time, as the agent does every 10 s of wall time).
@@ -184,7 +184,17 @@ fn make_exchange(rng: &mut Rng, token: u64, out: &mut Exchange) {
     head.extend_from_slice(body);
 }
 
-fn header(kind: u32, conn: u64, generation: u64, ts_ns: u64, bytes: u64, captured: u32) -> [u8; EVENT_HEADER_LEN] {
+#[allow(clippy::too_many_arguments)]
+fn header(
+    kind: u32,
+    conn: u64,
+    generation: u64,
+    ts_ns: u64,
+    bytes: u64,
+    captured: u32,
+    sent_total: u64,
+    recv_seq: u32,
+) -> [u8; EVENT_HEADER_LEN] {
     let h = EventHeader {
         kind,
         flags: 0,
@@ -197,6 +207,9 @@ fn header(kind: u32, conn: u64, generation: u64, ts_ns: u64, bytes: u64, capture
         port: 8008,
         _pad: 0,
         sock_hint: 0,
+        sent_total,
+        recv_seq,
+        _pad2: 0,
     };
     let mut out = [0u8; EVENT_HEADER_LEN];
     // SAFETY: EventHeader is #[repr(C)] plain data with explicit padding, EVENT_HEADER_LEN
@@ -210,8 +223,11 @@ fn header(kind: u32, conn: u64, generation: u64, ts_ns: u64, bytes: u64, capture
 /// Generates the record stream: each request picks a connection and a token at random.
 struct Traffic {
     rng: Rng,
-    /// Per connection slot: its generation (the kernel's `conn_start_ns`).
+    /// Per connection slot: its generation (the kernel's `conn_start_ns`), and the kernel's
+    /// running totals (bytes sent, receives), which receive and close records carry.
     generations: Vec<u64>,
+    sent: Vec<u64>,
+    recvs: Vec<u32>,
     ts_ns: u64,
     exchange: Exchange,
     requests: u64,
@@ -225,6 +241,8 @@ impl Traffic {
         Traffic {
             rng: Rng(seed | 1),
             generations: (1..=connections as u64).collect(),
+            sent: vec![0; connections],
+            recvs: vec![0; connections],
             ts_ns: 1_000_000_000,
             exchange: Exchange { head: Vec::with_capacity(2048), sends: [0; 3], nsends: 0, has_token: true },
             requests: 0,
@@ -243,19 +261,23 @@ impl Traffic {
         let x = &self.exchange;
         self.ts_ns += 1_000_000_000 / SYNTHETIC_RATE;
         let len = x.head.len() as u64;
-        emit(&header(EVENT_RECV, conn, generation, self.ts_ns, len, len as u32), &x.head);
+        // The previous response's sends ride on this receive; this one's on the next record.
+        self.recvs[slot] += 1;
+        emit(&header(EVENT_RECV, conn, generation, self.ts_ns, len, len as u32, self.sent[slot], self.recvs[slot]), &x.head);
         for &bytes in &x.sends[..x.nsends] {
             self.ts_ns += 1000;
-            emit(&header(EVENT_SEND, conn, generation, self.ts_ns, bytes, 0), &[]);
+            self.sent[slot] += bytes;
         }
-        self.records += 1 + x.nsends as u64;
+        self.records += 1;
         self.requests += 1;
         self.with_token += u64::from(x.has_token);
         self.head_bytes += len;
         if self.rng.below(CLOSE_EVERY) == 0 {
-            emit(&header(EVENT_CLOSE, conn, generation, self.ts_ns, 0, 0), &[]);
+            emit(&header(EVENT_CLOSE, conn, generation, self.ts_ns, 0, 0, self.sent[slot], self.recvs[slot]), &[]);
             self.records += 1;
             self.generations[slot] = self.ts_ns;
+            self.sent[slot] = 0;
+            self.recvs[slot] = 0;
         }
     }
 }

@@ -213,6 +213,10 @@ struct Conn {
     expect_continue: bool,
     role: Role,
     last_seen_ns: u64,
+    /// Socket vantage: the kernel's running total of bytes sent already accounted, and the
+    /// number of the latest receive processed (`vigie_common::ConnInfo`).
+    sent_seen: u64,
+    recv_seq: u32,
 }
 
 impl Conn {
@@ -250,6 +254,8 @@ impl Table {
                 Vantage::Tls => Role::Unknown { held: 0 },
             },
             last_seen_ns: now_ns,
+            sent_seen: 0,
+            recv_seq: 0,
         });
         conn.last_seen_ns = now_ns;
         conn
@@ -307,6 +313,53 @@ impl Tracker {
             Some(a) => sink.response_bytes(a, bytes),
             None => sink.unattributed_bytes(bytes),
         }
+    }
+
+    /// A socket record's running total of bytes sent on its connection (receive and close
+    /// records carry one, read after the receive): account what was sent since the last
+    /// total, before the receive itself, so it goes to the request it answered.
+    pub fn on_sent_total(&mut self, key: ConnKey, now_ns: u64, total: u64, sink: &mut impl Sink) {
+        let conn = self.table.get(key, now_ns);
+        let new = total.saturating_sub(conn.sent_seen);
+        conn.sent_seen = conn.sent_seen.max(total);
+        if new > 0 {
+            self.on_send(key, now_ns, new, sink);
+        }
+    }
+
+    /// Remember the number of the receive just processed (see `on_polled_total`).
+    pub fn set_recv_seq(&mut self, key: ConnKey, seq: u32) {
+        if let Some(conn) = self.table.conns.get_mut(&key) {
+            conn.recv_seq = seq;
+        }
+    }
+
+    /// Socket connections whose running totals are worth reading from the kernel: those
+    /// answering now, or quiet for a while (their last response may be unaccounted). At most
+    /// `limit`, starting at `skip` (the caller rotates it), as (key, latest receive number).
+    pub fn poll_targets(&self, limit: usize, skip: usize) -> Vec<(ConnKey, u32)> {
+        let socket = self.table.conns.iter().filter(|(k, c)| k.vantage == Vantage::Socket && c.role == Role::Server);
+        let n = self.table.conns.len().max(1);
+        socket.skip(skip % n).take(limit).map(|(k, c)| (*k, c.recv_seq)).collect()
+    }
+
+    /// A running total read from the kernel's connection map by the agent. It is accounted
+    /// only when no receive is pending in the ring buffer for this connection (`recv_seq`
+    /// matches the latest processed), so a response is never credited to the request before
+    /// it. The kernel's entry is read in one copy with `sent` before `recvs`: a copy that
+    /// includes the next response's bytes also has the next receive's number, and is skipped.
+    pub fn on_polled_total(&mut self, key: ConnKey, now_ns: u64, total: u64, recv_seq: u32, sink: &mut impl Sink) -> bool {
+        match self.table.conns.get(&key) {
+            Some(conn) if conn.recv_seq == recv_seq => {}
+            _ => return false,
+        }
+        let last_seen = self.table.conns.get(&key).map(|c| c.last_seen_ns).unwrap_or(now_ns);
+        // A poll is not activity: keep the idle clock where the records left it.
+        self.on_sent_total(key, now_ns, total, sink);
+        if let Some(conn) = self.table.conns.get_mut(&key) {
+            conn.last_seen_ns = last_seen;
+        }
+        true
     }
 
     pub fn on_close(&mut self, key: ConnKey, sink: &mut impl Sink) {
@@ -586,6 +639,47 @@ mod tests {
         assert_eq!(bytes_for(&s, "syt_a"), 1005);
         assert_eq!(bytes_for(&s, "syt_b"), 300);
         assert!(s.failures.is_empty());
+    }
+
+    /// The kernel's running send totals, as receive records carry them (the socket source
+    /// sends no record per send): each total's increase goes to the request it answered.
+    #[test]
+    fn running_send_totals_credit_the_request_before_the_receive_that_carries_them() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        t.on_sent_total(C, 0, 0, &mut s);
+        recv(&mut t, &get("/_matrix/client/v3/sync", "syt_a"), &mut s);
+        t.set_recv_seq(C, 1);
+        t.on_sent_total(C, 0, 1005, &mut s);
+        recv(&mut t, &get("/_matrix/client/v3/joined_rooms", "syt_b"), &mut s);
+        t.set_recv_seq(C, 2);
+        // A stale (smaller) total is not a negative send.
+        t.on_sent_total(C, 0, 900, &mut s);
+        t.on_sent_total(C, 0, 1305, &mut s);
+        t.on_close(C, &mut s);
+        assert_eq!(bytes_for(&s, "syt_a"), 1005);
+        assert_eq!(bytes_for(&s, "syt_b"), 300);
+        assert_eq!(s.unattributed, 0);
+    }
+
+    /// A poll of the kernel map that raced a receive still in the ring buffer (its number is
+    /// ahead of the last processed) is skipped: the receive record will carry the total.
+    #[test]
+    fn a_polled_total_is_accounted_only_when_no_receive_is_pending() {
+        let (mut t, mut s) = (tracker(), Recorder::default());
+        recv(&mut t, &get("/_matrix/client/v3/sync", "syt_a"), &mut s);
+        t.set_recv_seq(C, 1);
+        assert!(t.on_polled_total(C, 5, 700, 1, &mut s), "an answer to the only receive is taken");
+        assert!(!t.on_polled_total(C, 6, 900, 2, &mut s), "receive 2 is not processed yet");
+        assert_eq!(bytes_for(&s, "syt_a"), 700);
+        t.on_sent_total(C, 7, 800, &mut s);
+        recv(&mut t, &get("/_matrix/client/v3/joined_rooms", "syt_b"), &mut s);
+        t.set_recv_seq(C, 2);
+        assert!(t.on_polled_total(C, 8, 900, 2, &mut s));
+        assert_eq!(bytes_for(&s, "syt_a"), 800);
+        assert_eq!(bytes_for(&s, "syt_b"), 100);
+        let unknown = ConnKey { id: 1, ..C };
+        assert!(!t.on_polled_total(unknown, 9, 50, 0, &mut s), "a connection the agent does not track is left alone");
+        assert_eq!(t.poll_targets(10, 0), vec![(C, 2)]);
     }
 
     #[test]

@@ -249,6 +249,7 @@ pub struct Probes {
     tls_targets: Vec<std::path::PathBuf>,
     events: Option<RingBuf<MapData>>,
     pub counters: PerCpuArray<MapData, u64>,
+    conns: HashMap<MapData, u64, vigie_common::ConnInfo>,
     pub attached: usize,
     pub source: CaptureSource,
     /// Uprobes attached for one server process each (discovery).
@@ -417,6 +418,19 @@ impl Probes {
         detached
     }
 
+    /// Running totals of watched socket connections, for the agent's poll: given (socket
+    /// address, start time, _), the (socket address, start time, bytes sent, receives) of each
+    /// that is still the same connection in the kernel's map.
+    pub fn conn_totals(&self, conns: &[(u64, u64, u32)]) -> Vec<(u64, u64, u64, u32)> {
+        conns
+            .iter()
+            .filter_map(|&(sk, start_ns, _)| {
+                let info = self.conns.get(&sk, 0).ok()?;
+                (info.start_ns == start_ns).then_some((sk, info.start_ns, info.sent, info.recvs))
+            })
+            .collect()
+    }
+
     /// Kernel-side counters (`vigie_common::COUNTER_*`), summed over CPUs.
     pub fn counters(&self) -> [u64; COUNTER_COUNT as usize] {
         let mut out = [0u64; COUNTER_COUNT as usize];
@@ -483,7 +497,8 @@ pub fn load(ports: &[u16], choice: SourceChoice) -> Result<Probes> {
 
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
     let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS missing")?)?;
-    let mut probes = Probes { ebpf, tls_targets: Vec::new(), events: Some(events), counters, attached, source, tls_process_links: Vec::new() };
+    let conns = HashMap::try_from(ebpf.take_map("CONNS").context("map CONNS missing")?)?;
+    let mut probes = Probes { ebpf, tls_targets: Vec::new(), events: Some(events), counters, conns, attached, source, tls_process_links: Vec::new() };
     probes.add_server_processes(ports)?;
     Ok(probes)
 }

@@ -341,6 +341,11 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     let mut ring = unsafe { AsyncFd::register(probes.take_events()?) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The kernel adds up sends per connection; receive and close records carry the total.
+    // Between them (the last response on a quiet keep-alive connection, a long download) the
+    // totals are read from the kernel's map.
+    let mut poll_tick = tokio::time::interval(Duration::from_millis(SENT_POLL_MS));
+    poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The kernel does not wake us per record (see vigie_common::WAKEUP_BACKLOG): drain on a timer.
     let mut drain_tick = tokio::time::interval(Duration::from_millis(vigie_common::DRAIN_INTERVAL_MS));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -360,6 +365,14 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
             _ = drain_tick.tick() => {
                 drain(ring.get_mut(), &state);
                 attach_forks(&mut probes, &state);
+            }
+            _ = poll_tick.tick() => {
+                // Records first, so that a poll never runs ahead of a receive in the ring.
+                drain(ring.get_mut(), &state);
+                let targets = lock(&state).poll_targets(SENT_POLL_MAX);
+                let totals = probes.conn_totals(&targets);
+                drain(ring.get_mut(), &state);
+                lock(&state).apply_polled(&totals, monotonic_ns());
             }
             _ = tick.tick() => {
                 let kernel = probes.counters();
@@ -426,6 +439,10 @@ fn discover_tls(probes: &mut loader::Probes, ports: &[u16]) {
         }
     }
 }
+
+/// How often, and for how many connections at most, the kernel's running send totals are read.
+const SENT_POLL_MS: u64 = 250;
+const SENT_POLL_MAX: usize = 4096;
 
 /// Give TLS server processes that forked the probes of their parent.
 fn attach_forks(probes: &mut loader::Probes, state: &Mutex<State>) {

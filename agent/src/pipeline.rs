@@ -58,6 +58,7 @@ pub struct State {
     pub health: Health,
     connection_idle_ns: u64,
     forks: Vec<(u32, u32)>,
+    poll_cursor: usize,
 }
 
 /// The sink the connection tracker reports into: aggregator, detector and health counters.
@@ -143,6 +144,7 @@ impl State {
             },
             connection_idle_ns: connection_idle_s.saturating_mul(1_000_000_000),
             forks: Vec::new(),
+            poll_cursor: 0,
         }
     }
 
@@ -180,8 +182,15 @@ impl State {
         match h.kind {
             EVENT_RECV | EVENT_TLS_RECV => {
                 feed.health.recv_events += 1;
+                if !tls {
+                    // What was sent before this receive answered the request before it.
+                    self.tracker.on_sent_total(key, h.ts_ns, h.sent_total, &mut feed);
+                }
                 let blind = h.flags & FLAG_NO_BUFFER != 0;
                 self.tracker.on_recv(key, h.ts_ns, h.bytes, data, blind, &mut feed);
+                if !tls {
+                    self.tracker.set_recv_seq(key, h.recv_seq);
+                }
             }
             EVENT_SEND | EVENT_TLS_SEND => {
                 feed.health.send_events += 1;
@@ -189,6 +198,9 @@ impl State {
             }
             EVENT_CLOSE | EVENT_TLS_CLOSE => {
                 feed.health.close_events += 1;
+                if !tls {
+                    self.tracker.on_sent_total(key, h.ts_ns, h.sent_total, &mut feed);
+                }
                 self.tracker.on_close(key, &mut feed);
             }
             EVENT_FORK => {
@@ -206,6 +218,30 @@ impl State {
         self.detector.tick(now_ns as f64 / 1e9);
         for suspect in self.detector.suspects() {
             self.aggregator.pin(suspect);
+        }
+    }
+
+    /// Socket connections whose running send totals the agent should read from the kernel
+    /// (`Tracker::poll_targets`): (socket address, generation, latest receive number).
+    pub fn poll_targets(&mut self, limit: usize) -> Vec<(u64, u64, u32)> {
+        let targets = self.tracker.poll_targets(limit, self.poll_cursor);
+        self.poll_cursor = self.poll_cursor.wrapping_add(targets.len().max(1));
+        targets.into_iter().map(|(k, seq)| (k.id, k.generation, seq)).collect()
+    }
+
+    /// Running totals read from the kernel's connection map: (socket address, kernel start
+    /// time, bytes sent, receives). Stale or racing entries are skipped (`Tracker::on_polled_total`).
+    pub fn apply_polled(&mut self, totals: &[(u64, u64, u64, u32)], now_ns: u64) {
+        let mut feed = Feed {
+            aggregator: &mut self.aggregator,
+            detector: &mut self.detector,
+            detect_vantage: self.detect_vantage,
+            health: &mut self.health,
+            now_s: now_ns as f64 / 1e9,
+        };
+        for &(id, generation, sent, recvs) in totals {
+            let key = ConnKey { vantage: Vantage::Socket, id, generation };
+            self.tracker.on_polled_total(key, now_ns, sent, recvs, &mut feed);
         }
     }
 

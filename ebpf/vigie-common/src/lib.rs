@@ -34,7 +34,9 @@ pub const EVENT_SEND: u32 = 2;
 pub const EVENT_CLOSE: u32 = 3;
 /// Plaintext returned by `SSL_read`/`SSL_read_ex` (`conn` is the `SSL*`, followed by a capture).
 pub const EVENT_TLS_RECV: u32 = 4;
-/// Plaintext accepted by `SSL_write`/`SSL_write_ex` (`conn` is the `SSL*`).
+/// Plaintext accepted by `SSL_write`/`SSL_write_ex` (`conn` is the `SSL*`). Sends on watched
+/// sockets are not records: the kernel adds them up per connection (`ConnInfo::sent`) and
+/// receive and close records carry the running total (`EventHeader::sent_total`).
 pub const EVENT_TLS_SEND: u32 = 5;
 /// `SSL_free`: the TLS connection is over.
 pub const EVENT_TLS_CLOSE: u32 = 6;
@@ -122,6 +124,12 @@ pub struct EventHeader {
     /// TLS records: the socket the connection is believed to use (see FLAG_SOCK_DURING_CALL);
     /// 0 when unknown.
     pub sock_hint: u64,
+    /// Socket records: bytes sent on this connection so far (`ConnInfo::sent`), read after the
+    /// receive or at the close. The agent accounts the difference from the last total it saw.
+    pub sent_total: u64,
+    /// Socket receive records: this receive's number on its connection (`ConnInfo::recvs`).
+    pub recv_seq: u32,
+    pub _pad2: u32,
 }
 
 pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
@@ -163,13 +171,20 @@ pub const SSL_READ_EX: u32 = 2;
 pub const SSL_WRITE: u32 = 3;
 pub const SSL_WRITE_EX: u32 = 4;
 
-/// Per-connection state in the kernel: only what gives a connection its identity.
+/// Per-connection state in the kernel: its identity, and the running totals that replace a
+/// record per send (a small response took two or three send records; now it takes none).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConnInfo {
     pub start_ns: u64,
+    /// Bytes sent so far (added atomically by every send). Placed before `recvs` on purpose:
+    /// the agent reads the entry in one copy, and seeing a new `recvs` with an old `sent` is
+    /// the safe way round (see `Tracker::on_polled_total`).
+    pub sent: u64,
+    /// Receives so far.
+    pub recvs: u32,
     pub port: u16,
-    pub _pad: [u16; 3],
+    pub _pad: u16,
 }
 
 /// Scratch space for one receive record (per CPU, never on the 512-byte BPF stack).

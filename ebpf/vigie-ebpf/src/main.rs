@@ -12,6 +12,9 @@
 //! Only tracepoints and uprobes: this design must not need kprobes or fentry.
 #![no_std]
 #![no_main]
+// Atomic add on a map value (a connection's running send total).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod process;
 mod sock;
@@ -117,6 +120,9 @@ fn new_header(kind: u32, conn: u64, conn_start_ns: u64, port: u16, bytes: u64) -
         port,
         _pad: 0,
         sock_hint: 0,
+        sent_total: 0,
+        recv_seq: 0,
+        _pad2: 0,
     }
 }
 

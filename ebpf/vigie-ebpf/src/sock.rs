@@ -58,25 +58,38 @@ fn note_tls_thread(map: &LruHashMap<u64, u64>, sk: u64) {
 /// The connection this socket belongs to, if its local port is watched. First sight of a
 /// socket registers it, so connections accepted before the agent started are picked up too.
 #[inline(always)]
-fn watched_conn(sk: u64) -> Option<ConnInfo> {
-    if let Some(info) = unsafe { CONNS.get(&sk) } {
-        return Some(*info);
+fn watched_conn(sk: u64) -> Option<*mut ConnInfo> {
+    if let Some(info) = CONNS.get_ptr_mut(&sk) {
+        return Some(info);
     }
     let offset = layout().map(|l| l.skc_num as u64).unwrap_or(SKC_NUM_OFFSET);
     let port: u16 = unsafe { bpf_probe_read_kernel((sk + offset) as *const u16) }.ok()?;
     unsafe { WATCHED_PORTS.get(&port) }?;
-    let info = ConnInfo { start_ns: unsafe { bpf_ktime_get_ns() }, port, _pad: [0; 3] };
-    if CONNS.insert(&sk, &info, 0).is_err() {
+    let info = ConnInfo { start_ns: unsafe { bpf_ktime_get_ns() }, sent: 0, recvs: 0, port, _pad: 0 };
+    // BPF_NOEXIST: another CPU may have registered it in the meantime; keep its entry.
+    let _ = CONNS.insert(&sk, &info, 1);
+    let entry = CONNS.get_ptr_mut(&sk);
+    if entry.is_none() {
         bump(COUNTER_CONNS_FULL);
     }
-    Some(info)
+    entry
 }
 
-/// A send of `bytes` on socket `sk` (either capture source).
+/// A send of `bytes` on socket `sk` (either capture source): added to the connection's total,
+/// which the next receive or close record carries (and the agent polls in between).
 #[inline(always)]
 pub fn on_send(sk: u64, bytes: u64) {
     let Some(conn) = watched_conn(sk) else { return };
-    emit_header(&new_header(EVENT_SEND, sk, conn.start_ns, conn.port, bytes));
+    // SAFETY: a map value pointer, valid while the program runs; the add is atomic because
+    // sends of one connection may run on several CPUs.
+    // (The BPF target has no `AtomicU64::fetch_add`; the intrinsic with an unused result
+    // compiles to BPF's atomic add.)
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            &raw mut (*conn).sent,
+            bytes,
+        )
+    };
 }
 
 #[tracepoint]
@@ -113,7 +126,13 @@ fn first_buffer(pending: &PendingRead) -> Option<(u64, u64)> {
 #[inline(always)]
 pub fn on_recv(sk: u64, bytes: u64, from_exit: Option<PendingRead>) {
     let Some(conn) = watched_conn(sk) else { return };
+    // SAFETY: map value pointer, valid while the program runs. Receives on one socket are
+    // serialised by the socket lock, so `recvs` needs no atomic.
+    let conn = unsafe { &mut *conn };
+    conn.recvs = conn.recvs.wrapping_add(1);
     let mut header = new_header(EVENT_RECV, sk, conn.start_ns, conn.port, bytes);
+    header.recv_seq = conn.recvs;
+    header.sent_total = unsafe { core::ptr::read_volatile(&conn.sent) };
 
     let key = header.pid_tgid;
     let pending = match from_exit {
@@ -168,6 +187,9 @@ pub fn vigie_sock_state(ctx: TracePointContext) -> u32 {
     let Ok(sk) = (unsafe { ctx.read_at::<u64>(8) }) else { return 0 };
     let Some(conn) = (unsafe { CONNS.get(&sk) }).copied() else { return 0 };
     let _ = CONNS.remove(&sk);
-    emit_header(&new_header(EVENT_CLOSE, sk, conn.start_ns, conn.port, 0));
+    let mut header = new_header(EVENT_CLOSE, sk, conn.start_ns, conn.port, 0);
+    header.sent_total = conn.sent;
+    header.recv_seq = conn.recvs;
+    emit_header(&header);
     0
 }
