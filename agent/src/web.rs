@@ -456,11 +456,13 @@ impl WebHandle {
 /// Serve `GET /metrics` until the listener fails. One short request per connection.
 pub async fn serve(listener: Listener, web: Arc<WebHandle>, registry: Arc<Registry>) -> Result<()> {
     loop {
-        let web = web.current();
         let registry = registry.clone();
         match &listener {
             Listener::Tcp(l) => {
                 let (stream, _) = l.accept().await.context("accepting a metrics connection")?;
+                // The config in force now, not when accept() started waiting: a reload counts
+                // from the next connection.
+                let web = web.current();
                 tokio::spawn(async move {
                     if let Some(tls) = &web.tls {
                         // A plain-HTTP client on the TLS port gets a readable answer, not a reset.
@@ -481,6 +483,7 @@ pub async fn serve(listener: Listener, web: Arc<WebHandle>, registry: Arc<Regist
             }
             Listener::Unix(l) => {
                 let (stream, _) = l.accept().await.context("accepting a metrics connection")?;
+                let web = web.current();
                 tokio::spawn(async move {
                     match &web.tls {
                         Some(tls) => serve_tls(stream, tls.clone(), &web, &registry).await,
@@ -693,6 +696,14 @@ mod tests {
         let cached = *auth.cache.lock().unwrap().iter().next().unwrap();
         assert_ne!(&cached[..6], b"s3cret");
         assert!(!auth.check(Some(&basic("alice", "s3cre"))));
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let file: WebFile = serde_norway::from_str(include_str!("../../deploy/web.yml")).unwrap();
+        let tls = file.tls_server_config.unwrap();
+        assert_eq!(tls.cert_file.as_deref(), Some(Path::new("/etc/vigie/metrics.crt")));
+        assert!(BasicAuth::new(file.basic_auth_users.unwrap()).is_ok());
     }
 
     #[test]
