@@ -200,7 +200,7 @@ impl Web {
     }
 
     /// Read, check and build the web config (`None`: plain HTTP). Every error names the file
-    /// and the key or file at fault; no password or hash is ever part of one.
+    /// and the key or file at fault; the values of `basic_auth_users` are never echoed.
     pub fn load(path: Option<&Path>) -> Result<Web> {
         let Some(path) = path else { return Ok(Web::plain()) };
         let text = std::fs::read_to_string(path)
