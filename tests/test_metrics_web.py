@@ -279,6 +279,21 @@ def test_client_certificates_are_required_and_verified(pki, tmp_path, start_agen
     agent.assert_running()
 
 
+def test_basic_auth_without_tls_works_but_warns_on_tcp_only(tmp_path, start_agent):
+    password = secrets.token_urlsafe(18)
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  {USER}: '{bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()}'\n")
+    tcp = start_agent(web_config=web, headers=basic(USER, password))
+    assert tcp.get()[0] == 200
+    assert tcp.get(headers=basic(USER, "nope"))[0] == 401
+    assert "clear text" in tcp.logs(), tcp.logs(tail_lines=20)
+    unix = start_agent(web_config=web, headers=basic(USER, password), unix_socket=tmp_path / "m.sock")
+    assert unix.get()[0] == 200
+    assert unix.get(headers={})[0] == 401
+    assert "clear text" not in unix.logs(), "a Unix socket does not cross the network"
+    assert password not in tcp.logs() + unix.logs()
+
+
 # -- Unix socket ----------------------------------------------------------------------------
 def test_unix_socket_mode_0660_and_removed_on_sigterm(tmp_path, start_agent):
     path = tmp_path / "run" / "metrics.sock"

@@ -303,7 +303,7 @@ fn apply_reload(old: &Settings, new: Settings, probes: &mut loader::Probes, stat
 async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     let key = TokenKey::load_or_create(&settings.key_file)?;
     // Before loading any program: a broken web config or a busy address refuses the start.
-    let web = web::WebHandle::new(web::Web::load(settings.web_config_file.as_deref())?);
+    let web = web::WebHandle::new(web::Web::load(settings.web_config_file.as_deref(), &settings.metrics_addr)?);
     // The guard removes a Unix socket file on every way out of this function.
     let (listener, _socket_file) = web::Listener::bind(&settings.metrics_addr).await?;
     let mut probes = loader::load(&settings.server_ports)?;
@@ -370,7 +370,7 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                 // A bad new config (the web config included) is logged and ignored: the agent
                 // keeps running as it was.
                 let reloaded = reload.settings().and_then(|new| {
-                    let new_web = web::Web::load(new.web_config_file.as_deref())?;
+                    let new_web = web::Web::load(new.web_config_file.as_deref(), &settings.metrics_addr)?;
                     let new = apply_reload(&settings, new, &mut probes, &state)?;
                     web.replace(new_web);
                     Ok(new)

@@ -201,12 +201,20 @@ impl Web {
 
     /// Read, check and build the web config (`None`: plain HTTP). Every error names the file
     /// and the key or file at fault; the values of `basic_auth_users` are never echoed.
-    pub fn load(path: Option<&Path>) -> Result<Web> {
+    /// `addr` is where it will serve: basic auth without TLS is only worth a warning on TCP.
+    pub fn load(path: Option<&Path>, addr: &MetricsAddr) -> Result<Web> {
         let Some(path) = path else { return Ok(Web::plain()) };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the web config file {}", path.display()))?;
-        Self::build(&text, path.parent().unwrap_or(Path::new(".")))
-            .with_context(|| format!("in the web config file {}", path.display()))
+        let web = Self::build(&text, path.parent().unwrap_or(Path::new(".")))
+            .with_context(|| format!("in the web config file {}", path.display()))?;
+        if web.auth.is_some() && web.tls.is_none() && matches!(addr, MetricsAddr::Tcp(_)) {
+            tracing::warn!(
+                web_config = %path.display(),
+                "basic_auth_users without tls_server_config: passwords cross the network in clear text"
+            );
+        }
+        Ok(web)
     }
 
     /// Relative file names in the config are taken from `base` (the config file's directory),
@@ -226,9 +234,6 @@ impl Web {
         // An empty user list means no authentication, as in exporter-toolkit.
         let users = file.basic_auth_users.filter(|u| !u.is_empty());
         let auth = users.map(|u| BasicAuth::new(u).map(Arc::new)).transpose().context("basic_auth_users")?;
-        if auth.is_some() && tls.is_none() {
-            tracing::warn!("basic_auth_users without tls_server_config: passwords cross the network in clear text");
-        }
         Ok(Web { tls, auth })
     }
 
@@ -640,7 +645,7 @@ mod tests {
 
     #[test]
     fn missing_files_are_named() {
-        let e = format!("{:#}", Web::load(Some(Path::new("/nonexistent/web.yml"))).unwrap_err());
+        let e = format!("{:#}", Web::load(Some(Path::new("/nonexistent/web.yml")), &"127.0.0.1:1".parse().unwrap()).unwrap_err());
         assert!(e.contains("/nonexistent/web.yml"), "{e}");
         let e = err("tls_server_config:\n  cert_file: /nonexistent/server.crt\n  key_file: /nonexistent/server.key\n");
         assert!(e.contains("/nonexistent/server.crt") && e.contains("cert_file"), "{e}");
