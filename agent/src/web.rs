@@ -352,7 +352,8 @@ fn tls_acceptor(t: TlsFile, base: &Path) -> Result<tokio_rustls::TlsAcceptor> {
 /// `basic_auth_users`, checked like exporter-toolkit: bcrypt, whose slowness is the point
 /// against offline guessing but would cost tens of milliseconds per scrape, so successful
 /// checks are remembered. The cache holds keyed BLAKE3 digests of (user, password), never a
-/// password; the key is random per process and per config.
+/// password; the key is random per process and per config, so the set lookup need not be
+/// constant-time: nobody outside can compute a digest to probe it with.
 struct BasicAuth {
     users: BTreeMap<String, String>,
     /// A hash no password matches, checked for unknown users so that their answer takes as
