@@ -2,11 +2,12 @@
 //!
 //! Unknown keys are refused so that a typo does not silently fall back to a default.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
+
+use crate::web::MetricsAddr;
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 pub const DEFAULT_KEY_FILE: &str = "/var/lib/vigie/key";
@@ -18,7 +19,10 @@ pub struct FileConfig {
     pub server_ports: Option<Vec<u16>>,
     pub tls_targets: Option<Vec<PathBuf>>,
     pub tls_discover_ports: Option<Vec<u16>>,
+    /// `IP:PORT` or `unix:/path/to/socket`.
     pub metrics_addr: Option<String>,
+    /// exporter-toolkit web config (TLS, basic auth) for the metrics endpoint; see `web`.
+    pub web_config_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub top_k: Option<usize>,
     pub max_tokens: Option<usize>,
@@ -53,7 +57,8 @@ pub struct Settings {
     pub server_ports: Vec<u16>,
     pub tls_targets: Vec<PathBuf>,
     pub tls_discover_ports: Vec<u16>,
-    pub metrics_addr: SocketAddr,
+    pub metrics_addr: MetricsAddr,
+    pub web_config_file: Option<PathBuf>,
     pub key_file: PathBuf,
     pub top_k: usize,
     pub max_tokens: usize,
@@ -72,6 +77,7 @@ pub struct Overrides {
     pub tls_targets: Vec<PathBuf>,
     pub tls_discover_ports: Vec<u16>,
     pub metrics_addr: Option<String>,
+    pub web_config_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub capture_source: Option<String>,
 }
@@ -94,8 +100,7 @@ impl Settings {
             bail!("at most {} server ports can be watched", vigie_common::MAX_WATCHED_PORTS);
         }
         let addr = flags.metrics_addr.or(file.metrics_addr).unwrap_or_else(|| DEFAULT_METRICS_ADDR.into());
-        let metrics_addr: SocketAddr =
-            addr.parse().with_context(|| format!("metrics address {addr:?} is not IP:PORT"))?;
+        let metrics_addr: MetricsAddr = addr.parse()?;
         let positive = |name: &str, v: usize| -> Result<usize> {
             if v == 0 { bail!("{name} must be at least 1") } else { Ok(v) }
         };
@@ -121,6 +126,7 @@ impl Settings {
             tls_targets,
             tls_discover_ports,
             metrics_addr,
+            web_config_file: flags.web_config_file.or(file.web_config_file),
             key_file: flags.key_file.or(file.key_file).unwrap_or_else(|| DEFAULT_KEY_FILE.into()),
             top_k: positive("top_k", file.top_k.unwrap_or(500))?,
             max_tokens: positive("max_tokens", file.max_tokens.unwrap_or(1_000_000))?,
@@ -140,7 +146,7 @@ mod tests {
         let file = FileConfig::parse("server_ports = [8008]\nmetrics_addr = \"127.0.0.1:1\"\n").unwrap();
         let s = Settings::merge(file, Overrides { server_ports: vec![9000], ..Default::default() }).unwrap();
         assert_eq!(s.server_ports, vec![9000]);
-        assert_eq!(s.metrics_addr.port(), 1);
+        assert_eq!(s.metrics_addr, MetricsAddr::Tcp("127.0.0.1:1".parse().unwrap()));
     }
 
     #[test]
@@ -181,5 +187,17 @@ mod tests {
         let flags = Overrides { server_ports: vec![1], metrics_addr: Some("nowhere".into()), ..Default::default() };
         let err = Settings::merge(FileConfig::default(), flags).unwrap_err();
         assert!(err.to_string().contains("nowhere"));
+    }
+
+    #[test]
+    fn the_metrics_address_may_be_a_unix_socket() {
+        let file = FileConfig::parse("metrics_addr = \"unix:/run/vigie/metrics.sock\"\nweb_config_file = \"/etc/vigie/web.yml\"\n").unwrap();
+        let s = Settings::merge(file, Overrides { server_ports: vec![1], ..Default::default() }).unwrap();
+        assert_eq!(s.metrics_addr, MetricsAddr::Unix("/run/vigie/metrics.sock".into()));
+        assert_eq!(s.metrics_addr.to_string(), "unix:/run/vigie/metrics.sock");
+        assert_eq!(s.web_config_file.as_deref(), Some(Path::new("/etc/vigie/web.yml")));
+        let flags = Overrides { server_ports: vec![1], metrics_addr: Some("unix:relative.sock".into()), ..Default::default() };
+        let err = Settings::merge(FileConfig::default(), flags).unwrap_err();
+        assert!(err.to_string().contains("absolute"), "{err:#}");
     }
 }

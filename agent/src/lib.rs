@@ -30,3 +30,4 @@ pub mod preflight;
 pub mod resolve;
 pub mod tls;
 pub mod token;
+pub mod web;

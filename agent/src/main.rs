@@ -15,7 +15,7 @@ use vigie::aggregate::Limits;
 use vigie::config::{FileConfig, Overrides, Settings};
 use vigie::pipeline::{State, monotonic_ns};
 use vigie::token::TokenKey;
-use vigie::{loader, metrics};
+use vigie::{loader, metrics, web};
 
 #[derive(Parser)]
 #[command(name = "vigie", version, about = "Per-access-token telemetry of a Matrix homeserver, from eBPF")]
@@ -48,9 +48,14 @@ enum Command {
         /// looked for again every 10 s, so servers started later are found. Repeatable.
         #[arg(long = "tls-discover-port", value_name = "PORT")]
         tls_discover_ports: Vec<u16>,
-        /// Where to serve Prometheus metrics [default: 127.0.0.1:9464].
+        /// Where to serve Prometheus metrics: IP:PORT or unix:/path/to/socket
+        /// [default: 127.0.0.1:9464].
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<String>,
+        /// Web config for the metrics endpoint (TLS, client certificates, basic auth), in the
+        /// Prometheus exporter-toolkit format; re-read on SIGHUP.
+        #[arg(long = "web.config.file", value_name = "FILE")]
+        web_config_file: Option<PathBuf>,
         /// 32-byte secret that keys token hashing; created (mode 0600) when missing
         /// [default: /var/lib/vigie/key].
         #[arg(long, value_name = "PATH")]
@@ -122,12 +127,29 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run { server_ports, tls_targets, tls_discover_ports, metrics_addr, key_file, config, capture_source } => {
+        Command::Run {
+            server_ports,
+            tls_targets,
+            tls_discover_ports,
+            metrics_addr,
+            web_config_file,
+            key_file,
+            config,
+            capture_source,
+        } => {
             let file = match config.as_deref().map(FileConfig::load).transpose() {
                 Ok(f) => f.unwrap_or_default(),
                 Err(e) => return fail(e),
             };
-            let flags = Overrides { server_ports, tls_targets, tls_discover_ports, metrics_addr, key_file, capture_source };
+            let flags = Overrides {
+                server_ports,
+                tls_targets,
+                tls_discover_ports,
+                metrics_addr,
+                web_config_file,
+                key_file,
+                capture_source,
+            };
             match Settings::merge(file, flags.clone()) {
                 Ok(settings) => run(settings, Reload { config, flags }),
                 Err(e) => Err(e),
@@ -274,8 +296,8 @@ fn run(settings: Settings, reload: Reload) -> Result<()> {
     runtime.block_on(run_agent(settings, reload))
 }
 
-/// Apply a reloaded config: ports, TLS targets and bounds change live; the metrics address
-/// and the key need a restart (a new key would change every label).
+/// Apply a reloaded config: ports, TLS targets, bounds and the web config change live; the
+/// metrics address and the key need a restart (a new key would change every label).
 fn apply_reload(old: &Settings, new: Settings, probes: &mut loader::Probes, state: &Mutex<State>) -> Result<Settings> {
     if new.metrics_addr != old.metrics_addr || new.key_file != old.key_file {
         tracing::warn!("metrics_addr and key_file changes take effect at the next restart");
@@ -297,15 +319,21 @@ fn apply_reload(old: &Settings, new: Settings, probes: &mut loader::Probes, stat
     let mut st = lock(state);
     st.aggregator.set_limits(limits(&new));
     st.health.probes_attached = probes.attached;
-    tracing::info!(ports = ?new.server_ports, tls_targets = new.tls_targets.len(), "configuration reloaded");
-    Ok(Settings { metrics_addr: old.metrics_addr, key_file: old.key_file.clone(), ..new })
+    tracing::info!(
+        ports = ?new.server_ports,
+        tls_targets = new.tls_targets.len(),
+        web_config = ?new.web_config_file,
+        "configuration reloaded"
+    );
+    Ok(Settings { metrics_addr: old.metrics_addr.clone(), key_file: old.key_file.clone(), ..new })
 }
 
 async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     let key = TokenKey::load_or_create(&settings.key_file)?;
-    let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
-        .await
-        .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
+    // Before loading any program: a broken web config or a busy address refuses the start.
+    let web = web::WebHandle::new(web::Web::load(settings.web_config_file.as_deref(), &settings.metrics_addr)?);
+    // The guard removes a Unix socket file on every way out of this function.
+    let (listener, _socket_file) = web::Listener::bind(&settings.metrics_addr).await?;
     let mut probes = loader::load(&settings.server_ports, settings.capture_source)?;
     let state = Arc::new(Mutex::new(State::new(
         key,
@@ -325,7 +353,7 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
         st.health.capture_source = probes.source.name();
     }
     let registry = Arc::new(metrics::registry(state.clone()));
-    let server = tokio::spawn(metrics::serve(listener, registry));
+    let server = tokio::spawn(web::serve(listener, web.clone(), registry));
     tracing::info!(
         ports = ?settings.server_ports,
         tls_targets = settings.tls_targets.len(),
@@ -390,8 +418,15 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                 }
             }
             _ = sighup.recv() => {
-                // A bad new config is logged and ignored: the agent keeps running as it was.
-                match reload.settings().and_then(|new| apply_reload(&settings, new, &mut probes, &state)) {
+                // A bad new config (the web config included) is logged and ignored: the agent
+                // keeps running as it was.
+                let reloaded = reload.settings().and_then(|new| {
+                    let new_web = web::Web::load(new.web_config_file.as_deref(), &settings.metrics_addr)?;
+                    let new = apply_reload(&settings, new, &mut probes, &state)?;
+                    web.replace(new_web);
+                    Ok(new)
+                });
+                match reloaded {
                     Ok(new) => settings = new,
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "configuration not reloaded"),
                 }

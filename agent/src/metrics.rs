@@ -1,19 +1,17 @@
 //! The Prometheus exposition: per-token series and the agent's health, read from [`State`] at
-//! scrape time (the hot path only bumps integers), served at `/metrics`.
+//! scrape time (the hot path only bumps integers), served at `/metrics` by [`crate::web`].
 //!
 //! Names follow Prometheus conventions: the `vigie_` prefix, base units, `_total` on counters
 //! (the encoder appends it to counter names).
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet, prometheus_text},
     metrics::MetricType,
     registry::Registry,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::aggregate::{ByEndpoint, Class};
 use crate::pipeline::State;
@@ -289,48 +287,4 @@ pub fn render(registry: &Registry) -> String {
         out.clear();
     }
     out
-}
-
-/// Serve `GET /metrics` until the listener fails. One short request per connection.
-pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>) -> Result<()> {
-    loop {
-        let (mut stream, _) = listener.accept().await.context("accepting a metrics connection")?;
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while len < buf.len() {
-                    let n = stream.read(&mut buf[len..]).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
-            }
-            let line = buf[..len].split(|&b| b == b'\n').next().unwrap_or(&[]);
-            let (status, body, ctype) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET /metrics?") {
-                ("200 OK", render(&registry), prometheus_text::CONTENT_TYPE)
-            } else if line.starts_with(b"GET / ") {
-                ("200 OK", "vigie: metrics at /metrics\n".to_string(), "text/plain")
-            } else {
-                ("404 Not Found", "not found\n".to_string(), "text/plain")
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
-    }
 }

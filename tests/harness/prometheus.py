@@ -17,7 +17,10 @@ RULES = REPO / "deploy" / "prometheus" / "vigie-rules.yml"
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, target: str, *, scrape_interval: str = "1s"):
+    def __init__(self, workdir: Path, target: str, *, scrape_interval: str = "1s",
+                 scrape_options: dict | None = None):
+        """`scrape_options` are merged into the vigie job's scrape config (e.g. `scheme`,
+        `tls_config`, `basic_auth`)."""
         binary = shutil.which("prometheus") or "/usr/bin/prometheus"
         if not Path(binary).exists():
             raise AssertionError("prometheus not installed (Debian package prometheus; cargo xtask setup installs it)")
@@ -31,7 +34,8 @@ class Prometheus:
         config.write_text(json.dumps({
             "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
             "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "vigie", "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": [{"job_name": "vigie", "static_configs": [{"targets": [target]}],
+                                **(scrape_options or {})}],
         }))
         self.log = self.workdir / "prometheus.log"
         self.proc = subprocess.Popen(
