@@ -780,11 +780,12 @@ def test_maps_fill_connections_and_tokens(nginx_factory, agents, tmp_path):
               f"evicted {evicted:.0f}; kernel CONNS entries {kconns}, conn_table_full {kfull:.0f}; "
               f"events lost {lost:.0f}; RSS {rss0 / 2**20:.1f} -> {rss_conns / 2**20:.1f} MiB")
         assert opened == per_proc * procs_n
-        assert tracked == 65536, "the agent's table is full at max_connections and never beyond"
+        # Full: at most max_connections, and a batch eviction drops the quietest sixteenth.
+        assert 65536 - 65536 // 16 <= tracked <= 65536, tracked
         assert kconns <= 65536
         # Every connection beyond the bound evicted one (events lost would blur this).
         assert lost == 0, f"{lost} events lost while opening the connections"
-        assert evicted >= opened + 2 - 65536, (evicted, opened)
+        assert evicted >= opened + 1 - 65536, (evicted, opened)
         # The oldest connection was evicted in the kernel LRU and in the agent; its next
         # request opens a fresh entry and is counted, as is one on the newest.
         for c in (oldest, newest):
@@ -805,12 +806,15 @@ def test_maps_fill_connections_and_tokens(nginx_factory, agents, tmp_path):
             if h.poll() is None:
                 h.kill()
                 h.wait()
-    time.sleep(3)
-    m = agent.scrape()
-    print(f"after closing them all: agent tracks {m.total('vigie_tracked_connections'):.0f} connections "
-          f"(close events for kernel-LRU-evicted sockets never come: those wait for "
-          f"connection_idle_seconds), kernel CONNS entries {map_entries(maps['CONNS'])}, "
-          f"RSS {rss_bytes(pid) / 2**20:.1f} MiB")
+    # The agent keeps the most recently seen connections, the kernel LRU too: every one the
+    # agent still tracks is in the kernel map, so its close is reported and nothing is stuck.
+    # (A socket evicted from the kernel map alone would report no close: it would wait for
+    # connection_idle_seconds.)
+    settled = wait_until(lambda: agent.scrape().total("vigie_tracked_connections") == 0, timeout=20, interval=1)
+    print(f"after closing them all: agent tracks {agent.scrape().total('vigie_tracked_connections'):.0f} "
+          f"connections, kernel CONNS entries {map_entries(maps['CONNS'])}, RSS {rss_bytes(pid) / 2**20:.1f} MiB")
+    assert settled, "connections still tracked 20 s after every one closed"
+    assert map_entries(maps["CONNS"]) == 0
 
     # 1.2M+ distinct tokens through wrk, each in one request.
     script = tmp_path / "tokens.lua"
@@ -824,11 +828,16 @@ def test_maps_fill_connections_and_tokens(nginx_factory, agents, tmp_path):
     base_tok_reqs = token_requests(m)
     base_tracked = m.total("vigie_tracked_tokens")
     base_untracked = m.total("vigie_tokens_untracked_total")
+    base_recv = m.total("vigie_events_total", kind="recv")
+    base_failures = m.total("vigie_parse_failures_total")
     sent = 0
     run = 0
     samples = []  # (tracked tokens, RSS)
     t_tok = time.monotonic()
-    while sent < 1_250_000 and time.monotonic() - t_tok < 150:
+    runs_after_full = 0
+    while (sent < 1_250_000 or runs_after_full < 1) and time.monotonic() - t_tok < 150:
+        if samples and samples[-1][0] >= 1_000_000:
+            runs_after_full += 1
         r = run_wrk(script, url, threads=2, connections=32, seconds=8, args=[str(run)])
         sent += r["requests"]
         run += 1
@@ -863,10 +872,23 @@ def test_maps_fill_connections_and_tokens(nginx_factory, agents, tmp_path):
           f"tracked {tracked:.0f}, untracked {untracked:.0f}, detector tracked {det_tracked:.0f} "
           f"evicted {det_evicted:.0f}; exported tokens {exported:.0f}, token label values {len(token_values)}, "
           f"anomaly score series {score_series}, series in all {series_total}; RSS {rss_end / 2**20:.1f} MiB")
-    assert new_reqs >= sent, "vigie counted fewer token requests than wrk completed"
+    recv = m.total("vigie_events_total", kind="recv") - base_recv
+    failures = m.total("vigie_parse_failures_total") - base_failures
+    phase_s = time.monotonic() - t_tok
+    print(f"token phase: {phase_s:.0f} s, {recv:.0f} receives, {failures:.0f} parse failures")
+    assert lost == 0 and failures == 0
+    # Every request wrk completed reached the agent (one receive each; wrk's last in-flight
+    # requests, up to one per connection per run, reach it too).
+    assert sent <= recv <= sent + 32 * run, (sent, recv)
     assert tracked == 1_000_000, "the token table fills to max_tokens and stops there"
-    # Each token made one request: it was either tracked (the table had room) or untracked.
-    assert (tracked - base_tracked) + untracked == new_reqs, (tracked, base_tracked, untracked, new_reqs)
+    # Each token made one request: it was either tracked (the table had room) or, once full,
+    # counted in overflow as untracked. Nothing expired (token_idle_seconds is an hour).
+    assert (tracked - base_tracked) + untracked == recv, (tracked, base_tracked, untracked, recv)
+    # The exposition's sum is not conserved across top-K handovers (documented: a token losing
+    # its slot loses its series; the new holder starts at zero): at most top_k requests per
+    # rebalance (one every 10 s) are no longer visible. Everything else is there.
+    rebalances = int(phase_s // 10) + 2
+    assert recv - 500 * rebalances <= new_reqs <= recv, (new_reqs, recv, rebalances)
     assert det_tracked <= 100_000 and det_evicted >= new_reqs - 100_000 - 100_000 // 8, (det_tracked, det_evicted)
     assert exported <= 500 and len(token_values) <= 500 + 2, (exported, len(token_values))
     assert "overflow" in token_values
@@ -877,7 +899,7 @@ def test_maps_fill_connections_and_tokens(nginx_factory, agents, tmp_path):
     bound = 1 << 30
     assert rss_end <= bound, f"RSS {rss_end / 2**20:.0f} MiB over the {bound / 2**20:.0f} MiB bound"
     full_at = next((rss for t, rss, _ in samples if t >= 1_000_000), None)
-    assert full_at is not None
+    assert full_at is not None and runs_after_full >= 1
     assert rss_end - full_at <= 64 * 2**20, (
         f"RSS kept growing after the token table was full: {full_at / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB")
     print(f"RSS: {rss0 / 2**20:.1f} MiB at start, {rss_conns / 2**20:.1f} with 112k connections, "

@@ -223,8 +223,9 @@ impl Conn {
     }
 }
 
-/// Connection table with a bound: when full, the connection quiet for longest is dropped.
-/// Its state is only the current attribution; its later bytes become unattributed, never lost.
+/// Connection table with a bound: when full, the sixteenth of connections quiet for longest
+/// is dropped at once. Their state is only the current attribution; their later bytes become
+/// unattributed (until their next request head), never lost.
 struct Table {
     conns: HashMap<ConnKey, Conn>,
     max: usize,
@@ -234,11 +235,7 @@ struct Table {
 impl Table {
     fn get(&mut self, key: ConnKey, now_ns: u64) -> &mut Conn {
         if self.conns.len() >= self.max && !self.conns.contains_key(&key) {
-            let oldest = self.conns.iter().min_by_key(|(_, c)| c.last_seen_ns).map(|(k, _)| *k);
-            if let Some(oldest) = oldest {
-                self.conns.remove(&oldest);
-                self.evicted += 1;
-            }
+            self.make_room();
         }
         let conn = self.conns.entry(key).or_insert_with(|| Conn {
             phase: Phase::head(),
@@ -253,6 +250,22 @@ impl Table {
         });
         conn.last_seen_ns = now_ns;
         conn
+    }
+
+    /// Drop the quietest sixteenth of the table (at least one connection) in one pass, so a
+    /// flood of new connections costs amortised O(1) each. Dropping only the single quietest
+    /// one meant a scan of the whole table per new connection: at 65,536 connections a flood
+    /// of new ones stalled the agent for seconds (scrapes timed out, the ring buffer filled).
+    fn make_room(&mut self) {
+        let mut order: Vec<(u64, ConnKey)> = self.conns.iter().map(|(k, c)| (c.last_seen_ns, *k)).collect();
+        let n = (order.len() / 16).clamp(1, order.len().max(1));
+        if n < order.len() {
+            order.select_nth_unstable_by_key(n - 1, |e| e.0);
+        }
+        for (_, k) in order.iter().take(n) {
+            self.conns.remove(k);
+        }
+        self.evicted += n.min(order.len()) as u64;
     }
 }
 
@@ -696,6 +709,26 @@ mod tests {
         }
         assert_eq!(t.stats().connections, 2);
         assert_eq!(t.stats().evicted, 3);
+    }
+
+    #[test]
+    fn a_connection_flood_evicts_the_quietest_in_batches_and_stays_fast() {
+        let (max, flood) = (16_384usize, 100_000u64);
+        let (mut t, mut s) = (Tracker::new(key(), max), Recorder::default());
+        let started = std::time::Instant::now();
+        for sock in 0..flood {
+            t.on_send(ConnKey { vantage: Vantage::Socket, id: sock, generation: 0 }, sock, 1, &mut s);
+            assert!(t.stats().connections <= max);
+        }
+        let st = t.stats();
+        assert!(st.connections >= max - max / 16, "{st:?}");
+        assert_eq!(st.evicted, flood - st.connections as u64);
+        // The most recently seen connections are the ones kept.
+        assert!(t.table.conns.contains_key(&ConnKey { vantage: Vantage::Socket, id: flood - 1, generation: 0 }));
+        assert!(!t.table.conns.contains_key(&ConnKey { vantage: Vantage::Socket, id: 0, generation: 0 }));
+        // A whole-table scan per new connection (the old eviction) took 4.6 s here in release
+        // (83,616 scans of 16,384 entries); batches take about 16 steps per connection.
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
     }
 
     fn h2_frame(kind: u8, payload: usize) -> Vec<u8> {
