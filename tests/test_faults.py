@@ -979,14 +979,19 @@ def test_hostile_clients(synapse, agents, tmp_path):
 
     results: list[tuple[str, int | None, int, dict]] = []
 
+    def side_counters():
+        m = agent.scrape()
+        return (m.sum_by("vigie_parse_failures_total", "reason"), m.sum_by(REQUESTS, "token").get("anonymous", 0),
+                m.total("vigie_unattributed_response_bytes_total"))
+
     def hostile(name: str, data: bytes, **kw) -> None:
         normal_round()
-        before = failures()
+        before, anon0, unattr0 = side_counters()
         status, rx = _exchange(host, port, data, **kw)
         time.sleep(0.3)
-        after = failures()
+        after, anon1, unattr1 = side_counters()
         delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
-        results.append((name, status, rx, delta))
+        results.append((name, status, rx, delta, anon1 - anon0, unattr1 - unattr0))
         agent.assert_running()
 
     rng = random.Random(5)
@@ -999,8 +1004,15 @@ def test_hostile_clients(synapse, agents, tmp_path):
     hostile("garbage", bytes([0]) + rng.randbytes(4095))
     hostile("garbage after a request line", b"GET / HTTP/1.1\r\n" + bytes(rng.randrange(1, 32) for _ in range(500)) + b"\r\n\r\n")
     hostile("1 MB header", req(b"syt_" + os.urandom(8).hex().encode(), extra=b"X-Big: " + b"b" * (1 << 20) + b"\r\n"))
-    hostile("head over the 8 KiB capture", req(b"syt_" + os.urandom(8).hex().encode(), extra=b"X-Pad: " + b"p" * 9000 + b"\r\n"))
     hostile("control char in token", req(b"syt_ctl\x01\x02_x"))
+    # A valid token with a control byte in another header: Synapse serves it (200).
+    _, tok_c, _ = synapse.register("hostile_ctl")
+    hostile("valid token, 0x01 in a header", req(tok_c.encode(), extra=b"X-Evil: a\x01b\r\n"))
+    hostile("valid token, 0x7f in a header", req(tok_c.encode(), extra=b"X-Evil: a\x7fb\r\n"))
+    # A valid token behind 9 KB of padding: Synapse serves it (its limit is 16 KiB), the
+    # kernel copies the first 8 KiB only. Documented limitation, asserted as it is.
+    _, tok_h, _ = synapse.register("hostile_pad")
+    hostile("valid token after 9 KB padding", req(tok_h.encode(), extra=b"X-Pad: " + b"p" * 9000 + b"\r\n"))
     hostile("empty Bearer", req(None, auth=b"Bearer "))
     for name, t in odd.items():
         hostile(name, req(t))
@@ -1030,26 +1042,46 @@ def test_hostile_clients(synapse, agents, tmp_path):
     got, problems = wait_exact(agent, expected)
     assert not problems, "normal, pipelined and 1-byte-write clients: " + "; ".join(problems)
     m = agent.scrape()
-    print(f"{'hostile request':32} {'status':>6} {'bytes back':>10}  vigie")
-    verdicts = {}
-    for name, status, rx, delta in results:
+    lc, lh = agent.labels([tok_c, tok_h]).values()
+    token_of = dict(odd_labels)
+    token_of["valid token, 0x01 in a header"] = token_of["valid token, 0x7f in a header"] = lc
+    token_of["valid token after 9 KB padding"] = lh
+    print(f"{'hostile request':32} {'status':>6} {'bytes':>7}  vigie")
+    by_name = {}
+    for name, status, rx, delta, anon, unattr in results:
         counted = ""
-        if name in odd_labels:
-            r, b, _ = token_figures(m, odd_labels[name])
-            counted = f"counted under its label: {r:.0f} request, {b:.0f} bytes"
-            verdicts[name] = (r, b, rx)
-        print(f"{name:32} {status!s:>6} {rx:>10}  failures {delta} {counted}")
-    by_name = {n: d for n, _, _, d in results}
-    assert by_name["garbage"].get("not_http", 0) >= 1, by_name["garbage"]
-    assert sum(by_name["garbage after a request line"].values()) >= 1
-    assert by_name["1 MB header"].get("capture_truncated", 0) + by_name["1 MB header"].get("head_too_large", 0) >= 1
-    assert by_name["head over the 8 KiB capture"].get("capture_truncated", 0) >= 1
-    assert sum(by_name["control char in token"].values()) >= 1, "a control byte in a header is refused and counted"
-    for name, (r, b, rx) in verdicts.items():
-        assert (r, b) == (1, rx), f"{name}: vigie {r} requests / {b} bytes, client 1 / {rx}"
-        assert not by_name[name], f"{name}: unexpected parse failure {by_name[name]}"
+        if name in token_of:
+            r, b, _ = token_figures(m, token_of[name])
+            counted = f"; its token: {r:.0f} requests, {b:.0f} bytes"
+        by_name[name] = (status, rx, delta, anon, unattr)
+        print(f"{name:32} {status!s:>6} {rx:>7}  failures {delta}, anonymous +{anon:.0f}, "
+              f"unattributed +{unattr:.0f}{counted}")
+    garbage, after_line, big = by_name["garbage"], by_name["garbage after a request line"], by_name["1 MB header"]
+    assert garbage[2] == {"not_http": 1}, garbage
+    assert sum(after_line[2].values()) == 1 and after_line[4] == after_line[1], after_line
+    assert big[2] in ({"capture_truncated": 1}, {"head_too_large": 1}), big
+    # Odd tokens Synapse parses: counted exactly, under the label of exactly their bytes.
+    for name in odd:
+        r, b, _ = token_figures(m, odd_labels[name])
+        status, rx, delta, anon, unattr = by_name[name]
+        assert (r, b) == (1, rx) and not delta and not anon, (name, r, b, by_name[name])
+    # A control byte in the Authorization value: the line is skipped (Synapse: 401, the token
+    # is invalid), the request is counted, without a token.
+    ctl = by_name["control char in token"]
+    assert ctl[0] == 401 and not ctl[2] and ctl[3] == 1 and ctl[4] == 0, ctl
+    empty = by_name["empty Bearer"]
+    assert empty[0] == 401 and not empty[2] and empty[3] == 1, empty
+    # A control byte elsewhere does not hide a valid token's request (it did before the fix).
+    r, b, _ = token_figures(m, lc)
+    rx_c = by_name["valid token, 0x01 in a header"][1] + by_name["valid token, 0x7f in a header"][1]
+    assert by_name["valid token, 0x01 in a header"][0] == 200
+    assert (r, b) == (2, rx_c), f"control byte in a header hid the request: vigie {r} / {b}, client 2 / {rx_c}"
+    # The padded head: Synapse served it, vigie cannot see the token (beyond the 8 KiB the
+    # kernel copies): a capture_truncated failure, its bytes unattributed, nothing per token.
+    pad = by_name["valid token after 9 KB padding"]
+    assert pad[0] == 200 and pad[2] == {"capture_truncated": 1} and pad[4] == pad[1], pad
+    assert token_figures(m, lh)[0] == 0
     anon = m.sum_by(REQUESTS, "token").get("anonymous", 0)
-    assert anon >= 1, "the empty Bearer request is anonymous"
     assert m.total("vigie_pipelined_requests_total") >= 5 * 4
     assert m.total("vigie_malformed_records_total") == 0
     print(f"pipelined flagged {m.total('vigie_pipelined_requests_total'):.0f}; malformed records 0; "
