@@ -907,6 +907,69 @@ def test_maps_fill_connections_and_tokens(nginx_factory, agents, tmp_path):
           f"(bound {bound / 2**20:.0f} MiB); test ran {time.monotonic() - t0:.0f} s")
 
 
+_PARTIAL_HEADS = r"""
+import socket, sys, time
+src, port, n, pieces = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+piece = b"X-Fill: " + b"f" * 8000 + b"\r\n"
+socks = []
+for _ in range(n):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_IP, 24, 1)
+    s.bind((src, 0))
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /_matrix/client/v3/sync HTTP/1.1\r\nHost: faults\r\n")
+    socks.append(s)
+for _ in range(pieces):
+    for s in socks:
+        s.sendall(piece)
+    time.sleep(0.3)
+print("ready", len(socks), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_unfinished_heads_on_many_connections_stay_within_a_memory_budget(nginx_factory, agents, tmp_path):
+    """15,000 connections each send ~56 KiB of request head in 8 KiB pieces and never end it
+    (nginx accepts heads that large). Each connection may buffer up to 64 KiB of an unfinished
+    head, so before the fix the agent held ~600 MiB here (4 GiB at 65,536 connections). Asserts:
+    RSS grows by less than the 64 MiB budget plus slack, the refused heads are counted as
+    `head_budget` failures, and a normal request afterwards is counted exactly."""
+    ng = nginx_factory(workers=2, worker_connections=19_000, rlimit=20_000, reuseport=True)
+    agent = start_agent(tmp_path / "vigie", ng.port)
+    agents.append(agent)
+    rss0 = rss_bytes(agent.proc.pid)
+    n, pieces = 15_000, 7
+    h = subprocess.Popen([sys.executable, "-c", _PARTIAL_HEADS, "127.0.0.30", str(ng.port), str(n), str(pieces)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = h.stdout.readline()
+        assert line.startswith("ready"), f"{line} {h.stderr.read()[-2000:]}"
+        time.sleep(2)
+        m = agent.scrape()
+        rss = rss_bytes(agent.proc.pid)
+        refused = m.total("vigie_parse_failures_total", reason="head_budget")
+        lost = m.total("vigie_events_lost_total")
+        print(f"{n} connections x {pieces} pieces of 8 KiB, heads never ended: RSS {rss0 / 2**20:.1f} -> "
+              f"{rss / 2**20:.1f} MiB; head_budget refusals {refused:.0f}; tracked connections "
+              f"{m.total('vigie_tracked_connections'):.0f}; events lost {lost:.0f}")
+        agent.assert_running()
+        no_panic(agent)
+        assert rss - rss0 <= 64 * 2**20 + 64 * 2**20, "unfinished heads are held beyond the 64 MiB budget"
+        assert refused >= n / 2, refused
+        rec = Recorder()
+        token = "syt_" + os.urandom(16).hex()
+        label = agent.labels([token])[token]
+        c = MatrixClient(ng.host, ng.port, token, recorder=rec, name="after")
+        for _ in range(20):
+            c.request("GET", f"{CLIENT_V3}/sync", "sync")
+        c.close()
+        got, problems = wait_exact(agent, {label: client_figures(rec, token)})
+        assert not problems, problems
+    finally:
+        h.kill()
+        h.wait()
+
+
 # -- 5. hostile clients ----------------------------------------------------------------------------
 
 

@@ -237,7 +237,6 @@ fn parse_with<'b>(
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(HeadError::Incomplete),
         Err(httparse::Error::HeaderValue) if !lenient && !head.contains(&0) => {
-            drop(req);
             return parse_with(head, headers, true);
         }
         Err(e) => return Err(map_error(e, head)),
