@@ -14,7 +14,8 @@
 //! - The guest reports line by line on its second serial port; the host parses that report,
 //!   compares vigie's `vigie_token_requests_total` / `vigie_token_response_bytes_total` per
 //!   token label with curl's own counts (requests; header + body bytes received) and writes
-//!   `RESULTS/<kernel>.json` (default `target/kernels/results`). Exit status non-zero when
+//!   `RESULTS/<kernel>.json` (default `target/kernels/results`), the guest's console and
+//!   report in `RESULTS/<kernel>/`; `--keep` keeps `RESULTS/initramfs.cpio`. Exit status non-zero when
 //!   any kernel did not boot, `vigie check` did not run, or a count is not exact.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -151,14 +152,15 @@ pub fn run(args: &[String]) -> Result<()> {
     let t0 = Instant::now();
     step(&format!("Building the guest initramfs (busybox, {}, nginx, curl)", vigie.display()));
     let tokens = make_tokens(TOKENS);
-    let initramfs = base.join("initramfs.cpio");
+    // Per results directory, so that two runs (two pytest sessions) do not share files.
+    let initramfs = opts.results.join("initramfs.cpio");
     build_initramfs(&initramfs, &vigie, &tokens)?;
 
     let sha = Command::new("sha256sum").arg(&vigie).output().ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).split(' ').next().unwrap_or("").to_string());
     let mut results = Vec::new();
     for k in &opts.kernels {
-        let run_dir = base.join("run").join(k.name);
+        let run_dir = opts.results.join(k.name);
         let _ = fs::remove_dir_all(&run_dir);
         fs::create_dir_all(&run_dir)?;
         let mut r = fetch_kernel(&base, k)
@@ -250,7 +252,7 @@ fn fetch_kernel(base: &Path, k: &Kernel) -> Result<PathBuf> {
     }
     step(&format!("Kernel {}: extracting vmlinuz and config from {}", k.name, deb.display()));
     let abi = k.package.strip_prefix("linux-image-").context("package name")?;
-    let tmp = kdir.with_extension("tmp");
+    let tmp = kdir.with_extension(format!("tmp{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
     sh(Command::new("sh").arg("-c").arg(format!(
@@ -259,8 +261,8 @@ fn fetch_kernel(base: &Path, k: &Kernel) -> Result<PathBuf> {
         tmp.display()
     )))?;
     fs::create_dir_all(&kdir)?;
-    fs::rename(tmp.join(format!("boot/vmlinuz-{abi}")), kdir.join("vmlinuz"))?;
     fs::rename(tmp.join(format!("boot/config-{abi}")), kdir.join("config"))?;
+    fs::rename(tmp.join(format!("boot/vmlinuz-{abi}")), kdir.join("vmlinuz"))?;
     let _ = fs::remove_dir_all(&tmp);
     Ok(kdir)
 }
@@ -403,7 +405,7 @@ fn build_initramfs(path: &Path, vigie: &Path, tokens: &[String]) -> Result<()> {
          proxy_temp_path /tmp/nginx/proxy;\n  fastcgi_temp_path /tmp/nginx/fastcgi;\n  uwsgi_temp_path /tmp/nginx/uwsgi;\n  \
          scgi_temp_path /tmp/nginx/scgi;\n  default_type application/json;\n  keepalive_requests 1000;\n  \
          server {{\n    listen 127.0.0.1:{SERVER_PORT};\n    root /srv/www;\n    \
-         location /_matrix/client/v1/media/ {{ default_type application/octet-stream; }}\n  }}\n}}\n"
+         location /_matrix/client/v1/media/ {{ default_type application/octet-stream; sendfile on; }}\n  }}\n}}\n"
     );
     c.file("etc/vigie-kernels/nginx.conf", 0o644, nginx.as_bytes())?;
     let params = format!(
@@ -608,7 +610,7 @@ fn judge(k: &Kernel, text: &str, tokens: &[String]) -> Value {
         "agent_ready": ready,
         "agent_exit_before_ready": kv.get("run_exited").and_then(|v| v.parse::<i64>().ok()),
         "agent_stderr_tail": tail(&blocks.get("vigie_stderr").cloned().unwrap_or_default().join("\n"), 30),
-        "server": format!("nginx (host binary) on 127.0.0.1:{SERVER_PORT}, {BIG_BYTES}-byte media file and a small JSON /sync body"),
+        "server": format!("nginx (host binary) on 127.0.0.1:{SERVER_PORT}: a small JSON /sync body (writev) and a {BIG_BYTES}-byte media file (sendfile)"),
         "client": "curl: requests counted per transfer, response bytes = size_header + size_download",
         "exact": false,
         "tokens": [],
@@ -645,7 +647,7 @@ fn judge(k: &Kernel, text: &str, tokens: &[String]) -> Value {
             );
         }
     }
-    let others: f64 = reqs.iter().filter(|(l, _)| !labels.contains(l)).map(|(_, v)| v).sum();
+    let others: f64 = reqs.iter().filter(|(l, _)| !labels.contains(l)).map(|(_, v)| v).sum::<f64>() + 0.0;
     smoke["other_labels_requests"] = json!(others);
     smoke["exact"] = json!(exact);
     smoke["tokens"] = json!(rows);
