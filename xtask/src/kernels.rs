@@ -574,6 +574,11 @@ fn judge(k: &Kernel, text: &str, tokens: &[String]) -> Value {
     for e in errors {
         push_problem(&mut r, format!("guest: {e}"));
     }
+    let formats: serde_json::Map<String, Value> = blocks
+        .iter()
+        .filter_map(|(name, lines)| name.strip_prefix("format:").map(|tp| (tp.replace('/', ":"), json!(lines))))
+        .collect();
+    r["tracepoint_formats"] = Value::Object(formats);
     let booted = r["stages"].get("init").is_some();
     r["booted"] = json!(booted);
     r["boot_seconds"] = r["stages"].get("init").cloned().unwrap_or(Value::Null);

@@ -78,6 +78,14 @@ if [ -d /sys/kernel/tracing/events ]; then
               syscalls/sys_enter_sendto syscalls/sys_enter_recvfrom syscalls/sys_enter_writev syscalls/sys_enter_sendfile64; do
         out "tracepoint $tp $([ -d /sys/kernel/tracing/events/$tp ] && echo present || echo absent)"
     done
+    # Field layouts of what vigie reads at fixed offsets, to compare across kernels.
+    for tp in sock/sock_send_length sock/sock_recv_length sock/inet_sock_set_state \
+              syscalls/sys_enter_recvfrom syscalls/sys_enter_sendto syscalls/sys_exit_recvfrom; do
+        f=/sys/kernel/tracing/events/$tp/format
+        [ -f $f ] || continue
+        grep 'field:' $f | sed 's/^[[:space:]]*//' > /tmp/format.txt
+        block "format:$tp" /tmp/format.txt
+    done
 fi
 
 # --- vigie run ---------------------------------------------------------------------------
