@@ -638,6 +638,9 @@ fn judge(k: &Kernel, text: &str, tokens: &[String]) -> Value {
         let (creq, cbytes, statuses) = client.get(&i).cloned().unwrap_or_default();
         let vreq = reqs.get(label).copied().unwrap_or(0.0);
         let vbytes = bytes.get(label).copied().unwrap_or(0.0);
+        if statuses.iter().any(|&c| c == 0) {
+            push_problem(&mut r, format!("token {i}: a curl transfer failed (status 000): the client's counts are not the server's"));
+        }
         let same = creq > 0 && vreq == creq as f64 && vbytes == cbytes as f64;
         exact &= same;
         rows.push(json!({
