@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.util import HarnessError
 from harness.vigie import check_binary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +43,10 @@ def _tail(text: str, n: int = 40) -> str:
 def kernel_run(request, tmp_path_factory) -> dict:
     """Boot one kernel with `cargo xtask kernels` and return its result JSON."""
     kernel = request.param
-    vigie = check_binary().resolve()
+    try:
+        vigie = check_binary().resolve()
+    except HarnessError as e:
+        pytest.fail(str(e), pytrace=False)
     results = tmp_path_factory.mktemp(f"kernel-{kernel}")
     cmd = ["cargo", "run", "--quiet", "--locked", "-p", "xtask", "--", "kernels",
            "--kernel", kernel, "--results", str(results), "--timeout", str(GUEST_TIMEOUT)]
