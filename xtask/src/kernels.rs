@@ -731,3 +731,55 @@ fn print_summary(r: &Value, run_dir: &Path, path: &Path) {
     }
     println!("  result: {}  (files: {}, {})", if r["ok"] == json!(true) { "PASS" } else { "FAIL" }, path.display(), run_dir.display());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(vigie_bytes_token1: u64) -> String {
+        format!(
+            "stage init 3.1\nuname 6.12.95+deb12-cloud-amd64\nbegin check\n| [ok  ] BTF: present\n| vigie can run on this host\nend check\ncheck_rc 0\n\
+             run_ready yes\n\
+             client 0 200 166 244 108 1\nclient 0 200 182 258 300000 1\n\
+             client 1 200 166 244 108 1\nclient 1 404 178 155 153 0\n\
+             begin labels\n| 0123456789abcdef\n| fedcba9876543210\nend labels\n\
+             begin metrics\n\
+             | vigie_token_requests_total{{token=\"0123456789abcdef\",endpoint=\"sync\",vantage=\"socket\"}} 1\n\
+             | vigie_token_requests_total{{token=\"0123456789abcdef\",endpoint=\"media\",vantage=\"socket\"}} 1\n\
+             | vigie_token_response_bytes_total{{token=\"0123456789abcdef\",endpoint=\"sync\",vantage=\"socket\"}} 352\n\
+             | vigie_token_response_bytes_total{{token=\"0123456789abcdef\",endpoint=\"media\",vantage=\"socket\"}} 300258\n\
+             | vigie_token_requests_total{{token=\"fedcba9876543210\",endpoint=\"other\",vantage=\"socket\"}} 2\n\
+             | vigie_token_response_bytes_total{{token=\"fedcba9876543210\",endpoint=\"other\",vantage=\"socket\"}} {vigie_bytes_token1}\n\
+             end metrics\nvigie_exit 0\nstage done 9.0\nend-of-report\n"
+        )
+    }
+
+    fn tokens() -> Vec<String> {
+        vec!["syt_a".into(), "syt_b".into()]
+    }
+
+    #[test]
+    fn exact_counts_pass() {
+        let r = judge(&KERNELS[0], &report(352 + 308), &tokens());
+        assert_eq!(r["problems"], json!([]), "{r:#}");
+        assert_eq!(r["ok"], json!(true));
+        assert_eq!(r["smoke"]["tokens"][0]["client_bytes"], json!(300_610));
+        assert_eq!(r["smoke"]["tokens"][1]["vigie_requests"], json!(2.0));
+    }
+
+    #[test]
+    fn one_byte_off_fails_and_says_which_token() {
+        let r = judge(&KERNELS[0], &report(352 + 307), &tokens());
+        assert_eq!(r["ok"], json!(false));
+        let problems = r["problems"].to_string();
+        assert!(problems.contains("token 1 (fedcba9876543210)"), "{problems}");
+        assert_eq!(r["smoke"]["tokens"][0]["exact"], json!(true));
+    }
+
+    #[test]
+    fn a_guest_that_never_ran_init_did_not_boot() {
+        let r = judge(&KERNELS[0], "", &tokens());
+        assert_eq!(r["booted"], json!(false));
+        assert_eq!(r["ok"], json!(false));
+    }
+}
