@@ -116,7 +116,7 @@ def test_capture_counts_are_exact(kernel_run):
         f"bytes client {t['client_bytes']} vigie {t['vigie_bytes']:.0f}"
         for t in rows
     )
-    print(f"Linux {r['uname']}:\n{table}")
+    print(f"Linux {r['uname']}, capture source {s.get('capture_source')}:\n{table}")
     for t in rows:
         assert t["client_requests"] > 0 and t["client_bytes"] > 0, f"token {t['index']} made no request:\n{table}"
         assert t["vigie_requests"] == t["client_requests"] and t["vigie_bytes"] == t["client_bytes"], (

@@ -89,6 +89,7 @@ struct Opts {
     keep: bool,
     results: PathBuf,
     timeout: Duration,
+    capture_source: Option<String>,
 }
 
 fn parse_args(args: &[String]) -> Result<Opts> {
@@ -97,6 +98,7 @@ fn parse_args(args: &[String]) -> Result<Opts> {
         keep: false,
         results: root().join("target/kernels/results"),
         timeout: Duration::from_secs(300),
+        capture_source: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -114,6 +116,13 @@ fn parse_args(args: &[String]) -> Result<Opts> {
                     .collect::<Result<_>>()?;
             }
             "--keep" => opts.keep = true,
+            "--capture-source" => {
+                let v = it.next().context("--capture-source needs auto, sock or syscalls")?;
+                if !v.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    bail!("--capture-source {v:?}: a plain word (auto, sock, syscalls)");
+                }
+                opts.capture_source = Some(v.clone());
+            }
             "--results" => opts.results = PathBuf::from(it.next().context("--results needs a directory")?),
             "--timeout" => {
                 let s: u64 = it.next().context("--timeout needs seconds")?.parse().context("--timeout")?;
@@ -121,7 +130,7 @@ fn parse_args(args: &[String]) -> Result<Opts> {
             }
             "--" => {}
             other => bail!(
-                "unknown argument {other:?}; usage: cargo xtask kernels [--kernel 6.1,6.12] [--keep] [--results DIR] [--timeout SECS]"
+                "unknown argument {other:?}; usage: cargo xtask kernels [--kernel 6.1,6.12] [--keep] [--results DIR] [--timeout SECS] [--capture-source auto|sock|syscalls]"
             ),
         }
     }
@@ -154,7 +163,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let tokens = make_tokens(TOKENS);
     // Per results directory, so that two runs (two pytest sessions) do not share files.
     let initramfs = opts.results.join("initramfs.cpio");
-    build_initramfs(&initramfs, &vigie, &tokens)?;
+    build_initramfs(&initramfs, &vigie, &tokens, opts.capture_source.as_deref())?;
 
     let sha = Command::new("sha256sum").arg(&vigie).output().ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).split(' ').next().unwrap_or("").to_string());
@@ -175,6 +184,7 @@ pub fn run(args: &[String]) -> Result<()> {
         r["vigie_bin"] = json!(vigie.display().to_string());
         r["vigie_sha256"] = json!(sha);
         r["qemu_cpu"] = json!(CPU);
+        r["capture_source_asked"] = json!(opts.capture_source);
         let path = opts.results.join(format!("{}.json", k.name));
         fs::write(&path, serde_json::to_string_pretty(&r)? + "\n")?;
         print_summary(&r, &run_dir, &path);
@@ -376,7 +386,7 @@ fn make_tokens(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("syt_{}_{}_{}", b64[i % b64.len()], rand(20), rand(6))).collect()
 }
 
-fn build_initramfs(path: &Path, vigie: &Path, tokens: &[String]) -> Result<()> {
+fn build_initramfs(path: &Path, vigie: &Path, tokens: &[String], capture_source: Option<&str>) -> Result<()> {
     let mut c = Cpio::create(path)?;
     for d in ["dev", "proc", "sys", "tmp", "run", "root", "srv", "var/log/nginx", "var/lib/nginx"] {
         c.dir(d)?;
@@ -408,8 +418,11 @@ fn build_initramfs(path: &Path, vigie: &Path, tokens: &[String]) -> Result<()> {
          location /_matrix/client/v1/media/ {{ default_type application/octet-stream; sendfile on; }}\n  }}\n}}\n"
     );
     c.file("etc/vigie-kernels/nginx.conf", 0o644, nginx.as_bytes())?;
+    // SOURCE_ARGS: passed to `vigie check` and `vigie run` as they are (empty: the agent's default).
+    let source_args = capture_source.map(|s| format!("--capture-source {s}")).unwrap_or_default();
     let params = format!(
-        "PORT={SERVER_PORT}\nMETRICS={METRICS_ADDR}\nBIG_BYTES={BIG_BYTES}\nREADY_TIMEOUT=120\nSETTLE_SCRAPES=30\n"
+        "PORT={SERVER_PORT}\nMETRICS={METRICS_ADDR}\nBIG_BYTES={BIG_BYTES}\nREADY_TIMEOUT=120\nSETTLE_SCRAPES=30\n\
+         SOURCE_ARGS='{source_args}'\n"
     );
     c.file("etc/vigie-kernels/params", 0o644, params.as_bytes())?;
     c.file("etc/vigie-kernels/tokens", 0o600, tokens.iter().map(|t| format!("{t}\n")).collect::<String>().as_bytes())?;
@@ -660,6 +673,12 @@ fn judge(k: &Kernel, text: &str, tokens: &[String]) -> Value {
     smoke["exact"] = json!(exact);
     smoke["tokens"] = json!(rows);
     smoke["scrapes"] = json!(kv.get("scrapes"));
+    // vigie_capture_info{source="..."} 1, where the agent exports it.
+    smoke["capture_source"] = json!(blocks.get("metrics").into_iter().flatten().find_map(|l| {
+        let rest = l.strip_prefix("vigie_capture_info{")?;
+        let v = rest.split("source=\"").nth(1)?;
+        Some(v.split('"').next()?.to_string())
+    }));
     smoke["agent_exit"] = json!(kv.get("vigie_exit").and_then(|v| v.parse::<i64>().ok()));
     smoke["agent_stderr_warnings"] = json!(kv.get("vigie_stderr_warnings").and_then(|v| v.parse::<i64>().ok()));
     r["smoke"] = smoke;
@@ -713,7 +732,7 @@ fn print_summary(r: &Value, run_dir: &Path, path: &Path) {
         }
     }
     if let Some(s) = r.get("smoke") {
-        println!("  smoke: agent ready {}, exact {}", s["agent_ready"], s["exact"]);
+        println!("  smoke: agent ready {}, exact {}, capture source (vigie_capture_info) {}", s["agent_ready"], s["exact"], s["capture_source"]);
         for t in s["tokens"].as_array().into_iter().flatten() {
             println!(
                 "    token {} {}: requests client {} vigie {}, bytes client {} vigie {}",

@@ -68,7 +68,7 @@ out "nginx up"
 
 # --- vigie check -------------------------------------------------------------------------
 stage check
-vigie check --server-port "$PORT" > /tmp/check.txt 2>&1
+vigie check --server-port "$PORT" $SOURCE_ARGS > /tmp/check.txt 2>&1
 rc=$?
 cat /tmp/check.txt
 block check /tmp/check.txt
@@ -92,7 +92,7 @@ fi
 stage run
 head -c 32 /dev/urandom > /tmp/key
 chmod 600 /tmp/key
-vigie run --server-port "$PORT" --metrics-addr "$METRICS" --key-file /tmp/key > /tmp/vigie.out 2> /tmp/vigie.err &
+vigie run --server-port "$PORT" $SOURCE_ARGS --metrics-addr "$METRICS" --key-file /tmp/key > /tmp/vigie.out 2> /tmp/vigie.err &
 vpid=$!
 n=0
 ready=no
