@@ -610,10 +610,8 @@ fn judge(k: &Kernel, text: &str, tokens: &[String]) -> Value {
         "warn_lines": count("[warn"),
         "fail_lines": count("[fail"),
         "failures": check_lines.iter().filter(|l| l.to_lowercase().starts_with("[fail")).collect::<Vec<_>>(),
-        "capture_source": check_lines.iter().find(|l| {
-            let l = l.to_lowercase();
-            l.contains("capture") && l.contains("source")
-        }),
+        // The check's own "[warn] capture source: ..." line, not a log line that mentions it.
+        "capture_source": check_lines.iter().find(|l| l.starts_with('[') && l.contains("] capture source:")),
         "verdict": check_lines.last(),
         "output": check_lines,
     });
