@@ -3,10 +3,13 @@
 //! - `cargo xtask setup`: install what building and testing need (idempotent, says each step).
 //! - `cargo xtask run [-- ARGS]`: set up, build, and run the agent on `deploy/vigie.toml`.
 //! - `cargo xtask test`: set up, build, run the unit tests and the integration tests.
+//! - `cargo xtask kernels [--kernel 6.1,6.12] [--keep]`: boot Debian kernels under qemu and run
+//!   `vigie check` and a capture smoke test in each (see kernels.rs, docs/kernels.md).
 //!
 //! Everything is installed from Debian's packages, crates.io and PyPI by name.
 
 mod bench;
+mod kernels;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -25,6 +28,9 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     "bpftool",
     "openssl",
+    // The kernel matrix (`cargo xtask kernels`): qemu, and busybox for the guest's /init.
+    "qemu-system-x86",
+    "busybox-static",
 ];
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -37,8 +43,9 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("kernels") => kernels::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS]");
+            eprintln!("usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | bench | kernels [--kernel 6.1,6.12] [--keep]");
             return ExitCode::from(2);
         }
     };
