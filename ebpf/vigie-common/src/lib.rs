@@ -5,10 +5,11 @@
 //! so a layout change cannot reach only one of them.
 #![no_std]
 
-/// Most request bytes the kernel copies out of one receive. A request line plus a long run of
-/// headers (cookies, proxies, an `Authorization` header placed last) fits; bodies are not needed
-/// past their first bytes because the agent only counts them.
-pub const MAX_CAPTURE: usize = 8192;
+/// Most request bytes the kernel copies out of one receive: Synapse (Twisted) accepts request
+/// heads of up to 16 KiB, so a head it serves is always seen whole. With 8 KiB, a client could
+/// push its `Authorization` header past the copy with padding and hide its requests from
+/// per-token accounting. Bodies are not needed past their first bytes: the agent counts them.
+pub const MAX_CAPTURE: usize = 16384;
 
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const RING_BYTES: u32 = 16 * 1024 * 1024;
