@@ -12,12 +12,9 @@ use super::config::DetectConfig;
 use super::hll::EpochHll;
 use super::request::Shape;
 use super::rooms::RoomTable;
-use super::window::{Bucket, Bytes, Count, QUARTERS, SIXTEENTHS, Totals, Window};
+use super::window::{Bytes, Count, QUARTERS, Ring, Rings, SIXTEENTHS, Totals};
 
-/// Granularities, in seconds, of the three rings and of the two room-sketch epochs.
-pub const G_1M: u32 = 10;
-pub const G_10M: u32 = 60;
-pub const G_1H: u32 = 600;
+/// Granularities, in seconds, of the two room-sketch epochs.
 const ROOMS_10M_EPOCH: u32 = 300;
 const ROOMS_1H_EPOCH: u32 = 1800;
 /// A room not paged for this long starts a new paging session (depth back to 1).
@@ -56,7 +53,7 @@ impl Baseline {
         Baseline { rate, minutes: 0 }
     }
 
-    fn of_minute(b: &Bucket) -> [f64; BASELINE] {
+    fn of_minute(b: &Totals) -> [f64; BASELINE] {
         let history = (f64::from(b.get(Count::PageWeight))
             + f64::from(b.get(Count::ContextWeight)))
             / SIXTEENTHS;
@@ -89,7 +86,7 @@ impl Baseline {
     }
 
     /// Fold a completed minute, then `idle` empty ones.
-    fn fold(&mut self, minute: &Bucket, idle: u32, alpha_tau: f64, prior_minutes: f64) {
+    fn fold(&mut self, minute: &Totals, idle: u32, alpha_tau: f64, prior_minutes: f64) {
         let alpha_tau = if alpha_tau.is_finite() {
             alpha_tau.clamp(0.0, 1.0)
         } else {
@@ -132,9 +129,8 @@ pub struct TokenState {
     last_sync_s: Option<u32>,
     /// Latest key-backup read made while the token was young.
     young_key_read_s: Option<u32>,
-    m1: Window<6>,
-    m10: Window<10>,
-    h1: Window<6>,
+    /// The ≈1 min, ≈10 min and ≈1 h rings of counters.
+    rings: Rings,
     /// Rooms read through history (pages, `/context`, room `/initialSync`).
     rooms_10m: EpochHll<32>,
     rooms_1h: EpochHll<128>,
@@ -161,9 +157,7 @@ impl TokenState {
             last_s: now,
             last_sync_s: None,
             young_key_read_s: None,
-            m1: Window::new(now / G_1M),
-            m10: Window::new(now / G_10M),
-            h1: Window::new(now / G_1H),
+            rings: Rings::new(now),
             rooms_10m: EpochHll::new(now / ROOMS_10M_EPOCH),
             rooms_1h: EpochHll::new(now / ROOMS_1H_EPOCH),
             touched_10m: EpochHll::new(now / ROOMS_10M_EPOCH),
@@ -181,8 +175,8 @@ impl TokenState {
     /// Move the rings to `now`, folding completed minutes into the baseline unless the token
     /// is suspect (an attacker must not teach its token that scraping is normal).
     pub fn advance(&mut self, now: u32, cfg: &DetectConfig) {
-        let minute = now / G_10M;
-        let head = self.m10.head();
+        let minute = now / Ring::M10.granularity();
+        let head = self.rings.head_s() / Ring::M10.granularity();
         if minute > head {
             let learning = f64::from(self.score) < cfg.pin_score;
             let tau_min = cfg.baseline_tau_s / 60.0;
@@ -193,22 +187,19 @@ impl TokenState {
             };
             if learning {
                 self.baseline.fold(
-                    &self.m10.head_bucket(),
+                    &self.rings.newest(Ring::M10),
                     minute - head - 1,
                     alpha,
                     cfg.baseline_prior_minutes,
                 );
             }
         }
-        self.m1.advance(now / G_1M);
-        self.m10.advance(minute);
-        self.h1.advance(now / G_1H);
+        self.rings.advance(now);
     }
 
-    fn bump(&mut self, what: Count, n: u32, now: u32) {
-        self.m1.at(now / G_1M).add(what, n);
-        self.m10.at(now / G_10M).add(what, n);
-        self.h1.at(now / G_1H).add(what, n);
+    /// Count `n` of `what` now (the rings were moved to `now` by [`TokenState::advance`]).
+    fn bump(&mut self, what: Count, n: u32, _now: u32) {
+        self.rings.add(what, n);
     }
 
     fn weigh(w: f64, scale: f64) -> u32 {
@@ -228,7 +219,6 @@ impl TokenState {
         let grace = secs(cfg.client_grace_s);
         let late_agent = self.agents.see(s.agent, now, self.first_s, grace);
         self.addresses.see(s.address, now, self.first_s, grace);
-        self.bump(Count::Requests, 1, now);
         if let Some(room) = s.room {
             self.touched_10m.insert_hash(now / ROOMS_10M_EPOCH, room);
         }
@@ -329,23 +319,17 @@ impl TokenState {
         self.advance(now, cfg);
         self.dirty = true;
         let media = matches!(endpoint, Endpoint::MediaDownload | Endpoint::MediaThumbnail);
-        for b in [
-            self.m1.at(now / G_1M),
-            self.m10.at(now / G_10M),
-            self.h1.at(now / G_1H),
-        ] {
-            b.add_bytes(Bytes::All, bytes);
-            if media {
-                b.add_bytes(Bytes::Media, bytes);
-            }
+        self.rings.add_bytes(Bytes::All, bytes);
+        if media {
+            self.rings.add_bytes(Bytes::Media, bytes);
         }
     }
 
     /// The features at `now` (call [`TokenState::advance`] first).
     pub fn features(&self, now: u32, cfg: &DetectConfig) -> Features {
-        let t1 = self.m1.totals(now / G_1M);
-        let t10 = self.m10.totals(now / G_10M);
-        let th = self.h1.totals(now / G_1H);
+        let t1 = self.rings.totals(Ring::M1, now);
+        let t10 = self.rings.totals(Ring::M10, now);
+        let th = self.rings.totals(Ring::H1, now);
         let history = |t: &Totals| t.weight(Count::PageWeight, SIXTEENTHS);
         let context = |t: &Totals| t.weight(Count::ContextWeight, SIXTEENTHS);
         let media = |t: &Totals| {
@@ -398,7 +382,6 @@ impl TokenState {
             room_reads_10m: f64::from(t10.get(Count::RoomReads)),
             bytes_10m: t10.bytes(Bytes::All) as f64,
             bytes_1h: th.bytes(Bytes::All) as f64,
-            requests_10m: f64::from(t10.get(Count::Requests)),
             agents: self.agents.distinct(),
             addresses: self.addresses.distinct(),
         }
@@ -453,7 +436,6 @@ pub struct Features {
     pub room_reads_10m: f64,
     pub bytes_10m: f64,
     pub bytes_1h: f64,
-    pub requests_10m: f64,
     pub agents: u8,
     pub addresses: u8,
 }
