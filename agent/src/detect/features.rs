@@ -9,7 +9,7 @@ use crate::endpoint::Endpoint;
 
 use super::clients::{Clients, Late};
 use super::config::DetectConfig;
-use super::hll::EpochHll;
+use super::hll::{RoomSketches, Sketch};
 use super::request::Shape;
 use super::rooms::RoomTable;
 use super::window::{Bytes, Count, QUARTERS, Ring, Rings, SIXTEENTHS, Totals};
@@ -131,11 +131,9 @@ pub struct TokenState {
     young_key_read_s: Option<u32>,
     /// The ≈1 min, ≈10 min and ≈1 h rings of counters.
     rings: Rings,
-    /// Rooms read through history (pages, `/context`, room `/initialSync`).
-    rooms_10m: EpochHll<32>,
-    rooms_1h: EpochHll<128>,
-    /// Rooms named by any request.
-    touched_10m: EpochHll<32>,
+    /// Rooms read through history (pages, `/context`, room `/initialSync`), ≈10 min and
+    /// ≈1 h; rooms named by any request, ≈10 min.
+    sketches: RoomSketches,
     rooms: RoomTable,
     agents: Clients,
     addresses: Clients,
@@ -158,9 +156,11 @@ impl TokenState {
             last_sync_s: None,
             young_key_read_s: None,
             rings: Rings::new(now),
-            rooms_10m: EpochHll::new(now / ROOMS_10M_EPOCH),
-            rooms_1h: EpochHll::new(now / ROOMS_1H_EPOCH),
-            touched_10m: EpochHll::new(now / ROOMS_10M_EPOCH),
+            sketches: RoomSketches::new([
+                now / ROOMS_10M_EPOCH,
+                now / ROOMS_10M_EPOCH,
+                now / ROOMS_1H_EPOCH,
+            ]),
             rooms: RoomTable::default(),
             agents: Clients::default(),
             addresses: Clients::default(),
@@ -195,6 +195,11 @@ impl TokenState {
             }
         }
         self.rings.advance(now);
+        self.sketches.advance([
+            now / ROOMS_10M_EPOCH,
+            now / ROOMS_10M_EPOCH,
+            now / ROOMS_1H_EPOCH,
+        ]);
     }
 
     /// Count `n` of `what` now (the rings were moved to `now` by [`TokenState::advance`]).
@@ -220,7 +225,7 @@ impl TokenState {
         let late_agent = self.agents.see(s.agent, now, self.first_s, grace);
         self.addresses.see(s.address, now, self.first_s, grace);
         if let Some(room) = s.room {
-            self.touched_10m.insert_hash(now / ROOMS_10M_EPOCH, room);
+            self.sketches.insert(Sketch::Touched, now / ROOMS_10M_EPOCH, room);
         }
         let limit = s.limit.unwrap_or(cfg.default_limit);
         let read = match s.endpoint {
@@ -294,8 +299,8 @@ impl TokenState {
 
     fn room_read_for_breadth(&mut self, s: &Shape, now: u32) {
         if let Some(room) = s.room {
-            self.rooms_10m.insert_hash(now / ROOMS_10M_EPOCH, room);
-            self.rooms_1h.insert_hash(now / ROOMS_1H_EPOCH, room);
+            self.sketches.insert(Sketch::Read, now / ROOMS_10M_EPOCH, room);
+            self.sketches.insert(Sketch::ReadLong, now / ROOMS_1H_EPOCH, room);
         }
     }
 
@@ -349,7 +354,7 @@ impl TokenState {
         let live = self
             .last_sync_s
             .is_some_and(|s| f64::from(now.saturating_sub(s)) <= cfg.live_sync_s);
-        let rooms_10m = self.rooms_10m.estimate(now / ROOMS_10M_EPOCH).round();
+        let rooms_10m = self.sketches.estimate(Sketch::Read, now / ROOMS_10M_EPOCH).round();
         Features {
             age_s: f64::from(now.saturating_sub(self.first_s)),
             pages_1m: f64::from(t1.get(Count::Pages)),
@@ -361,8 +366,8 @@ impl TokenState {
             depth: f64::from(self.rooms.max_depth_since(since_10m)),
             new_rooms_1m: f64::from(self.rooms.started_since(now.saturating_sub(60))),
             rooms_10m,
-            rooms_1h: self.rooms_1h.estimate(now / ROOMS_1H_EPOCH).round(),
-            touched_10m: self.touched_10m.estimate(now / ROOMS_10M_EPOCH).round(),
+            rooms_1h: self.sketches.estimate(Sketch::ReadLong, now / ROOMS_1H_EPOCH).round(),
+            touched_10m: self.sketches.estimate(Sketch::Touched, now / ROOMS_10M_EPOCH).round(),
             context_1m: context(&t1),
             context_10m: context(&t10),
             context_large_10m: f64::from(t10.get(Count::ContextLarge)),
