@@ -126,9 +126,9 @@ pub struct TokenState {
     pub first_s: u32,
     pub last_s: u32,
     /// Latest incremental `/sync` (or sliding sync with `pos`).
-    last_sync_s: Option<u32>,
+    last_sync_s: Stamp,
     /// Latest key-backup read made while the token was young.
-    young_key_read_s: Option<u32>,
+    young_key_read_s: Stamp,
     /// The ≈1 min, ≈10 min and ≈1 h rings of counters.
     rings: Rings,
     /// Rooms read through history (pages, `/context`, room `/initialSync`), ≈10 min and
@@ -140,7 +140,7 @@ pub struct TokenState {
     pub baseline: Baseline,
     /// Score at the latest tick, and when it last reached 1.
     pub score: f32,
-    pub last_alert_s: Option<u32>,
+    pub last_alert_s: Stamp,
     /// Something happened since the latest tick.
     pub dirty: bool,
     /// Population features at the latest scoring, for the population statistics.
@@ -153,8 +153,8 @@ impl TokenState {
         TokenState {
             first_s: now,
             last_s: now,
-            last_sync_s: None,
-            young_key_read_s: None,
+            last_sync_s: Stamp::NEVER,
+            young_key_read_s: Stamp::NEVER,
             rings: Rings::new(now),
             sketches: RoomSketches::new([
                 now / ROOMS_10M_EPOCH,
@@ -166,7 +166,7 @@ impl TokenState {
             addresses: Clients::default(),
             baseline: Baseline::new(prior),
             score: 0.0,
-            last_alert_s: None,
+            last_alert_s: Stamp::NEVER,
             dirty: true,
             population: [0.0; POPULATION],
         }
@@ -231,7 +231,7 @@ impl TokenState {
         let read = match s.endpoint {
             Some(Endpoint::Sync | Endpoint::SlidingSync) => {
                 if s.incremental && !s.full_state {
-                    self.last_sync_s = Some(now);
+                    self.last_sync_s = Stamp::at(now);
                     self.agents.mark_sync(s.agent);
                 } else {
                     self.full_sync(s, cfg, now);
@@ -281,7 +281,7 @@ impl TokenState {
             Some(Endpoint::RoomKeys) if s.get && s.version => {
                 self.bump(Count::KeyReads, 1, now);
                 if f64::from(now.saturating_sub(self.first_s)) < cfg.key_backup_young_s {
-                    self.young_key_read_s = Some(now);
+                    self.young_key_read_s = Stamp::at(now);
                 }
                 false
             }
@@ -350,9 +350,11 @@ impl TokenState {
             + f64::from(t1.get(Count::MediaDownloads)) / QUARTERS;
         let young_key_read = self
             .young_key_read_s
+            .get()
             .is_some_and(|s| now.saturating_sub(s) < 600);
         let live = self
             .last_sync_s
+            .get()
             .is_some_and(|s| f64::from(now.saturating_sub(s)) <= cfg.live_sync_s);
         let rooms_10m = self.sketches.estimate(Sketch::Read, now / ROOMS_10M_EPOCH).round();
         Features {
@@ -390,6 +392,23 @@ impl TokenState {
             agents: self.agents.distinct(),
             addresses: self.addresses.distinct(),
         }
+    }
+}
+
+/// A time that may not have come, in 4 bytes where `Option<u32>` takes 8: `u32::MAX` is
+/// "never", which the clock (monotonic seconds, clamped to `u32`) reaches after 136 years.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp(u32);
+
+impl Stamp {
+    pub const NEVER: Stamp = Stamp(u32::MAX);
+
+    pub fn at(now: u32) -> Stamp {
+        Stamp(now.min(u32::MAX - 1))
+    }
+
+    pub fn get(self) -> Option<u32> {
+        (self != Self::NEVER).then_some(self.0)
     }
 }
 

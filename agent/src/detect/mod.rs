@@ -48,7 +48,7 @@ pub use score::{Population, REASONS, Reason};
 use crate::conn::RequestSeen;
 use crate::endpoint::Endpoint;
 use crate::token::TokenLabel;
-use features::{BASELINE, BASELINE_IN_POPULATION, POPULATION, TokenState, secs};
+use features::{BASELINE, BASELINE_IN_POPULATION, POPULATION, Stamp, TokenState, secs};
 use request::Shape;
 use score::evaluate;
 
@@ -229,6 +229,7 @@ impl Detector {
 
     fn alerted_recently(&self, t: &TokenState) -> bool {
         t.last_alert_s
+            .get()
             .is_some_and(|a| f64::from(self.now.saturating_sub(a)) < self.cfg.alert_memory_s)
     }
 
@@ -251,6 +252,7 @@ impl Detector {
         for (label, t) in self.tokens.iter_mut() {
             let latched = t
                 .last_alert_s
+                .get()
                 .is_some_and(|a| now.saturating_sub(a) < memory);
             if !(t.dirty || t.score > 0.0 || latched) {
                 continue;
@@ -266,13 +268,14 @@ impl Detector {
                 if f64::from(t.score) < 1.0 {
                     self.stats.alerts_total += 1;
                 }
-                t.last_alert_s = Some(now);
+                t.last_alert_s = Stamp::at(now);
                 alerting += 1;
             }
             t.score = score as f32;
             t.dirty = false;
             let latched = t
                 .last_alert_s
+                .get()
                 .is_some_and(|a| now.saturating_sub(a) < memory);
             if score > 0.0 || latched {
                 let start = self.reasons.len();
@@ -300,6 +303,7 @@ impl Detector {
         self.tokens.retain(|_, t| {
             now.saturating_sub(t.last_s) < idle
                 || t.last_alert_s
+                    .get()
                     .is_some_and(|a| now.saturating_sub(a) < memory)
         });
         self.stats.tokens_expired += (before - self.tokens.len()) as u64;
