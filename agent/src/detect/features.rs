@@ -195,11 +195,14 @@ impl TokenState {
             }
         }
         self.rings.advance(now);
-        self.sketches.advance([
-            now / ROOMS_10M_EPOCH,
-            now / ROOMS_10M_EPOCH,
-            now / ROOMS_1H_EPOCH,
-        ]);
+        self.sketches.advance(
+            [
+                now / ROOMS_10M_EPOCH,
+                now / ROOMS_10M_EPOCH,
+                now / ROOMS_1H_EPOCH,
+            ],
+            &mut self.rings,
+        );
     }
 
     /// Count `n` of `what` now (the rings were moved to `now` by [`TokenState::advance`]).
@@ -225,7 +228,7 @@ impl TokenState {
         let late_agent = self.agents.see(s.agent, now, self.first_s, grace);
         self.addresses.see(s.address, now, self.first_s, grace);
         if let Some(room) = s.room {
-            self.sketches.insert(Sketch::Touched, now / ROOMS_10M_EPOCH, room);
+            self.sketches.insert(Sketch::Touched, now / ROOMS_10M_EPOCH, room, &mut self.rings);
         }
         let limit = s.limit.unwrap_or(cfg.default_limit);
         let read = match s.endpoint {
@@ -299,8 +302,8 @@ impl TokenState {
 
     fn room_read_for_breadth(&mut self, s: &Shape, now: u32) {
         if let Some(room) = s.room {
-            self.sketches.insert(Sketch::Read, now / ROOMS_10M_EPOCH, room);
-            self.sketches.insert(Sketch::ReadLong, now / ROOMS_1H_EPOCH, room);
+            self.sketches.insert(Sketch::Read, now / ROOMS_10M_EPOCH, room, &mut self.rings);
+            self.sketches.insert(Sketch::ReadLong, now / ROOMS_1H_EPOCH, room, &mut self.rings);
         }
     }
 
@@ -356,7 +359,7 @@ impl TokenState {
             .last_sync_s
             .get()
             .is_some_and(|s| f64::from(now.saturating_sub(s)) <= cfg.live_sync_s);
-        let rooms_10m = self.sketches.estimate(Sketch::Read, now / ROOMS_10M_EPOCH).round();
+        let rooms_10m = self.sketches.estimate(Sketch::Read, now / ROOMS_10M_EPOCH, &self.rings).round();
         Features {
             age_s: f64::from(now.saturating_sub(self.first_s)),
             pages_1m: f64::from(t1.get(Count::Pages)),
@@ -368,8 +371,8 @@ impl TokenState {
             depth: f64::from(self.rooms.max_depth_since(since_10m)),
             new_rooms_1m: f64::from(self.rooms.started_since(now.saturating_sub(60))),
             rooms_10m,
-            rooms_1h: self.sketches.estimate(Sketch::ReadLong, now / ROOMS_1H_EPOCH).round(),
-            touched_10m: self.sketches.estimate(Sketch::Touched, now / ROOMS_10M_EPOCH).round(),
+            rooms_1h: self.sketches.estimate(Sketch::ReadLong, now / ROOMS_1H_EPOCH, &self.rings).round(),
+            touched_10m: self.sketches.estimate(Sketch::Touched, now / ROOMS_10M_EPOCH, &self.rings).round(),
             context_1m: context(&t1),
             context_10m: context(&t10),
             context_large_10m: f64::from(t10.get(Count::ContextLarge)),

@@ -15,10 +15,11 @@
 //! A token has three such pairs ([`RoomSketches`]): 384 bytes of registers, while most
 //! tokens name a handful of rooms and many none. Until a token has named [`SPARSE_MAX`]
 //! distinct rooms within its sketches' epochs, it keeps instead the rooms themselves, 4 bytes
-//! each: the top 22 bits of the room's hash and two bits (current, previous epoch) per
-//! sketch. A register depends on nothing else (index: the top 6 or 8 bits; rank: the
-//! leading zeros of the next 14, capped at 15), so registers rebuilt from that list are
-//! bit-for-bit those of the dense sketch, and so is every estimate.
+//! each (among its ring cells: see `Rings::extras`): the top 22 bits of the room's hash and
+//! two bits (current, previous epoch) per sketch. A register depends on nothing else (index:
+//! the top 6 or 8 bits; rank: the leading zeros of the next 14, capped at 15), so registers
+//! rebuilt from that list are bit-for-bit those of the dense sketch, and so is every
+//! estimate.
 
 /// A fast 64-bit hash of a short byte string (room ids, user agents, pagination tokens).
 ///
@@ -61,6 +62,8 @@ pub fn fingerprint(bytes: &[u8]) -> u32 {
     let f = (h ^ (h >> 32)) as u32;
     f.max(1)
 }
+
+use super::window::{EXTRA_BITS, Rings};
 
 /// Largest register value: 4-bit registers.
 const MAX_RANK: u8 = 15;
@@ -287,8 +290,9 @@ impl Sketch {
 pub const SPARSE_MAX: usize = 64;
 /// Hash bits a sparse entry keeps: the most any register needs (8 index bits, 14 rank bits).
 const ENTRY_HASH_BITS: u32 = 22;
-const MARK_BITS: u32 = 32 - ENTRY_HASH_BITS;
+const MARK_BITS: u32 = 6;
 const MARKS: u32 = (1 << MARK_BITS) - 1;
+const _: () = assert!(ENTRY_HASH_BITS + MARK_BITS <= EXTRA_BITS);
 
 /// A current and a previous epoch's registers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -363,29 +367,25 @@ impl Dense {
 }
 
 /// A token's three room sketches, each over its current and previous epoch: exact rooms
-/// while they are few, dense registers after (see the module's documentation).
+/// while they are few, dense registers after (see the module's documentation). The sparse
+/// entries (`hash top bits << MARK_BITS | marks`, one per distinct room) live in the token's
+/// [`Rings`], passed to every call.
 #[derive(Clone, Debug)]
 pub struct RoomSketches {
     /// Each sketch's current epoch.
     epochs: [u32; 3],
-    /// Sparse: `hash top bits << MARK_BITS | marks`, one per distinct room; no spare capacity.
-    sparse: Box<[u32]>,
     dense: Option<Box<Dense>>,
 }
 
 impl RoomSketches {
     pub fn new(epochs: [u32; 3]) -> Self {
-        RoomSketches {
-            epochs,
-            sparse: Box::default(),
-            dense: None,
-        }
+        RoomSketches { epochs, dense: None }
     }
 
     /// Heap bytes behind the sketches.
     #[cfg(test)]
     pub fn heap_bytes(&self) -> usize {
-        self.sparse.len() * 4 + self.dense.as_ref().map_or(0, |_| std::mem::size_of::<Dense>())
+        self.dense.as_ref().map_or(0, |_| std::mem::size_of::<Dense>())
     }
 
     fn epoch(&self, s: Sketch) -> u32 {
@@ -395,15 +395,15 @@ impl RoomSketches {
     /// Move every sketch to its epoch of now (`[Touched, Read, ReadLong]`). Estimates do not
     /// change (a sketch answers for later epochs as if moved); this only lets the registers
     /// of a token that stopped naming rooms go back to nothing.
-    pub fn advance(&mut self, epochs: [u32; 3]) {
+    pub fn advance(&mut self, epochs: [u32; 3], store: &mut Rings) {
         for (s, e) in Sketch::ALL.into_iter().zip(epochs) {
-            self.advance_one(s, e);
+            self.advance_one(s, e, store);
         }
     }
 
     /// Move sketch `s` to `epoch`: the current epoch becomes the previous one (or both are
     /// forgotten after a gap). Earlier epochs are ignored.
-    fn advance_one(&mut self, s: Sketch, epoch: u32) {
+    fn advance_one(&mut self, s: Sketch, epoch: u32, store: &mut Rings) {
         let old = self.epoch(s);
         if epoch <= old {
             return;
@@ -420,42 +420,43 @@ impl RoomSketches {
             }
             return;
         }
-        let mut emptied = false;
-        for e in self.sparse.iter_mut() {
-            let cur = *e & s.cur() != 0;
-            *e &= !(s.cur() | s.prev());
-            if cur && steps == 1 {
-                *e |= s.prev();
+        store.update_extras(|e| {
+            let mut kept = e & !(s.cur() | s.prev());
+            if e & s.cur() != 0 && steps == 1 {
+                kept |= s.prev();
             }
-            emptied |= *e & MARKS == 0;
-        }
-        if emptied {
-            self.sparse = self.sparse.iter().copied().filter(|e| e & MARKS != 0).collect();
-        }
+            (kept & MARKS != 0).then_some(kept)
+        });
     }
 
     /// Record the room of hash `h` in sketch `s` at `epoch`.
-    pub fn insert(&mut self, s: Sketch, epoch: u32, h: u64) {
-        self.advance_one(s, epoch);
+    pub fn insert(&mut self, s: Sketch, epoch: u32, h: u64, store: &mut Rings) {
+        self.advance_one(s, epoch, store);
         if let Some(d) = self.dense.as_mut() {
             d.insert(s, true, h);
             return;
         }
         let top = ((h >> (64 - ENTRY_HASH_BITS)) as u32) << MARK_BITS;
-        if let Some(e) = self.sparse.iter_mut().find(|e| **e & !MARKS == top) {
-            *e |= s.cur();
+        let (mut found, mut entries) = (false, 0);
+        store.update_extras(|e| {
+            entries += 1;
+            if e & !MARKS == top {
+                found = true;
+                Some(e | s.cur())
+            } else {
+                Some(e)
+            }
+        });
+        if found {
             return;
         }
-        if self.sparse.len() < SPARSE_MAX {
-            let mut grown = Vec::with_capacity(self.sparse.len() + 1);
-            grown.extend_from_slice(&self.sparse);
-            grown.push(top | s.cur());
-            self.sparse = grown.into_boxed_slice();
+        if entries < SPARSE_MAX {
+            store.add_extra(top | s.cur());
             return;
         }
         // Too many rooms to keep one by one: the registers from here on.
         let mut d = Box::<Dense>::default();
-        for &e in self.sparse.iter().chain(std::iter::once(&(top | s.cur()))) {
+        for e in store.extras().chain(std::iter::once(top | s.cur())) {
             for s in Sketch::ALL {
                 if e & s.cur() != 0 {
                     d.insert(s, true, Self::hash_of(e));
@@ -465,18 +466,18 @@ impl RoomSketches {
                 }
             }
         }
-        self.sparse = Box::default();
+        store.update_extras(|_| None);
         self.dense = Some(d);
     }
 
     /// The hash a sparse entry stands for: its kept bits at the top, zeros below.
     fn hash_of(entry: u32) -> u64 {
-        u64::from(entry & !MARKS) << 32
+        u64::from(entry >> MARK_BITS) << (64 - ENTRY_HASH_BITS)
     }
 
-    fn sparse_estimate<const BYTES: usize>(&self, mask: u32) -> f64 {
+    fn sparse_estimate<const BYTES: usize>(store: &Rings, mask: u32) -> f64 {
         let mut h = Hll::<BYTES>::new();
-        for &e in self.sparse.iter().filter(|&&e| e & mask != 0) {
+        for e in store.extras().filter(|&e| e & mask != 0) {
             h.insert_hash(Self::hash_of(e));
         }
         h.estimate()
@@ -484,7 +485,7 @@ impl RoomSketches {
 
     /// Distinct rooms of sketch `s` as seen at `epoch`, without moving: its current and
     /// previous epochs, only the current one an epoch later, nothing after that.
-    pub fn estimate(&self, s: Sketch, epoch: u32) -> f64 {
+    pub fn estimate(&self, s: Sketch, epoch: u32, store: &Rings) -> f64 {
         let old = self.epoch(s);
         let union = if epoch <= old {
             true
@@ -498,8 +499,8 @@ impl RoomSketches {
         }
         let mask = if union { s.cur() | s.prev() } else { s.cur() };
         match s {
-            Sketch::Touched | Sketch::Read => self.sparse_estimate::<32>(mask),
-            Sketch::ReadLong => self.sparse_estimate::<128>(mask),
+            Sketch::Touched | Sketch::Read => Self::sparse_estimate::<32>(store, mask),
+            Sketch::ReadLong => Self::sparse_estimate::<128>(store, mask),
         }
     }
 }
@@ -602,6 +603,7 @@ mod tests {
         let mut t = 100_000u32;
         let ep = |t: u32| [t / 300, t / 300, t / 1800];
         let mut s = RoomSketches::new(ep(t));
+        let mut store = Rings::new(t);
         let mut touched: EpochHll<32> = EpochHll::new(t / 300);
         let mut read: EpochHll<32> = EpochHll::new(t / 300);
         let mut long: EpochHll<128> = EpochHll::new(t / 1800);
@@ -616,15 +618,15 @@ mod tests {
             let rooms = if (t / 7_000) % 3 == 0 { 400 } else { 6 };
             let h = hash64(format!("!r{}:x", next() % rooms).as_bytes());
             if next() % 3 == 0 {
-                s.advance(ep(t));
+                s.advance(ep(t), &mut store);
             }
             if next() % 2 == 0 {
-                s.insert(Sketch::Touched, t / 300, h);
+                s.insert(Sketch::Touched, t / 300, h, &mut store);
                 touched.insert_hash(t / 300, h);
             } else {
-                s.insert(Sketch::Read, t / 300, h);
+                s.insert(Sketch::Read, t / 300, h, &mut store);
                 read.insert_hash(t / 300, h);
-                s.insert(Sketch::ReadLong, t / 1800, h);
+                s.insert(Sketch::ReadLong, t / 1800, h, &mut store);
                 long.insert_hash(t / 1800, h);
             }
             let was_dense = s.dense.is_some();
@@ -636,12 +638,15 @@ mod tests {
                     (Sketch::ReadLong, long.estimate(at / 1800), at / 1800),
                 ];
                 for (k, want, e) in pairs {
-                    assert_eq!(s.estimate(k, e).to_bits(), want.to_bits(), "step {step} {k:?} +{later}");
+                    assert_eq!(s.estimate(k, e, &store).to_bits(), want.to_bits(), "step {step} {k:?} +{later}");
                 }
             }
             went_dense |= was_dense;
             went_back |= went_dense && s.dense.is_none();
-            assert!(s.sparse.len() <= SPARSE_MAX);
+            assert!(store.extras().count() <= SPARSE_MAX);
+            if s.dense.is_some() {
+                assert_eq!(store.extras().count(), 0);
+            }
         }
         assert!(went_dense && went_back, "both representations and the way back were used");
     }

@@ -245,6 +245,12 @@ pub struct Rings {
 
 /// A free cell's key: no ring has index 3.
 const FREE: u16 = u16::MAX;
+/// Keys of the words other sparse structures of the token keep among the cells (see
+/// [`Rings::extras`]): ring keys stay below `0x0800`, free is `0xFFFF`.
+const EXTRA_TAG: u16 = 0x1000;
+const EXTRA_KEY_BITS: u32 = 12;
+/// Bits of an extra word's payload.
+pub const EXTRA_BITS: u32 = EXTRA_KEY_BITS + 16;
 
 impl Rings {
     pub fn new(now: u32) -> Self {
@@ -288,19 +294,77 @@ impl Rings {
         if clear == [0; 3] {
             return;
         }
-        let mut live = 0;
         for c in self.cells.iter_mut() {
             if let Some(r) = c.ring() {
                 if clear[r as usize] & (1 << c.bucket()) != 0 {
                     c.key = FREE;
-                } else {
-                    live += 1;
                 }
             }
         }
-        // A burst's cells are gone: give back what a quiet token no longer needs.
+        self.shrink();
+    }
+
+    /// A burst's cells are gone: give back what a quiet token no longer needs.
+    fn shrink(&mut self) {
+        let live = self.cells.iter().filter(|c| c.key != FREE).count();
         if self.cells.len() > 8 && live * 4 <= self.cells.len() {
             self.resize(live * 2);
+        }
+    }
+
+    /// A free cell's index, growing the slice by half when there is none.
+    fn free_slot(&mut self) -> usize {
+        if let Some(i) = self.cells.iter().position(|c| c.key == FREE) {
+            return i;
+        }
+        let used = self.cells.len();
+        self.resize((used + used / 2).max(4));
+        used
+    }
+
+    /// The payloads of the extra words: [`EXTRA_BITS`]-bit words that another sparse part
+    /// of the token (its room sketches) keeps here rather than in an allocation of its own,
+    /// saving a pointer on every token and an allocation on most.
+    pub fn extras(&self) -> impl Iterator<Item = u32> + '_ {
+        self.cells
+            .iter()
+            .filter(|c| c.key != FREE && c.key & !((1 << EXTRA_KEY_BITS) - 1) == EXTRA_TAG)
+            .map(|c| u32::from(c.key & ((1 << EXTRA_KEY_BITS) - 1)) << 16 | u32::from(c.value))
+    }
+
+    /// Replace every extra word's payload by `f(payload)`, or free it when `f` says `None`.
+    pub fn update_extras(&mut self, mut f: impl FnMut(u32) -> Option<u32>) {
+        let mut freed = false;
+        for c in self.cells.iter_mut() {
+            if c.key == FREE || c.key & !((1 << EXTRA_KEY_BITS) - 1) != EXTRA_TAG {
+                continue;
+            }
+            let p = u32::from(c.key & ((1 << EXTRA_KEY_BITS) - 1)) << 16 | u32::from(c.value);
+            match f(p) {
+                Some(q) => *c = Self::extra_cell(q),
+                None => {
+                    c.key = FREE;
+                    freed = true;
+                }
+            }
+        }
+        if freed {
+            self.shrink();
+        }
+    }
+
+    /// Add an extra word (its payload's high bits beyond [`EXTRA_BITS`] are dropped).
+    pub fn add_extra(&mut self, payload: u32) {
+        let i = self.free_slot();
+        if let Some(c) = self.cells.get_mut(i) {
+            *c = Self::extra_cell(payload);
+        }
+    }
+
+    fn extra_cell(payload: u32) -> Cell {
+        Cell {
+            key: EXTRA_TAG | ((payload >> 16) as u16 & ((1 << EXTRA_KEY_BITS) - 1)),
+            value: payload as u16,
         }
     }
 
@@ -313,14 +377,9 @@ impl Rings {
     }
 
     fn value_mut(&mut self, key: u16) -> &mut u16 {
-        let found = self.cells.iter().position(|c| c.key == key);
-        let i = match found.or_else(|| self.cells.iter().position(|c| c.key == FREE)) {
+        let i = match self.cells.iter().position(|c| c.key == key) {
             Some(i) => i,
-            None => {
-                let used = self.cells.len();
-                self.resize((used + used / 2).max(4));
-                used
-            }
+            None => self.free_slot(),
         };
         if let Some(c) = self.cells.get_mut(i).filter(|c| c.key == FREE) {
             *c = Cell { key, value: 0 };
