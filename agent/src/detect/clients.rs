@@ -147,6 +147,12 @@ impl Clients {
             .max_by_key(|l| (l.concurrent, !l.syncs))
     }
 
+    /// Heap bytes behind the table.
+    #[cfg(test)]
+    pub fn heap_bytes(&self) -> usize {
+        self.rest.as_ref().map_or(0, |r| std::mem::size_of_val(&**r))
+    }
+
     pub fn distinct(&self) -> u8 {
         self.distinct
     }

@@ -172,6 +172,16 @@ impl TokenState {
         }
     }
 
+    /// Heap bytes behind the state (its own size is `size_of::<TokenState>()`).
+    #[cfg(test)]
+    pub fn heap_bytes(&self) -> usize {
+        self.rings.heap_bytes()
+            + self.sketches.heap_bytes()
+            + self.rooms.heap_bytes()
+            + self.agents.heap_bytes()
+            + self.addresses.heap_bytes()
+    }
+
     /// Move the rings to `now`, folding completed minutes into the baseline unless the token
     /// is suspect (an attacker must not teach its token that scraping is normal).
     pub fn advance(&mut self, now: u32, cfg: &DetectConfig) {

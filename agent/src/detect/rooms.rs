@@ -87,6 +87,12 @@ impl RoomTable {
         e.depth
     }
 
+    /// Heap bytes behind the table.
+    #[cfg(test)]
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.entries)
+    }
+
     /// Rooms whose paging session started at or after `since`.
     pub fn started_since(&self, since: u32) -> u32 {
         self.entries

@@ -304,11 +304,13 @@ impl Rings {
         self.shrink();
     }
 
-    /// A burst's cells are gone: give back what a quiet token no longer needs.
+    /// Cells freed as buckets age: give back what the token no longer needs once more than
+    /// a third is free (right after growing by half, exactly a third is), keeping a quarter
+    /// of the live count spare so that a steady token does not reallocate at every bucket.
     fn shrink(&mut self) {
         let live = self.cells.iter().filter(|c| c.key != FREE).count();
-        if self.cells.len() > 8 && live * 4 <= self.cells.len() {
-            self.resize(live * 2);
+        if self.cells.len() > 4 && (self.cells.len() - live) * 3 > self.cells.len() {
+            self.resize(live + live / 4);
         }
     }
 
