@@ -1,9 +1,11 @@
-//! A token's state: what it did, in fixed memory, and the features read from it.
+//! A token's state: what it did, in bounded memory, and the features read from it.
 //!
-//! Everything here is a fixed-size array: three rings of counters (≈1 min, ≈10 min, ≈1 h),
-//! three HyperLogLog sketches of rooms, the eight rooms last paged, four user agents and four
-//! addresses, four EWMAs. [`TokenState`] is 1,488 bytes (a test pins the bound) and never
-//! allocates after creation.
+//! Three rings of counters (≈1 min, ≈10 min, ≈1 h), three HyperLogLog sketches of rooms, the
+//! eight rooms last paged, four user agents and four addresses, four EWMAs. Each has a fixed
+//! upper size, but a token pays only for what it uses: non-zero ring counters, the rooms it
+//! named (registers only past 64 of them), the rooms it paged, its second and later clients.
+//! [`TokenState`] itself is 184 bytes; tests pin it, what ordinary tokens cost in all, and
+//! the bound for any token. Allocation happens only when a token uses something new.
 
 use crate::endpoint::Endpoint;
 

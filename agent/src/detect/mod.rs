@@ -18,8 +18,8 @@
 //! `docs/detection.md` describes the model, every threshold ([`DetectConfig`]) and tuning.
 //!
 //! Use: [`Detector::on_request`] for every request with a token and
-//! [`Detector::on_response_bytes`] for every response byte count (both on the hot path: no
-//! allocation once a token is known), [`Detector::tick`] about once a second (scores,
+//! [`Detector::on_response_bytes`] for every response byte count (both on the hot path:
+//! allocation only when a token's storage grows, amortised), [`Detector::tick`] about once a second (scores,
 //! population statistics, expiry), then read [`Detector::scores`] and
 //! [`Detector::suspects`] (or [`Detector::is_suspect`]). Only token labels are ever seen or
 //! kept.
@@ -155,7 +155,8 @@ impl Detector {
     }
 
     /// A request with a token (requests without one are ignored). `now_s` is monotonic
-    /// seconds. No allocation unless the token is new.
+    /// seconds. Allocates only for a new token, or when a token's cell list, room table or
+    /// client table grows (amortised: cells grow by half).
     pub fn on_request(&mut self, req: &RequestSeen<'_>, now_s: f64) {
         let Some(token) = req.attribution.token else {
             return;
