@@ -437,19 +437,9 @@ impl RoomSketches {
             return;
         }
         let top = ((h >> (64 - ENTRY_HASH_BITS)) as u32) << MARK_BITS;
-        let (mut found, mut entries) = (false, 0);
-        store.update_extras(|e| {
-            entries += 1;
-            if e & !MARKS == top {
-                found = true;
-                Some(e | s.cur())
-            } else {
-                Some(e)
-            }
-        });
-        if found {
+        let Err(entries) = store.mark_extra(|e| e & !MARKS == top, s.cur()) else {
             return;
-        }
+        };
         if entries < SPARSE_MAX {
             store.add_extra(top | s.cur());
             return;

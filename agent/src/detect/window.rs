@@ -245,6 +245,8 @@ pub struct Rings {
 
 /// A free cell's key: no ring has index 3.
 const FREE: u16 = u16::MAX;
+/// A key no cell has, free or not.
+const NO_KEY: u16 = u16::MAX - 1;
 /// Keys of the words other sparse structures of the token keep among the cells (see
 /// [`Rings::extras`]): ring keys stay below `0x0800`, free is `0xFFFF`.
 const EXTRA_TAG: u16 = 0x1000;
@@ -355,6 +357,24 @@ impl Rings {
         }
     }
 
+    /// Set `bits` in the first extra word whose payload `matches`, in one pass that stops
+    /// there; when none does, how many extra words there are.
+    pub fn mark_extra(&mut self, matches: impl Fn(u32) -> bool, bits: u32) -> Result<(), usize> {
+        let mut extras = 0;
+        for c in self.cells.iter_mut() {
+            if c.key == FREE || c.key & !((1 << EXTRA_KEY_BITS) - 1) != EXTRA_TAG {
+                continue;
+            }
+            let p = u32::from(c.key & ((1 << EXTRA_KEY_BITS) - 1)) << 16 | u32::from(c.value);
+            if matches(p) {
+                *c = Self::extra_cell(p | bits);
+                return Ok(());
+            }
+            extras += 1;
+        }
+        Err(extras)
+    }
+
     /// Add an extra word (its payload's high bits beyond [`EXTRA_BITS`] are dropped).
     pub fn add_extra(&mut self, payload: u32) {
         let i = self.free_slot();
@@ -378,26 +398,6 @@ impl Rings {
         self.cells = cells.into_boxed_slice();
     }
 
-    fn value_mut(&mut self, key: u16) -> &mut u16 {
-        let i = match self.cells.iter().position(|c| c.key == key) {
-            Some(i) => i,
-            None => self.free_slot(),
-        };
-        if let Some(c) = self.cells.get_mut(i).filter(|c| c.key == FREE) {
-            *c = Cell { key, value: 0 };
-        }
-        // `i` is always in range; the fallback only keeps this free of indexing panics.
-        let last = self.cells.len().saturating_sub(1);
-        &mut self.cells[i.min(last)].value
-    }
-
-    fn value(&self, key: u16) -> u16 {
-        self.cells
-            .iter()
-            .find(|c| c.key == key)
-            .map_or(0, |c| c.value)
-    }
-
     fn head_bucket(&self, ring: Ring) -> u32 {
         (self.head_s / ring.granularity()) % ring.buckets()
     }
@@ -408,14 +408,47 @@ impl Rings {
         if n == 0 {
             return;
         }
-        for ring in Ring::ALL {
-            let slot = Slot::Count(what);
+        let slot = Slot::Count(what);
+        let mut keys = [NO_KEY; 3];
+        for (k, ring) in keys.iter_mut().zip(Ring::ALL) {
             if ring.keeps(slot) {
-                let key = Cell::key(ring, self.head_bucket(ring), slot);
-                let v = self.value_mut(key);
+                *k = Cell::key(ring, self.head_bucket(ring), slot);
+            }
+        }
+        let found = self.find(keys);
+        for (key, at) in keys.into_iter().zip(found) {
+            if key == NO_KEY {
+                continue;
+            }
+            let v = match at {
+                Some(i) => self.cells.get_mut(i).map(|c| &mut c.value),
+                None => {
+                    // New cells last: a new slot may compact the slice and move the others.
+                    let i = self.free_slot();
+                    self.cells.get_mut(i).map(|c| {
+                        *c = Cell { key, value: 0 };
+                        &mut c.value
+                    })
+                }
+            };
+            if let Some(v) = v {
                 *v = v.saturating_add(n);
             }
         }
+    }
+
+    /// Where each of `keys` is (`NO_KEY` is never found), in one pass: the request path
+    /// calls this for every counter it bumps.
+    fn find<const K: usize>(&self, keys: [u16; K]) -> [Option<usize>; K] {
+        let mut at = [None; K];
+        for (i, c) in self.cells.iter().enumerate() {
+            for (k, a) in keys.iter().zip(at.iter_mut()) {
+                if c.key == *k {
+                    *a = Some(i);
+                }
+            }
+        }
+        at
     }
 
     /// Add `n` bytes (saturating at `u32::MAX` per bucket) to `what` in the newest bucket of
@@ -425,20 +458,46 @@ impl Rings {
         if n == 0 {
             return;
         }
-        for ring in Ring::ALL {
-            if !ring.keeps(Slot::Bytes(what, false)) {
+        // Low and high halves for each ring, found in one pass.
+        let mut keys = [NO_KEY; 6];
+        for (r, ring) in Ring::ALL.into_iter().enumerate() {
+            if ring.keeps(Slot::Bytes(what, false)) {
+                let b = self.head_bucket(ring);
+                keys[2 * r] = Cell::key(ring, b, Slot::Bytes(what, false));
+                keys[2 * r + 1] = Cell::key(ring, b, Slot::Bytes(what, true));
+            }
+        }
+        let found = self.find(keys);
+        let get = |cells: &[Cell], at: Option<usize>| at.and_then(|i| cells.get(i)).map_or(0, |c| c.value);
+        let mut new = [None; 6];
+        for r in 0..3 {
+            if keys[2 * r] == NO_KEY {
                 continue;
             }
-            let b = self.head_bucket(ring);
-            let lo = Cell::key(ring, b, Slot::Bytes(what, false));
-            let hi = Cell::key(ring, b, Slot::Bytes(what, true));
-            let sum = (u32::from(self.value(hi)) << 16 | u32::from(self.value(lo))).saturating_add(n);
+            let (lo, hi) = (get(&self.cells, found[2 * r]), get(&self.cells, found[2 * r + 1]));
+            let sum = (u32::from(hi) << 16 | u32::from(lo)).saturating_add(n);
             let (h, l) = ((sum >> 16) as u16, sum as u16);
-            if l != 0 || self.value(lo) != 0 {
-                *self.value_mut(lo) = l;
+            if l != 0 || lo != 0 {
+                new[2 * r] = Some(l);
             }
             if h != 0 {
-                *self.value_mut(hi) = h;
+                new[2 * r + 1] = Some(h);
+            }
+        }
+        // Existing cells first, then new ones (a new slot may compact the slice).
+        for ((v, at), key) in new.iter().zip(found).zip(keys) {
+            if let (Some(v), Some(i)) = (v, at) {
+                if let Some(c) = self.cells.get_mut(i) {
+                    *c = Cell { key, value: *v };
+                }
+            }
+        }
+        for ((v, at), key) in new.into_iter().zip(found).zip(keys) {
+            if let (Some(v), None) = (v, at) {
+                let i = self.free_slot();
+                if let Some(c) = self.cells.get_mut(i) {
+                    *c = Cell { key, value: v };
+                }
             }
         }
     }
