@@ -11,9 +11,15 @@
 //! A small table of fingerprints per token, least recently seen evicted: a token with more
 //! than [`CLIENTS`] clients is abnormal anyway, and an evicted client that comes back counts
 //! as new again.
+//!
+//! Nearly every token has one user agent and at most one address: the first client is kept
+//! inline and the other three in a box made when a second one appears (40 bytes saved per
+//! table on the common token). The four entries behave exactly as one array filled in order.
 
-/// A client of the token. 16 bytes.
+/// A client of the token. 13 bytes: packed, so the table's count fits beside the inline
+/// entry instead of in a padded word of its own.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C, packed)]
 struct Seen {
     /// Fingerprint (0: free entry).
     fp: u32,
@@ -40,30 +46,51 @@ pub struct Late {
 
 #[derive(Clone, Debug, Default)]
 pub struct Clients {
-    seen: [Seen; CLIENTS],
+    first: Seen,
+    rest: Option<Box<[Seen; CLIENTS - 1]>>,
     /// Distinct clients seen, saturating.
     distinct: u8,
 }
 
 impl Clients {
+    fn iter(&self) -> impl Iterator<Item = &Seen> {
+        std::iter::once(&self.first).chain(self.rest.iter().flat_map(|r| r.iter()))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Seen> {
+        std::iter::once(&mut self.first).chain(self.rest.iter_mut().flat_map(|r| r.iter_mut()))
+    }
+
+    /// Entry `i` (`< CLIENTS`), the box made when first needed.
+    fn slot(&mut self, i: usize) -> Option<&mut Seen> {
+        match i.checked_sub(1) {
+            None => Some(&mut self.first),
+            Some(j) => self.rest.get_or_insert_with(Default::default).get_mut(j),
+        }
+    }
+
+    fn get(&self, i: usize) -> Seen {
+        self.iter().nth(i).copied().unwrap_or_default()
+    }
+
     /// A request from client `fp` (0: unknown, ignored) on a token first seen at
     /// `token_first_s`. Returns whether this client is a late one.
     pub fn see(&mut self, fp: u32, now: u32, token_first_s: u32, grace_s: u32) -> bool {
         if fp == 0 {
             return false;
         }
-        let i = match self.seen.iter().position(|s| s.fp == fp) {
+        let known = self.iter().position(|s| s.fp == fp);
+        let i = match known {
             Some(i) => i,
             None => {
                 let i = (0..CLIENTS)
                     .min_by_key(|&i| {
-                        self.seen
-                            .get(i)
-                            .map_or(0, |s| if s.fp == 0 { 0 } else { s.last_s.max(1) })
+                        let s = self.get(i);
+                        if s.fp == 0 { 0 } else { s.last_s.max(1) }
                     })
                     .unwrap_or(0);
                 let late = now.saturating_sub(token_first_s) > grace_s;
-                if let Some(s) = self.seen.get_mut(i) {
+                if let Some(s) = self.slot(i) {
                     *s = Seen {
                         fp,
                         first_s: now,
@@ -75,14 +102,14 @@ impl Clients {
                 i
             }
         };
-        let Some(me) = self.seen.get_mut(i).map(|s| {
+        let Some(me) = self.slot(i).map(|s| {
             s.last_s = now;
             *s
         }) else {
             return false;
         };
         // An older client still at work after a late one appeared: both are in use.
-        for other in self.seen.iter_mut() {
+        for other in self.iter_mut() {
             if other.fp != 0
                 && other.fp != me.fp
                 && other.flags & LATE != 0
@@ -97,29 +124,33 @@ impl Clients {
 
     /// Client `fp` made an incremental sync.
     pub fn mark_sync(&mut self, fp: u32) {
-        if let Some(s) = self.seen.iter_mut().find(|s| fp != 0 && s.fp == fp) {
+        if let Some(s) = self.iter_mut().find(|s| fp != 0 && s.fp == fp) {
             s.flags |= SYNCS;
         }
     }
 
     /// Whether client `fp` is late and has never synced: its reads are "foreign".
     pub fn is_foreign_reader(&self, fp: u32) -> bool {
-        self.seen
-            .iter()
+        self.iter()
             .any(|s| fp != 0 && s.fp == fp && s.flags & LATE != 0 && s.flags & SYNCS == 0)
     }
 
     /// The most suspicious late client seen at or after `since`: concurrent first, then one
     /// that does not sync.
     pub fn late_since(&self, since: u32) -> Option<Late> {
-        self.seen
-            .iter()
+        self.iter()
             .filter(|s| s.fp != 0 && s.flags & LATE != 0 && s.last_s >= since)
             .map(|s| Late {
                 concurrent: s.flags & CONCURRENT != 0,
                 syncs: s.flags & SYNCS != 0,
             })
             .max_by_key(|l| (l.concurrent, !l.syncs))
+    }
+
+    /// Heap bytes behind the table.
+    #[cfg(test)]
+    pub fn heap_bytes(&self) -> usize {
+        self.rest.as_ref().map_or(0, |r| std::mem::size_of_val(&**r))
     }
 
     pub fn distinct(&self) -> u8 {
@@ -194,6 +225,9 @@ mod tests {
     fn the_table_is_bounded_and_unknown_clients_are_ignored() {
         let mut c = Clients::default();
         assert!(!c.see(0, 1000, 0, 30));
+        c.see(1, 1, 0, 30);
+        c.see(1, 2, 0, 30);
+        assert!(c.rest.is_none(), "one client needs no box");
         for fp in 1..=300u32 {
             c.see(fp, fp, 0, 30);
         }

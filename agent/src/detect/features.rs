@@ -1,23 +1,22 @@
-//! A token's state: what it did, in fixed memory, and the features read from it.
+//! A token's state: what it did, in bounded memory, and the features read from it.
 //!
-//! Everything here is a fixed-size array: three rings of counters (≈1 min, ≈10 min, ≈1 h),
-//! three HyperLogLog sketches of rooms, the eight rooms last paged, four user agents and four
-//! addresses, four EWMAs. [`TokenState`] is 1,488 bytes (a test pins the bound) and never
-//! allocates after creation.
+//! Three rings of counters (≈1 min, ≈10 min, ≈1 h), three HyperLogLog sketches of rooms, the
+//! eight rooms last paged, four user agents and four addresses, four EWMAs. Each has a fixed
+//! upper size, but a token pays only for what it uses: non-zero ring counters, the rooms it
+//! named (registers only past 64 of them), the rooms it paged, its second and later clients.
+//! [`TokenState`] itself is 184 bytes; tests pin it, what ordinary tokens cost in all, and
+//! the bound for any token. Allocation happens only when a token uses something new.
 
 use crate::endpoint::Endpoint;
 
 use super::clients::{Clients, Late};
 use super::config::DetectConfig;
-use super::hll::EpochHll;
+use super::hll::{RoomSketches, Sketch};
 use super::request::Shape;
 use super::rooms::RoomTable;
-use super::window::{Bucket, Bytes, Count, QUARTERS, SIXTEENTHS, Totals, Window};
+use super::window::{Bytes, Count, QUARTERS, Ring, Rings, SIXTEENTHS, Totals};
 
-/// Granularities, in seconds, of the three rings and of the two room-sketch epochs.
-pub const G_1M: u32 = 10;
-pub const G_10M: u32 = 60;
-pub const G_1H: u32 = 600;
+/// Granularities, in seconds, of the two room-sketch epochs.
 const ROOMS_10M_EPOCH: u32 = 300;
 const ROOMS_1H_EPOCH: u32 = 1800;
 /// A room not paged for this long starts a new paging session (depth back to 1).
@@ -56,7 +55,7 @@ impl Baseline {
         Baseline { rate, minutes: 0 }
     }
 
-    fn of_minute(b: &Bucket) -> [f64; BASELINE] {
+    fn of_minute(b: &Totals) -> [f64; BASELINE] {
         let history = (f64::from(b.get(Count::PageWeight))
             + f64::from(b.get(Count::ContextWeight)))
             / SIXTEENTHS;
@@ -89,7 +88,7 @@ impl Baseline {
     }
 
     /// Fold a completed minute, then `idle` empty ones.
-    fn fold(&mut self, minute: &Bucket, idle: u32, alpha_tau: f64, prior_minutes: f64) {
+    fn fold(&mut self, minute: &Totals, idle: u32, alpha_tau: f64, prior_minutes: f64) {
         let alpha_tau = if alpha_tau.is_finite() {
             alpha_tau.clamp(0.0, 1.0)
         } else {
@@ -129,24 +128,21 @@ pub struct TokenState {
     pub first_s: u32,
     pub last_s: u32,
     /// Latest incremental `/sync` (or sliding sync with `pos`).
-    last_sync_s: Option<u32>,
+    last_sync_s: Stamp,
     /// Latest key-backup read made while the token was young.
-    young_key_read_s: Option<u32>,
-    m1: Window<6>,
-    m10: Window<10>,
-    h1: Window<6>,
-    /// Rooms read through history (pages, `/context`, room `/initialSync`).
-    rooms_10m: EpochHll<32>,
-    rooms_1h: EpochHll<128>,
-    /// Rooms named by any request.
-    touched_10m: EpochHll<32>,
+    young_key_read_s: Stamp,
+    /// The ≈1 min, ≈10 min and ≈1 h rings of counters.
+    rings: Rings,
+    /// Rooms read through history (pages, `/context`, room `/initialSync`), ≈10 min and
+    /// ≈1 h; rooms named by any request, ≈10 min.
+    sketches: RoomSketches,
     rooms: RoomTable,
     agents: Clients,
     addresses: Clients,
     pub baseline: Baseline,
     /// Score at the latest tick, and when it last reached 1.
     pub score: f32,
-    pub last_alert_s: Option<u32>,
+    pub last_alert_s: Stamp,
     /// Something happened since the latest tick.
     pub dirty: bool,
     /// Population features at the latest scoring, for the population statistics.
@@ -159,30 +155,40 @@ impl TokenState {
         TokenState {
             first_s: now,
             last_s: now,
-            last_sync_s: None,
-            young_key_read_s: None,
-            m1: Window::new(now / G_1M),
-            m10: Window::new(now / G_10M),
-            h1: Window::new(now / G_1H),
-            rooms_10m: EpochHll::new(now / ROOMS_10M_EPOCH),
-            rooms_1h: EpochHll::new(now / ROOMS_1H_EPOCH),
-            touched_10m: EpochHll::new(now / ROOMS_10M_EPOCH),
+            last_sync_s: Stamp::NEVER,
+            young_key_read_s: Stamp::NEVER,
+            rings: Rings::new(now),
+            sketches: RoomSketches::new([
+                now / ROOMS_10M_EPOCH,
+                now / ROOMS_10M_EPOCH,
+                now / ROOMS_1H_EPOCH,
+            ]),
             rooms: RoomTable::default(),
             agents: Clients::default(),
             addresses: Clients::default(),
             baseline: Baseline::new(prior),
             score: 0.0,
-            last_alert_s: None,
+            last_alert_s: Stamp::NEVER,
             dirty: true,
             population: [0.0; POPULATION],
         }
     }
 
+    /// Heap bytes behind the state (its own size is `size_of::<TokenState>()`).
+    #[cfg(test)]
+    pub fn heap_bytes(&self) -> usize {
+        self.rings.heap_bytes()
+            + self.sketches.heap_bytes()
+            + self.rooms.heap_bytes()
+            + self.agents.heap_bytes()
+            + self.addresses.heap_bytes()
+    }
+
     /// Move the rings to `now`, folding completed minutes into the baseline unless the token
     /// is suspect (an attacker must not teach its token that scraping is normal).
     pub fn advance(&mut self, now: u32, cfg: &DetectConfig) {
-        let minute = now / G_10M;
-        let head = self.m10.head();
+        let minute = now / Ring::M10.granularity();
+        let head = self.rings.head_s() / Ring::M10.granularity();
         if minute > head {
             let learning = f64::from(self.score) < cfg.pin_score;
             let tau_min = cfg.baseline_tau_s / 60.0;
@@ -193,22 +199,27 @@ impl TokenState {
             };
             if learning {
                 self.baseline.fold(
-                    &self.m10.head_bucket(),
+                    &self.rings.newest(Ring::M10),
                     minute - head - 1,
                     alpha,
                     cfg.baseline_prior_minutes,
                 );
             }
         }
-        self.m1.advance(now / G_1M);
-        self.m10.advance(minute);
-        self.h1.advance(now / G_1H);
+        self.rings.advance(now);
+        self.sketches.advance(
+            [
+                now / ROOMS_10M_EPOCH,
+                now / ROOMS_10M_EPOCH,
+                now / ROOMS_1H_EPOCH,
+            ],
+            &mut self.rings,
+        );
     }
 
-    fn bump(&mut self, what: Count, n: u32, now: u32) {
-        self.m1.at(now / G_1M).add(what, n);
-        self.m10.at(now / G_10M).add(what, n);
-        self.h1.at(now / G_1H).add(what, n);
+    /// Count `n` of `what` now (the rings were moved to `now` by [`TokenState::advance`]).
+    fn bump(&mut self, what: Count, n: u32, _now: u32) {
+        self.rings.add(what, n);
     }
 
     fn weigh(w: f64, scale: f64) -> u32 {
@@ -228,15 +239,14 @@ impl TokenState {
         let grace = secs(cfg.client_grace_s);
         let late_agent = self.agents.see(s.agent, now, self.first_s, grace);
         self.addresses.see(s.address, now, self.first_s, grace);
-        self.bump(Count::Requests, 1, now);
         if let Some(room) = s.room {
-            self.touched_10m.insert_hash(now / ROOMS_10M_EPOCH, room);
+            self.sketches.insert(Sketch::Touched, now / ROOMS_10M_EPOCH, room, &mut self.rings);
         }
         let limit = s.limit.unwrap_or(cfg.default_limit);
         let read = match s.endpoint {
             Some(Endpoint::Sync | Endpoint::SlidingSync) => {
                 if s.incremental && !s.full_state {
-                    self.last_sync_s = Some(now);
+                    self.last_sync_s = Stamp::at(now);
                     self.agents.mark_sync(s.agent);
                 } else {
                     self.full_sync(s, cfg, now);
@@ -286,7 +296,7 @@ impl TokenState {
             Some(Endpoint::RoomKeys) if s.get && s.version => {
                 self.bump(Count::KeyReads, 1, now);
                 if f64::from(now.saturating_sub(self.first_s)) < cfg.key_backup_young_s {
-                    self.young_key_read_s = Some(now);
+                    self.young_key_read_s = Stamp::at(now);
                 }
                 false
             }
@@ -304,8 +314,8 @@ impl TokenState {
 
     fn room_read_for_breadth(&mut self, s: &Shape, now: u32) {
         if let Some(room) = s.room {
-            self.rooms_10m.insert_hash(now / ROOMS_10M_EPOCH, room);
-            self.rooms_1h.insert_hash(now / ROOMS_1H_EPOCH, room);
+            self.sketches.insert(Sketch::Read, now / ROOMS_10M_EPOCH, room, &mut self.rings);
+            self.sketches.insert(Sketch::ReadLong, now / ROOMS_1H_EPOCH, room, &mut self.rings);
         }
     }
 
@@ -329,23 +339,17 @@ impl TokenState {
         self.advance(now, cfg);
         self.dirty = true;
         let media = matches!(endpoint, Endpoint::MediaDownload | Endpoint::MediaThumbnail);
-        for b in [
-            self.m1.at(now / G_1M),
-            self.m10.at(now / G_10M),
-            self.h1.at(now / G_1H),
-        ] {
-            b.add_bytes(Bytes::All, bytes);
-            if media {
-                b.add_bytes(Bytes::Media, bytes);
-            }
+        self.rings.add_bytes(Bytes::All, bytes);
+        if media {
+            self.rings.add_bytes(Bytes::Media, bytes);
         }
     }
 
     /// The features at `now` (call [`TokenState::advance`] first).
     pub fn features(&self, now: u32, cfg: &DetectConfig) -> Features {
-        let t1 = self.m1.totals(now / G_1M);
-        let t10 = self.m10.totals(now / G_10M);
-        let th = self.h1.totals(now / G_1H);
+        let t1 = self.rings.totals(Ring::M1, now);
+        let t10 = self.rings.totals(Ring::M10, now);
+        let th = self.rings.totals(Ring::H1, now);
         let history = |t: &Totals| t.weight(Count::PageWeight, SIXTEENTHS);
         let context = |t: &Totals| t.weight(Count::ContextWeight, SIXTEENTHS);
         let media = |t: &Totals| {
@@ -361,11 +365,13 @@ impl TokenState {
             + f64::from(t1.get(Count::MediaDownloads)) / QUARTERS;
         let young_key_read = self
             .young_key_read_s
+            .get()
             .is_some_and(|s| now.saturating_sub(s) < 600);
         let live = self
             .last_sync_s
+            .get()
             .is_some_and(|s| f64::from(now.saturating_sub(s)) <= cfg.live_sync_s);
-        let rooms_10m = self.rooms_10m.estimate(now / ROOMS_10M_EPOCH).round();
+        let rooms_10m = self.sketches.estimate(Sketch::Read, now / ROOMS_10M_EPOCH, &self.rings).round();
         Features {
             age_s: f64::from(now.saturating_sub(self.first_s)),
             pages_1m: f64::from(t1.get(Count::Pages)),
@@ -377,8 +383,8 @@ impl TokenState {
             depth: f64::from(self.rooms.max_depth_since(since_10m)),
             new_rooms_1m: f64::from(self.rooms.started_since(now.saturating_sub(60))),
             rooms_10m,
-            rooms_1h: self.rooms_1h.estimate(now / ROOMS_1H_EPOCH).round(),
-            touched_10m: self.touched_10m.estimate(now / ROOMS_10M_EPOCH).round(),
+            rooms_1h: self.sketches.estimate(Sketch::ReadLong, now / ROOMS_1H_EPOCH, &self.rings).round(),
+            touched_10m: self.sketches.estimate(Sketch::Touched, now / ROOMS_10M_EPOCH, &self.rings).round(),
             context_1m: context(&t1),
             context_10m: context(&t10),
             context_large_10m: f64::from(t10.get(Count::ContextLarge)),
@@ -398,10 +404,26 @@ impl TokenState {
             room_reads_10m: f64::from(t10.get(Count::RoomReads)),
             bytes_10m: t10.bytes(Bytes::All) as f64,
             bytes_1h: th.bytes(Bytes::All) as f64,
-            requests_10m: f64::from(t10.get(Count::Requests)),
             agents: self.agents.distinct(),
             addresses: self.addresses.distinct(),
         }
+    }
+}
+
+/// A time that may not have come, in 4 bytes where `Option<u32>` takes 8: `u32::MAX` is
+/// "never", which the clock (monotonic seconds, clamped to `u32`) reaches after 136 years.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp(u32);
+
+impl Stamp {
+    pub const NEVER: Stamp = Stamp(u32::MAX);
+
+    pub fn at(now: u32) -> Stamp {
+        Stamp(now.min(u32::MAX - 1))
+    }
+
+    pub fn get(self) -> Option<u32> {
+        (self != Self::NEVER).then_some(self.0)
     }
 }
 
@@ -453,7 +475,6 @@ pub struct Features {
     pub room_reads_10m: f64,
     pub bytes_10m: f64,
     pub bytes_1h: f64,
-    pub requests_10m: f64,
     pub agents: u8,
     pub addresses: u8,
 }

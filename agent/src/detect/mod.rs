@@ -18,8 +18,8 @@
 //! `docs/detection.md` describes the model, every threshold ([`DetectConfig`]) and tuning.
 //!
 //! Use: [`Detector::on_request`] for every request with a token and
-//! [`Detector::on_response_bytes`] for every response byte count (both on the hot path: no
-//! allocation once a token is known), [`Detector::tick`] about once a second (scores,
+//! [`Detector::on_response_bytes`] for every response byte count (both on the hot path:
+//! allocation only when a token's storage grows, amortised), [`Detector::tick`] about once a second (scores,
 //! population statistics, expiry), then read [`Detector::scores`] and
 //! [`Detector::suspects`] (or [`Detector::is_suspect`]). Only token labels are ever seen or
 //! kept.
@@ -48,7 +48,7 @@ pub use score::{Population, REASONS, Reason};
 use crate::conn::RequestSeen;
 use crate::endpoint::Endpoint;
 use crate::token::TokenLabel;
-use features::{BASELINE, BASELINE_IN_POPULATION, POPULATION, TokenState, secs};
+use features::{BASELINE, BASELINE_IN_POPULATION, POPULATION, Stamp, TokenState, secs};
 use request::Shape;
 use score::evaluate;
 
@@ -155,7 +155,8 @@ impl Detector {
     }
 
     /// A request with a token (requests without one are ignored). `now_s` is monotonic
-    /// seconds. No allocation unless the token is new.
+    /// seconds. Allocates only for a new token, or when a token's cell list, room table or
+    /// client table grows (amortised: cells grow by half).
     pub fn on_request(&mut self, req: &RequestSeen<'_>, now_s: f64) {
         let Some(token) = req.attribution.token else {
             return;
@@ -229,6 +230,7 @@ impl Detector {
 
     fn alerted_recently(&self, t: &TokenState) -> bool {
         t.last_alert_s
+            .get()
             .is_some_and(|a| f64::from(self.now.saturating_sub(a)) < self.cfg.alert_memory_s)
     }
 
@@ -251,6 +253,7 @@ impl Detector {
         for (label, t) in self.tokens.iter_mut() {
             let latched = t
                 .last_alert_s
+                .get()
                 .is_some_and(|a| now.saturating_sub(a) < memory);
             if !(t.dirty || t.score > 0.0 || latched) {
                 continue;
@@ -266,13 +269,14 @@ impl Detector {
                 if f64::from(t.score) < 1.0 {
                     self.stats.alerts_total += 1;
                 }
-                t.last_alert_s = Some(now);
+                t.last_alert_s = Stamp::at(now);
                 alerting += 1;
             }
             t.score = score as f32;
             t.dirty = false;
             let latched = t
                 .last_alert_s
+                .get()
                 .is_some_and(|a| now.saturating_sub(a) < memory);
             if score > 0.0 || latched {
                 let start = self.reasons.len();
@@ -300,6 +304,7 @@ impl Detector {
         self.tokens.retain(|_, t| {
             now.saturating_sub(t.last_s) < idle
                 || t.last_alert_s
+                    .get()
                     .is_some_and(|a| now.saturating_sub(a) < memory)
         });
         self.stats.tokens_expired += (before - self.tokens.len()) as u64;

@@ -5,6 +5,11 @@
 //! rooms most recently paged) are enough to see both the depth reached in a room and how many
 //! rooms were newly started in the last minute; the total breadth over longer windows comes
 //! from the HyperLogLog sketches, which have no size limit.
+//!
+//! Most tokens never page history, and a reader pages one room or two: the table grows one
+//! entry at a time up to [`ROOMS`] (20 bytes each) and costs nothing until the first page.
+//! Entries are never removed, only reused, so the table behaves exactly as a fixed array
+//! filled in order.
 
 /// A room's paging session. 20 bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -15,8 +20,6 @@ struct Entry {
     from: u32,
     /// Consecutive pages, each from a new `from` token.
     depth: u16,
-    /// Pages in this session, retries included.
-    pages: u16,
     first_s: u32,
     last_s: u32,
 }
@@ -25,7 +28,8 @@ pub const ROOMS: usize = 8;
 
 #[derive(Clone, Debug, Default)]
 pub struct RoomTable {
-    entries: [Entry; ROOMS],
+    /// At most [`ROOMS`]; a boxed slice, not a `Vec`: no spare capacity, 8 bytes less.
+    entries: Box<[Entry]>,
 }
 
 impl RoomTable {
@@ -37,19 +41,22 @@ impl RoomTable {
             Some(i) => i,
             None => {
                 // A free entry, or the one paged least recently.
-                let i = (0..ROOMS)
-                    .min_by_key(|&i| {
-                        self.entries
-                            .get(i)
-                            .map_or(0, |e| if e.room == 0 { 0 } else { e.last_s.max(1) })
-                    })
-                    .unwrap_or(0);
+                let i = if self.entries.len() < ROOMS {
+                    let mut grown = Vec::with_capacity(self.entries.len() + 1);
+                    grown.extend_from_slice(&self.entries);
+                    grown.push(Entry::default());
+                    self.entries = grown.into_boxed_slice();
+                    self.entries.len() - 1
+                } else {
+                    (0..ROOMS)
+                        .min_by_key(|&i| self.entries.get(i).map_or(0, |e| e.last_s.max(1)))
+                        .unwrap_or(0)
+                };
                 if let Some(e) = self.entries.get_mut(i) {
                     *e = Entry {
                         room,
                         from: 0,
                         depth: 0,
-                        pages: 0,
                         first_s: now,
                         last_s: now,
                     };
@@ -65,7 +72,6 @@ impl RoomTable {
                 room,
                 from: 0,
                 depth: 0,
-                pages: 0,
                 first_s: now,
                 last_s: now,
             };
@@ -77,9 +83,14 @@ impl RoomTable {
             e.depth = e.depth.saturating_add(1);
         }
         e.from = from;
-        e.pages = e.pages.saturating_add(1);
         e.last_s = now;
         e.depth
+    }
+
+    /// Heap bytes behind the table.
+    #[cfg(test)]
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.entries)
     }
 
     /// Rooms whose paging session started at or after `since`.
@@ -129,6 +140,20 @@ mod tests {
         }
         assert_eq!(t.started_since(100), ROOMS as u32);
         assert_eq!(t.started_since(0), ROOMS as u32);
+    }
+
+    #[test]
+    fn the_table_grows_with_the_rooms_paged_and_no_further() {
+        let mut t = RoomTable::default();
+        assert_eq!(t.entries.len(), 0);
+        t.page(1, 1, 0, 600);
+        t.page(1, 2, 1, 600);
+        assert_eq!(t.entries.len(), 1);
+        for r in 2..100u32 {
+            t.page(r, 1, r, 600);
+        }
+        assert_eq!(t.entries.len(), ROOMS);
+        assert_eq!(std::mem::size_of::<Entry>(), 20);
     }
 
     #[test]
