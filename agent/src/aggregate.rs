@@ -10,7 +10,6 @@
 //!
 //! Requests that carry no token are counted per endpoint under `anonymous`.
 
-use std::collections::HashMap;
 
 use crate::conn::Vantage;
 use crate::endpoint::Endpoint;
@@ -103,7 +102,7 @@ pub struct AggregatorStats {
 
 pub struct Aggregator {
     limits: Limits,
-    tokens: HashMap<TokenLabel, TokenState>,
+    tokens: crate::token::LabelMap<TokenState>,
     exported: usize,
     anonymous: ByEndpoint,
     overflow: ByEndpoint,
@@ -116,7 +115,7 @@ impl Aggregator {
     pub fn new(limits: Limits) -> Self {
         Aggregator {
             limits,
-            tokens: HashMap::new(),
+            tokens: Default::default(),
             exported: 0,
             anonymous: ByEndpoint::default(),
             overflow: ByEndpoint::default(),

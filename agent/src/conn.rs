@@ -254,7 +254,9 @@ impl Conn {
 /// is dropped at once. Their state is only the current attribution; their later bytes become
 /// unattributed (until their next request head), never lost.
 struct Table {
-    conns: HashMap<ConnKey, Conn>,
+    /// foldhash: keys are kernel addresses and start times, not chosen by clients, and this
+    /// map is looked up several times per request.
+    conns: HashMap<ConnKey, Conn, foldhash::fast::RandomState>,
     max: usize,
     evicted: u64,
     /// Sum of `Conn::buffered` over the table (see `HEAD_BUFFER_BUDGET`).
@@ -316,7 +318,7 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(key: TokenKey, max_conns: usize) -> Self {
-        Tracker { key, table: Table { conns: HashMap::new(), max: max_conns.max(1), evicted: 0, head_bytes: 0 } }
+        Tracker { key, table: Table { conns: HashMap::default(), max: max_conns.max(1), evicted: 0, head_bytes: 0 } }
     }
 
     pub fn stats(&self) -> TrackerStats {
@@ -341,6 +343,10 @@ impl Tracker {
 
     pub fn on_send(&mut self, key: ConnKey, now_ns: u64, bytes: u64, sink: &mut impl Sink) {
         let conn = self.table.get(key, now_ns);
+        Self::sent(conn, key.vantage, bytes, sink);
+    }
+
+    fn sent(conn: &mut Conn, vantage: Vantage, bytes: u64, sink: &mut impl Sink) {
         match &mut conn.role {
             Role::Unknown { held } => {
                 *held += bytes;
@@ -355,7 +361,7 @@ impl Tracker {
             conn.answering = true;
         }
         if matches!(conn.phase, Phase::Http2(_)) {
-            return sink.http2(key.vantage, Http2Event::ResponseBytes(bytes));
+            return sink.http2(vantage, Http2Event::ResponseBytes(bytes));
         }
         match conn.current {
             Some(a) => sink.response_bytes(a, bytes),
@@ -371,7 +377,7 @@ impl Tracker {
         let new = total.saturating_sub(conn.sent_seen);
         conn.sent_seen = conn.sent_seen.max(total);
         if new > 0 {
-            self.on_send(key, now_ns, new, sink);
+            Self::sent(conn, key.vantage, new, sink);
         }
     }
 

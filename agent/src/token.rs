@@ -185,6 +185,35 @@ fn write_new(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("writing temporary key file {}", path.display()))
 }
 
+/// Token labels are keyed BLAKE3 output, already uniform: hashing them again is wasted work
+/// and they cannot be chosen to collide.
+#[derive(Default)]
+pub struct LabelHasher(u64);
+
+impl std::hash::Hasher for LabelHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            for (d, s) in w.iter_mut().zip(chunk) {
+                *d = *s;
+            }
+            self.0 =
+                (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_usize(&mut self, _: usize) {
+        // Only the slice length prefix of the label's array: constant, no information.
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A map keyed by token label, with the hasher above.
+pub type LabelMap<V> = std::collections::HashMap<TokenLabel, V, std::hash::BuildHasherDefault<LabelHasher>>;
+
 /// A token's public name: the first 8 bytes of its keyed hash. 64 bits make collisions
 /// negligible among the tokens of one homeserver while keeping labels short.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]

@@ -39,8 +39,6 @@ mod window;
 #[cfg(test)]
 mod sim;
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 
 pub use config::{DetectConfig, Ramp};
 pub use score::{Population, REASONS, Reason};
@@ -75,33 +73,7 @@ pub struct DetectStats {
     pub population: usize,
 }
 
-/// Token labels are keyed BLAKE3 output, already uniform: hashing them again is wasted work
-/// and they cannot be chosen to collide.
-#[derive(Default)]
-struct LabelHasher(u64);
-
-impl Hasher for LabelHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut w = [0u8; 8];
-            for (d, s) in w.iter_mut().zip(chunk) {
-                *d = *s;
-            }
-            self.0 =
-                (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_usize(&mut self, _: usize) {
-        // Only the slice length prefix of the label's array: constant, no information.
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type Tokens = HashMap<TokenLabel, Box<TokenState>, BuildHasherDefault<LabelHasher>>;
+type Tokens = crate::token::LabelMap<Box<TokenState>>;
 
 /// An entry of the latest tick's scores; its reasons are `reasons[start..end]`.
 #[derive(Clone, Copy, Debug)]
