@@ -239,7 +239,9 @@ class Driver:
                     since = time.monotonic()
                     detected = self.monitor.watch(label, since=since)
                     if victim is not None:
-                        self.victims[token] = since
+                        # The same victim may be robbed again in a later round: its token
+                        # stops counting as normal at the first theft.
+                        self.victims.setdefault(token, since)
                     self.attack_tokens[token] = since
                     stop_attack = threading.Event()
                     th = threading.Thread(target=attack.run, args=(stop_attack, ATTACK_MAX_S), daemon=True)
