@@ -2,14 +2,19 @@
 //!
 //! - `cargo xtask setup`: install what building and testing need (idempotent, says each step).
 //! - `cargo xtask run [-- ARGS]`: set up, build, and run the agent on `deploy/vigie.toml`.
-//! - `cargo xtask test`: set up, build, run the unit tests and the integration tests.
+//! - `cargo xtask test`: set up, build, run the unit tests, a bounded fuzzing step and the
+//!   integration tests.
 //! - `cargo xtask kernels [--kernel 6.1,6.12] [--keep]`: boot Debian kernels under qemu and run
 //!   `vigie check` and a capture smoke test in each (see kernels.rs, docs/kernels.md).
+//! - `cargo xtask fuzz [--seconds N] [TARGET...]`: run the cargo-fuzz targets (see fuzz.rs).
+//! - `cargo xtask soak [--minutes N]`: the soak against a real Synapse (see soak.rs).
 //!
 //! Everything is installed from Debian's packages, crates.io and PyPI by name.
 
 mod bench;
+mod fuzz;
 mod kernels;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -35,6 +40,8 @@ const APT_PACKAGES: &[&str] = &[
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_DEB_VERSION: &str = "3.8.0";
+/// Builds with stable 1.95; the targets themselves build with the nightly above.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -44,8 +51,12 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("kernels") => kernels::run(&args[1..]),
+        Some("fuzz") => setup().and_then(|()| fuzz::run(&args[1..])),
+        Some("soak") => soak::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | bench | kernels [--kernel 6.1,6.12] [--keep]");
+            eprintln!(
+                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N]"
+            );
             return ExitCode::from(2);
         }
     };
@@ -149,6 +160,8 @@ fn setup() -> Result<()> {
         sh(Command::new("cargo").args(["install", "cargo-deb", "--version", CARGO_DEB_VERSION, "--locked"]))?;
     }
 
+    ensure_cargo_fuzz()?;
+
     let venv = root().join("tests/.venv");
     let requirements = root().join("tests/requirements.txt");
     let stamp = venv.join(".requirements");
@@ -161,6 +174,19 @@ fn setup() -> Result<()> {
         sh(Command::new(venv.join("bin/pip")).args(["install", "-q", "--upgrade", "pip"]))?;
         sh(Command::new(venv.join("bin/pip")).args(["install", "-q", "-r"]).arg(&requirements))?;
         std::fs::write(&stamp, wanted)?;
+    }
+    Ok(())
+}
+
+/// cargo-fuzz, pinned (the fuzz targets run in `cargo xtask test` and `cargo xtask fuzz`).
+fn ensure_cargo_fuzz() -> Result<()> {
+    let fuzz = cargo_bin("cargo-fuzz");
+    let have = Command::new(&fuzz).arg("--version").output().ok().filter(|o| o.status.success());
+    if have.is_some_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)) {
+        step(&format!("cargo-fuzz {CARGO_FUZZ_VERSION} (fuzz targets): present"));
+    } else {
+        step(&format!("cargo-fuzz {CARGO_FUZZ_VERSION} (fuzz targets): installing (about a minute)"));
+        sh(Command::new("cargo").args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION, "--locked"]))?;
     }
     Ok(())
 }
@@ -191,6 +217,13 @@ fn test(pytest_args: &[String]) -> Result<()> {
     let bin = build_release()?;
     step("Unit tests (cargo test)");
     sh(Command::new("cargo").current_dir(root()).args(["test", "--release", "--locked"]))?;
+    step(&format!(
+        "Fuzzing, bounded: {} s per target ({}); `cargo xtask fuzz --seconds N` for longer",
+        fuzz::DEFAULT_SECONDS,
+        fuzz::TARGETS.join(", ")
+    ));
+    let targets: Vec<String> = fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
+    fuzz::fuzz(&targets, fuzz::DEFAULT_SECONDS)?;
     step("Integration tests against real Synapse, nginx, Prometheus (pytest; needs root for BPF)");
     sh(Command::new(root().join("tests/.venv/bin/python"))
         .current_dir(root())
