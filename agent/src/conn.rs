@@ -261,6 +261,11 @@ struct Table {
     evicted: u64,
     /// Sum of `Conn::buffered` over the table (see `HEAD_BUFFER_BUDGET`).
     head_bytes: usize,
+    /// The kernel's running send total already accounted for socket connections dropped from
+    /// the table while still open: if one comes back, its next total must not be counted
+    /// again from zero. Bounded (cleared when full: the rare loss is a double count of
+    /// one connection's earlier bytes as unattributed).
+    gone_sent: HashMap<ConnKey, u64, foldhash::fast::RandomState>,
 }
 
 impl Table {
@@ -268,6 +273,7 @@ impl Table {
         if self.conns.len() >= self.max && !self.conns.contains_key(&key) {
             self.make_room();
         }
+        let gone_sent = &mut self.gone_sent;
         let conn = self.conns.entry(key).or_insert_with(|| Conn {
             phase: Phase::head(),
             current: None,
@@ -278,7 +284,7 @@ impl Table {
                 Vantage::Tls => Role::Unknown { held: 0 },
             },
             last_seen_ns: now_ns,
-            sent_seen: 0,
+            sent_seen: gone_sent.remove(&key).unwrap_or(0),
             recv_seq: 0,
         });
         conn.last_seen_ns = now_ns;
@@ -298,9 +304,20 @@ impl Table {
         for (_, k) in order.iter().take(n) {
             if let Some(c) = self.conns.remove(k) {
                 self.head_bytes = self.head_bytes.saturating_sub(c.buffered());
+                self.remember_gone(*k, &c);
             }
         }
         self.evicted += n.min(order.len()) as u64;
+    }
+
+    fn remember_gone(&mut self, key: ConnKey, conn: &Conn) {
+        if conn.sent_seen == 0 {
+            return;
+        }
+        if self.gone_sent.len() >= self.max.max(4096) {
+            self.gone_sent.clear();
+        }
+        self.gone_sent.insert(key, conn.sent_seen);
     }
 }
 
@@ -318,7 +335,16 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(key: TokenKey, max_conns: usize) -> Self {
-        Tracker { key, table: Table { conns: HashMap::default(), max: max_conns.max(1), evicted: 0, head_bytes: 0 } }
+        Tracker {
+            key,
+            table: Table {
+                conns: HashMap::default(),
+                max: max_conns.max(1),
+                evicted: 0,
+                head_bytes: 0,
+                gone_sent: HashMap::default(),
+            },
+        }
     }
 
     pub fn stats(&self) -> TrackerStats {
@@ -330,14 +356,24 @@ impl Tracker {
     pub fn expire_idle(&mut self, now_ns: u64, idle_ns: u64) -> usize {
         let before = self.table.conns.len();
         let mut freed = 0;
-        self.table.conns.retain(|_, c| {
+        let mut gone = Vec::new();
+        self.table.conns.retain(|k, c| {
             let keep = now_ns.saturating_sub(c.last_seen_ns) < idle_ns;
             if !keep {
                 freed += c.buffered();
+                if c.sent_seen > 0 {
+                    gone.push((*k, c.sent_seen));
+                }
             }
             keep
         });
         self.table.head_bytes = self.table.head_bytes.saturating_sub(freed);
+        for (k, sent) in gone {
+            if self.table.gone_sent.len() >= self.table.max.max(4096) {
+                self.table.gone_sent.clear();
+            }
+            self.table.gone_sent.insert(k, sent);
+        }
         before - self.table.conns.len()
     }
 
@@ -417,6 +453,7 @@ impl Tracker {
     }
 
     pub fn on_close(&mut self, key: ConnKey, sink: &mut impl Sink) {
+        self.table.gone_sent.remove(&key);
         let Some(conn) = self.table.conns.remove(&key) else { return };
         self.table.head_bytes = self.table.head_bytes.saturating_sub(conn.buffered());
         if let Role::Unknown { held } = conn.role
@@ -742,6 +779,20 @@ mod tests {
         assert_eq!(bytes_for(&s, "syt_a"), 1005);
         assert_eq!(bytes_for(&s, "syt_b"), 300);
         assert_eq!(s.unattributed, 0);
+    }
+
+    /// A connection dropped from a full table and seen again must not have the kernel's
+    /// running total counted a second time from zero.
+    #[test]
+    fn a_connection_evicted_and_seen_again_is_not_counted_twice() {
+        let (mut t, mut s) = (Tracker::new(key(), 1), Recorder::default());
+        let other = ConnKey { id: 2, ..C };
+        recv(&mut t, &get("/_matrix/client/v3/sync", "syt_a"), &mut s);
+        t.on_sent_total(C, 1, 500, &mut s);
+        // A second connection takes the only slot.
+        t.on_recv(other, 2, 10, b"GET / HTTP", false, &mut s);
+        t.on_sent_total(C, 3, 700, &mut s);
+        assert_eq!(bytes_for(&s, "syt_a") + s.unattributed, 700, "500 once, then 200 more");
     }
 
     /// A poll of the kernel map that raced a receive still in the ring buffer (its number is

@@ -7,7 +7,8 @@
 //! Invariants checked after each sequence:
 //! - nothing panics;
 //! - every record is counted once: as a receive, a send, a close or a malformed record;
-//! - bytes: every byte sent on a socket-vantage connection is accounted exactly once
+//! - bytes: every byte sent on a socket-vantage connection (added up in the kernel, reported as
+//!   running totals by receive and close records) is accounted exactly once
 //!   (a token's or anonymous series, overflow, unattributed, or HTTP/2 response bytes); at
 //!   the TLS vantage bytes may be dropped (client connections, held bytes of an evicted
 //!   connection) but never invented;
@@ -124,6 +125,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     let mut fed = Fed::default();
     let mut ts: u64 = 1_000_000_000;
     let mut generations = [1u64; 8];
+    let mut next_generation = 2u64;
+    // The kernel's running totals per socket connection (`ConnInfo`): sends are not records,
+    // receive and close records carry the total.
+    let mut sent = [0u64; 8];
+    let mut recvs = [0u32; 8];
     let mut steps = 0;
     while !u.is_empty() && steps < 256 {
         steps += 1;
@@ -155,25 +161,41 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 }
                 h.captured = p.len() as u32;
                 fed.captured += p.len() as u64;
+                if !tls {
+                    recvs[slot] = recvs[slot].wrapping_add(1);
+                    h.recv_seq = recvs[slot];
+                    h.sent_total = sent[slot];
+                }
                 record(&h, &p)
             }
             6..=10 => {
-                h.kind = if tls { EVENT_TLS_SEND } else { EVENT_SEND };
-                h.bytes = if u.ratio(1, 50)? { u.arbitrary::<u32>()?.into() } else { u.int_in_range(0..=70_000)? };
-                h.sock_hint = if tls { u.arbitrary()? } else { 0 };
-                if tls {
-                    fed.tls_send_bytes += h.bytes;
-                } else {
-                    fed.socket_send_bytes += h.bytes;
+                let bytes = if u.ratio(1, 50)? { u.arbitrary::<u32>()?.into() } else { u.int_in_range(0..=70_000)? };
+                if !tls {
+                    // Added up in the kernel; reported by the next receive or close.
+                    sent[slot] += bytes;
+                    fed.socket_send_bytes += bytes;
+                    continue;
                 }
+                h.kind = EVENT_TLS_SEND;
+                h.bytes = bytes;
+                h.sock_hint = u.arbitrary()?;
+                fed.tls_send_bytes += h.bytes;
                 record(&h, &[])
             }
             11 => {
                 h.kind = if tls { EVENT_TLS_CLOSE } else { EVENT_CLOSE };
+                if !tls {
+                    h.sent_total = sent[slot];
+                    h.recv_seq = recvs[slot];
+                }
                 let r = record(&h, &[]);
-                // The kernel gives the next connection at this address a new generation.
-                if u.arbitrary()? {
-                    generations[slot] = ts;
+                // The kernel forgets a closed socket: the next connection at this address has a
+                // new generation and fresh totals (always for sockets; TLS may reuse an SSL*).
+                if !tls || u.arbitrary()? {
+                    generations[slot] = next_generation;
+                    next_generation += 1;
+                    sent[slot] = 0;
+                    recvs[slot] = 0;
                 }
                 r
             }
@@ -194,6 +216,9 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                     // keep it in 32 bits so that counters cannot overflow u64 in a few records.
                     let at = std::mem::offset_of!(EventHeader, bytes);
                     raw[at + 4..at + 8].fill(0);
+                    // Running totals come from the kernel's own map, never from garbage.
+                    let at = std::mem::offset_of!(EventHeader, sent_total);
+                    raw[at..at + 8].fill(0);
                     // SAFETY: at least EVENT_HEADER_LEN bytes; plain data, any bit pattern.
                     let g: EventHeader = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
                     if matches!(g.kind, EVENT_SEND | EVENT_TLS_SEND)
@@ -215,6 +240,23 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         };
         fed.records += 1;
         state.handle_record(&rec);
+    }
+    // Every connection is closed in the end (or polled): the last totals reach the agent.
+    for slot in 0..5 {
+        if sent[slot] > 0 {
+            let h = EventHeader {
+                kind: EVENT_CLOSE,
+                conn: 0xffff_8880_0000_0000 + slot as u64 * 0x1000,
+                conn_start_ns: generations[slot],
+                ts_ns: ts,
+                port: 8008,
+                sent_total: sent[slot],
+                recv_seq: recvs[slot],
+                ..EventHeader::default()
+            };
+            fed.records += 1;
+            state.handle_record(&record(&h, &[]));
+        }
     }
     check(state, &fed);
     Ok(())
