@@ -304,20 +304,20 @@ impl Table {
         for (_, k) in order.iter().take(n) {
             if let Some(c) = self.conns.remove(k) {
                 self.head_bytes = self.head_bytes.saturating_sub(c.buffered());
-                self.remember_gone(*k, &c);
+                self.remember_gone(*k, c.sent_seen);
             }
         }
         self.evicted += n.min(order.len()) as u64;
     }
 
-    fn remember_gone(&mut self, key: ConnKey, conn: &Conn) {
-        if conn.sent_seen == 0 {
+    fn remember_gone(&mut self, key: ConnKey, sent_seen: u64) {
+        if sent_seen == 0 {
             return;
         }
         if self.gone_sent.len() >= self.max.max(4096) {
             self.gone_sent.clear();
         }
-        self.gone_sent.insert(key, conn.sent_seen);
+        self.gone_sent.insert(key, sent_seen);
     }
 }
 
@@ -361,18 +361,13 @@ impl Tracker {
             let keep = now_ns.saturating_sub(c.last_seen_ns) < idle_ns;
             if !keep {
                 freed += c.buffered();
-                if c.sent_seen > 0 {
-                    gone.push((*k, c.sent_seen));
-                }
+                gone.push((*k, c.sent_seen));
             }
             keep
         });
         self.table.head_bytes = self.table.head_bytes.saturating_sub(freed);
         for (k, sent) in gone {
-            if self.table.gone_sent.len() >= self.table.max.max(4096) {
-                self.table.gone_sent.clear();
-            }
-            self.table.gone_sent.insert(k, sent);
+            self.table.remember_gone(k, sent);
         }
         before - self.table.conns.len()
     }
@@ -407,20 +402,21 @@ impl Tracker {
 
     /// A socket record's running total of bytes sent on its connection (receive and close
     /// records carry one, read after the receive): account what was sent since the last
-    /// total, before the receive itself, so it goes to the request it answered.
-    pub fn on_sent_total(&mut self, key: ConnKey, now_ns: u64, total: u64, sink: &mut impl Sink) {
+    /// total, before the receive itself, so it goes to the request it answered. A receive
+    /// record also gives its number (`recv_seq`), which `on_polled_total` checks.
+    pub fn on_sent_total(&mut self, key: ConnKey, now_ns: u64, total: u64, recv_seq: Option<u32>, sink: &mut impl Sink) {
         let conn = self.table.get(key, now_ns);
+        if let Some(seq) = recv_seq {
+            conn.recv_seq = seq;
+        }
+        Self::account_total(conn, key.vantage, total, sink);
+    }
+
+    fn account_total(conn: &mut Conn, vantage: Vantage, total: u64, sink: &mut impl Sink) {
         let new = total.saturating_sub(conn.sent_seen);
         conn.sent_seen = conn.sent_seen.max(total);
         if new > 0 {
-            Self::sent(conn, key.vantage, new, sink);
-        }
-    }
-
-    /// Remember the number of the receive just processed (see `on_polled_total`).
-    pub fn set_recv_seq(&mut self, key: ConnKey, seq: u32) {
-        if let Some(conn) = self.table.conns.get_mut(&key) {
-            conn.recv_seq = seq;
+            Self::sent(conn, vantage, new, sink);
         }
     }
 
@@ -438,18 +434,16 @@ impl Tracker {
     /// matches the latest processed), so a response is never credited to the request before
     /// it. The kernel's entry is read in one copy with `sent` before `recvs`: a copy that
     /// includes the next response's bytes also has the next receive's number, and is skipped.
-    pub fn on_polled_total(&mut self, key: ConnKey, now_ns: u64, total: u64, recv_seq: u32, sink: &mut impl Sink) -> bool {
-        match self.table.conns.get(&key) {
-            Some(conn) if conn.recv_seq == recv_seq => {}
-            _ => return false,
+    pub fn on_polled_total(&mut self, key: ConnKey, total: u64, recv_seq: u32, sink: &mut impl Sink) -> bool {
+        // Looked up without `Table::get`: a poll is not activity (the idle clock stays where
+        // the records left it) and never creates a connection.
+        match self.table.conns.get_mut(&key) {
+            Some(conn) if conn.recv_seq == recv_seq => {
+                Self::account_total(conn, key.vantage, total, sink);
+                true
+            }
+            _ => false,
         }
-        let last_seen = self.table.conns.get(&key).map(|c| c.last_seen_ns).unwrap_or(now_ns);
-        // A poll is not activity: keep the idle clock where the records left it.
-        self.on_sent_total(key, now_ns, total, sink);
-        if let Some(conn) = self.table.conns.get_mut(&key) {
-            conn.last_seen_ns = last_seen;
-        }
-        true
     }
 
     pub fn on_close(&mut self, key: ConnKey, sink: &mut impl Sink) {
@@ -766,15 +760,13 @@ mod tests {
     #[test]
     fn running_send_totals_credit_the_request_before_the_receive_that_carries_them() {
         let (mut t, mut s) = (tracker(), Recorder::default());
-        t.on_sent_total(C, 0, 0, &mut s);
+        t.on_sent_total(C, 0, 0, Some(1), &mut s);
         recv(&mut t, &get("/_matrix/client/v3/sync", "syt_a"), &mut s);
-        t.set_recv_seq(C, 1);
-        t.on_sent_total(C, 0, 1005, &mut s);
+        t.on_sent_total(C, 0, 1005, Some(2), &mut s);
         recv(&mut t, &get("/_matrix/client/v3/joined_rooms", "syt_b"), &mut s);
-        t.set_recv_seq(C, 2);
         // A stale (smaller) total is not a negative send.
-        t.on_sent_total(C, 0, 900, &mut s);
-        t.on_sent_total(C, 0, 1305, &mut s);
+        t.on_sent_total(C, 0, 900, None, &mut s);
+        t.on_sent_total(C, 0, 1305, None, &mut s);
         t.on_close(C, &mut s);
         assert_eq!(bytes_for(&s, "syt_a"), 1005);
         assert_eq!(bytes_for(&s, "syt_b"), 300);
@@ -788,10 +780,10 @@ mod tests {
         let (mut t, mut s) = (Tracker::new(key(), 1), Recorder::default());
         let other = ConnKey { id: 2, ..C };
         recv(&mut t, &get("/_matrix/client/v3/sync", "syt_a"), &mut s);
-        t.on_sent_total(C, 1, 500, &mut s);
+        t.on_sent_total(C, 1, 500, None, &mut s);
         // A second connection takes the only slot.
         t.on_recv(other, 2, 10, b"GET / HTTP", false, &mut s);
-        t.on_sent_total(C, 3, 700, &mut s);
+        t.on_sent_total(C, 3, 700, None, &mut s);
         assert_eq!(bytes_for(&s, "syt_a") + s.unattributed, 700, "500 once, then 200 more");
     }
 
@@ -800,19 +792,18 @@ mod tests {
     #[test]
     fn a_polled_total_is_accounted_only_when_no_receive_is_pending() {
         let (mut t, mut s) = (tracker(), Recorder::default());
+        t.on_sent_total(C, 0, 0, Some(1), &mut s);
         recv(&mut t, &get("/_matrix/client/v3/sync", "syt_a"), &mut s);
-        t.set_recv_seq(C, 1);
-        assert!(t.on_polled_total(C, 5, 700, 1, &mut s), "an answer to the only receive is taken");
-        assert!(!t.on_polled_total(C, 6, 900, 2, &mut s), "receive 2 is not processed yet");
+        assert!(t.on_polled_total(C, 700, 1, &mut s), "an answer to the only receive is taken");
+        assert!(!t.on_polled_total(C, 900, 2, &mut s), "receive 2 is not processed yet");
         assert_eq!(bytes_for(&s, "syt_a"), 700);
-        t.on_sent_total(C, 7, 800, &mut s);
+        t.on_sent_total(C, 7, 800, Some(2), &mut s);
         recv(&mut t, &get("/_matrix/client/v3/joined_rooms", "syt_b"), &mut s);
-        t.set_recv_seq(C, 2);
-        assert!(t.on_polled_total(C, 8, 900, 2, &mut s));
+        assert!(t.on_polled_total(C, 900, 2, &mut s));
         assert_eq!(bytes_for(&s, "syt_a"), 800);
         assert_eq!(bytes_for(&s, "syt_b"), 100);
         let unknown = ConnKey { id: 1, ..C };
-        assert!(!t.on_polled_total(unknown, 9, 50, 0, &mut s), "a connection the agent does not track is left alone");
+        assert!(!t.on_polled_total(unknown, 50, 0, &mut s), "a connection the agent does not track is left alone");
         assert_eq!(t.poll_targets(10, 0), vec![(C, 2)]);
     }
 

@@ -19,19 +19,33 @@ pub fn listening_inodes(ports: &[u16]) -> BTreeSet<u64> {
 
 /// The inodes of `LISTEN` sockets on `ports` in one /proc/net/tcp{,6} table.
 fn parse_listeners(table: &str, ports: &[u16]) -> Vec<u64> {
-    let mut out = Vec::new();
-    for line in table.lines().skip(1) {
+    listening_sockets(table).filter(|(port, _)| ports.contains(port)).map(|(_, inode)| inode).collect()
+}
+
+/// (local port, inode) of each `LISTEN` socket in one /proc/net/tcp{,6} table.
+fn listening_sockets(table: &str) -> impl Iterator<Item = (u16, u64)> + '_ {
+    table.lines().skip(1).filter_map(|line| {
         let cols: Vec<&str> = line.split_whitespace().collect();
-        let (Some(local), Some(state), Some(inode)) = (cols.get(1), cols.get(3), cols.get(9)) else { continue };
-        let local_port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+        let (local, state, inode) = (cols.get(1)?, cols.get(3)?, cols.get(9)?);
         // 0A is TCP_LISTEN.
-        if *state == "0A" && local_port.is_some_and(|p| ports.contains(&p)) {
-            if let Ok(inode) = inode.parse() {
-                out.push(inode);
-            }
+        if *state != "0A" {
+            return None;
         }
+        let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+        Some((port, inode.parse().ok()?))
+    })
+}
+
+/// Local ports in LISTEN state (IPv4 and IPv6), sorted, without repeats.
+pub fn listening_ports() -> Vec<u16> {
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        ports.extend(listening_sockets(&text).map(|(port, _)| port));
     }
-    out
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 /// Processes holding one of these socket inodes.

@@ -147,9 +147,18 @@ impl Collector for StateCollector {
             None,
             MetricType::Counter,
         )?;
-        for (kind, v) in [("recv", h.recv_events), ("send", h.send_events), ("close", h.close_events)] {
+        for (kind, v) in
+            [("recv", h.recv_events), ("send", h.send_events), ("close", h.close_events), ("fork", h.fork_events)]
+        {
             labelled_counter(&mut m, &[("kind", kind)], v)?;
         }
+        let mut m = enc.encode_descriptor(
+            "vigie_tls_forks_unfollowed",
+            "Forks of TLS server processes the agent could not follow at once (the next discovery attaches them)",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, h.forks_unfollowed)?;
         let mut m = enc.encode_descriptor(
             "vigie_events_lost",
             "Kernel records dropped because the ring buffer was full",

@@ -30,6 +30,10 @@ pub struct Health {
     pub recv_events: u64,
     pub send_events: u64,
     pub close_events: u64,
+    /// Forks of processes with per-process TLS probes, and those dropped before the agent
+    /// could follow them (more than 1,024 between two drains).
+    pub fork_events: u64,
+    pub forks_unfollowed: u64,
     /// Records too short or inconsistent to decode.
     pub malformed_records: u64,
     pub parse_failures: BTreeMap<&'static str, u64>,
@@ -184,13 +188,10 @@ impl State {
                 feed.health.recv_events += 1;
                 if !tls {
                     // What was sent before this receive answered the request before it.
-                    self.tracker.on_sent_total(key, h.ts_ns, h.sent_total, &mut feed);
+                    self.tracker.on_sent_total(key, h.ts_ns, h.sent_total, Some(h.recv_seq), &mut feed);
                 }
                 let blind = h.flags & FLAG_NO_BUFFER != 0;
                 self.tracker.on_recv(key, h.ts_ns, h.bytes, data, blind, &mut feed);
-                if !tls {
-                    self.tracker.set_recv_seq(key, h.recv_seq);
-                }
             }
             EVENT_SEND | EVENT_TLS_SEND => {
                 feed.health.send_events += 1;
@@ -199,14 +200,18 @@ impl State {
             EVENT_CLOSE | EVENT_TLS_CLOSE => {
                 feed.health.close_events += 1;
                 if !tls {
-                    self.tracker.on_sent_total(key, h.ts_ns, h.sent_total, &mut feed);
+                    self.tracker.on_sent_total(key, h.ts_ns, h.sent_total, None, &mut feed);
                 }
                 self.tracker.on_close(key, &mut feed);
             }
             EVENT_FORK => {
-                // Bounded: the agent takes them after every drain.
+                feed.health.fork_events += 1;
+                // Bounded: the agent takes them after every drain. A fork not followed here is
+                // still found by the next discovery.
                 if self.forks.len() < 1024 {
                     self.forks.push(((h.pid_tgid >> 32) as u32, h.bytes as u32));
+                } else {
+                    feed.health.forks_unfollowed += 1;
                 }
             }
             _ => feed.health.malformed_records += 1,
@@ -241,7 +246,7 @@ impl State {
         };
         for &(id, generation, sent, recvs) in totals {
             let key = ConnKey { vantage: Vantage::Socket, id, generation };
-            self.tracker.on_polled_total(key, now_ns, sent, recvs, &mut feed);
+            self.tracker.on_polled_total(key, sent, recvs, &mut feed);
         }
     }
 

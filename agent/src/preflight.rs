@@ -75,27 +75,6 @@ fn effective_caps() -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-/// Local ports in LISTEN state (IPv4 and IPv6), from /proc/net/tcp{,6}.
-pub fn listening_ports() -> Vec<u16> {
-    let mut ports = Vec::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(file) else { continue };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(state)) = (cols.get(1), cols.get(3)) else { continue };
-            if *state != "0A" {
-                continue;
-            }
-            if let Some(port) = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
-                ports.push(port);
-            }
-        }
-    }
-    ports.sort_unstable();
-    ports.dedup();
-    ports
-}
-
 /// Probe the host. `ports` are the configured server ports; `trial` loads and attaches the
 /// programs for real (needs privileges), which is the only proof that vigie can run.
 pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
@@ -220,7 +199,7 @@ pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
         }
     }
 
-    let listening = listening_ports();
+    let listening = crate::listeners::listening_ports();
     if ports.is_empty() {
         r.push(Status::Warn, "server ports", "none configured: give --server-port or --config");
     }

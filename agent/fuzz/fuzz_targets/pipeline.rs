@@ -265,9 +265,9 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
 fn check(state: State, fed: &Fed) {
     let health = &state.health;
     assert_eq!(
-        health.recv_events + health.send_events + health.close_events + health.malformed_records,
+        health.recv_events + health.send_events + health.close_events + health.fork_events + health.malformed_records,
         fed.records,
-        "every record is a receive, a send, a close or malformed"
+        "every record is a receive, a send, a close, a fork or malformed"
     );
     let agg = &state.aggregator;
     let series = agg.exported().map(|(_, e)| e.total()).chain([agg.overflow().total(), agg.anonymous().total()]);

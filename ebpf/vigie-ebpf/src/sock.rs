@@ -48,7 +48,7 @@ fn read_sock_length(ctx: &TracePointContext) -> Option<SockLength> {
 /// In a process that uses SSL functions, remember which socket this thread just used: that is
 /// how an `SSL*` is tied to its connection.
 #[inline(always)]
-fn note_tls_thread(map: &LruHashMap<u64, u64>, sk: u64) {
+pub fn note_tls_thread(map: &LruHashMap<u64, u64>, sk: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     if unsafe { TLS_PROCESSES.get(&((pid_tgid >> 32) as u32)) }.is_some() {
         let _ = map.insert(&pid_tgid, &sk, 0);

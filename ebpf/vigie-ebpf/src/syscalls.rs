@@ -19,7 +19,7 @@ use vigie_common::*;
 
 use crate::{
     LAST_RECV_SOCK, LAST_SEND_SOCK, PENDING_READS, TLS_PROCESSES, is_server_process, layout,
-    sock::{on_recv, on_send},
+    sock::{note_tls_thread, on_recv, on_send},
 };
 
 /// Servers, and with the syscall source TLS processes (whose socket use ties an `SSL*` to its
@@ -147,31 +147,24 @@ fn sock_of_fd(fd: u32) -> Option<u64> {
 
 /// The pending call of this thread, taken out of the map, and the syscall's return value.
 #[inline(always)]
-fn finish(ctx: &TracePointContext) -> Option<(u64, PendingRead, i64)> {
+fn finish(ctx: &TracePointContext) -> Option<(PendingRead, i64)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let pending = *unsafe { PENDING_READS.get(&pid_tgid) }?;
     let _ = PENDING_READS.remove(&pid_tgid);
     // sys_exit_* layout: `long ret` at 16.
     let ret: i64 = unsafe { ctx.read_at(16) }.ok()?;
-    Some((pid_tgid, pending, ret))
-}
-
-#[inline(always)]
-fn note_tls(map: &aya_ebpf::maps::LruHashMap<u64, u64>, pid_tgid: u64, sk: u64) {
-    if unsafe { TLS_PROCESSES.get(&((pid_tgid >> 32) as u32)) }.is_some() {
-        let _ = map.insert(&pid_tgid, &sk, 0);
-    }
+    Some((pending, ret))
 }
 
 /// Exit of read, recvfrom, readv, recvmsg (syscall source).
 #[tracepoint]
 pub fn vigie_exit_recv(ctx: TracePointContext) -> u32 {
-    let Some((pid_tgid, pending, ret)) = finish(&ctx) else { return 0 };
+    let Some((pending, ret)) = finish(&ctx) else { return 0 };
     if ret <= 0 || pending.shape == SHAPE_SEND {
         return 0;
     }
     let Some(sk) = sock_of_fd(pending.fd) else { return 0 };
-    note_tls(&LAST_RECV_SOCK, pid_tgid, sk);
+    note_tls_thread(&LAST_RECV_SOCK, sk);
     on_recv(sk, ret as u64, Some(pending));
     0
 }
@@ -179,12 +172,12 @@ pub fn vigie_exit_recv(ctx: TracePointContext) -> u32 {
 /// Exit of write, sendto, sendmsg, writev, sendfile64, splice (syscall source).
 #[tracepoint]
 pub fn vigie_exit_send(ctx: TracePointContext) -> u32 {
-    let Some((pid_tgid, pending, ret)) = finish(&ctx) else { return 0 };
+    let Some((pending, ret)) = finish(&ctx) else { return 0 };
     if ret <= 0 || pending.shape != SHAPE_SEND {
         return 0;
     }
     let Some(sk) = sock_of_fd(pending.fd) else { return 0 };
-    note_tls(&LAST_SEND_SOCK, pid_tgid, sk);
+    note_tls_thread(&LAST_SEND_SOCK, sk);
     on_send(sk, ret as u64);
     0
 }
