@@ -263,7 +263,10 @@ impl Traffic {
         let len = x.head.len() as u64;
         // The previous response's sends ride on this receive; this one's on the next record.
         self.recvs[slot] += 1;
-        emit(&header(EVENT_RECV, conn, generation, self.ts_ns, len, len as u32, self.sent[slot], self.recvs[slot]), &x.head);
+        emit(
+            &header(EVENT_RECV, conn, generation, self.ts_ns, len, len as u32, self.sent[slot], self.recvs[slot]),
+            &x.head,
+        );
         for &bytes in &x.sends[..x.nsends] {
             self.ts_ns += 1000;
             self.sent[slot] += bytes;

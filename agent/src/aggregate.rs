@@ -10,7 +10,6 @@
 //!
 //! Requests that carry no token are counted per endpoint under `anonymous`.
 
-
 use crate::conn::Vantage;
 use crate::endpoint::Endpoint;
 use crate::token::TokenLabel;
@@ -50,10 +49,9 @@ impl ByEndpoint {
     }
 
     pub fn total(&self) -> Counts {
-        self.0.iter().fold(Counts::default(), |a, (_, c)| Counts {
-            requests: a.requests + c.requests,
-            bytes: a.bytes + c.bytes,
-        })
+        self.0
+            .iter()
+            .fold(Counts::default(), |a, (_, c)| Counts { requests: a.requests + c.requests, bytes: a.bytes + c.bytes })
     }
 }
 

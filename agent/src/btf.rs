@@ -171,9 +171,8 @@ impl Btf {
     /// Byte offset of `member` in `struct name`.
     pub fn offset_of(&self, name: &str, member: &str) -> Result<u32> {
         let id = *self.structs_by_name.get(name).with_context(|| format!("BTF has no struct {name}"))?;
-        let bits = self
-            .member_bits(id, member, 0)
-            .with_context(|| format!("BTF: struct {name} has no member {member}"))?;
+        let bits =
+            self.member_bits(id, member, 0).with_context(|| format!("BTF: struct {name} has no member {member}"))?;
         if bits % 8 != 0 {
             bail!("BTF: {name}.{member} is a bitfield");
         }

@@ -41,8 +41,7 @@ pub struct FileConfig {
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("in config file {}", path.display()))
     }
 
@@ -91,7 +90,9 @@ impl Settings {
         let tls_targets = pick(flags.tls_targets, file.tls_targets);
         let tls_discover_ports = pick(flags.tls_discover_ports, file.tls_discover_ports);
         if server_ports.is_empty() && tls_targets.is_empty() && tls_discover_ports.is_empty() {
-            bail!("nothing to watch: give --server-port PORT (plaintext HTTP), --tls-target PATH or --tls-discover-port PORT, or the same in the config file");
+            bail!(
+                "nothing to watch: give --server-port PORT (plaintext HTTP), --tls-target PATH or --tls-discover-port PORT, or the same in the config file"
+            );
         }
         if server_ports.contains(&0) {
             bail!("server port 0 is not a port");
@@ -101,9 +102,8 @@ impl Settings {
         }
         let addr = flags.metrics_addr.or(file.metrics_addr).unwrap_or_else(|| DEFAULT_METRICS_ADDR.into());
         let metrics_addr: MetricsAddr = addr.parse()?;
-        let positive = |name: &str, v: usize| -> Result<usize> {
-            if v == 0 { bail!("{name} must be at least 1") } else { Ok(v) }
-        };
+        let positive =
+            |name: &str, v: usize| -> Result<usize> { if v == 0 { bail!("{name} must be at least 1") } else { Ok(v) } };
         use crate::conn::Vantage;
         let detect_vantage = match file.detect_vantage.as_deref().unwrap_or("auto") {
             "socket" => Vantage::Socket,
@@ -112,12 +112,8 @@ impl Settings {
             "auto" => Vantage::Socket,
             other => bail!("detect_vantage must be \"socket\", \"tls\" or \"auto\", not {other:?}"),
         };
-        let capture_source = flags
-            .capture_source
-            .or(file.capture_source)
-            .map(|s| s.parse())
-            .transpose()?
-            .unwrap_or_default();
+        let capture_source =
+            flags.capture_source.or(file.capture_source).map(|s| s.parse()).transpose()?.unwrap_or_default();
         Ok(Settings {
             capture_source,
             detect_vantage,
@@ -131,8 +127,12 @@ impl Settings {
             top_k: positive("top_k", file.top_k.unwrap_or(500))?,
             max_tokens: positive("max_tokens", file.max_tokens.unwrap_or(1_000_000))?,
             max_connections: positive("max_connections", file.max_connections.unwrap_or(65_536))?,
-            token_idle_seconds: positive("token_idle_seconds", file.token_idle_seconds.unwrap_or(3600) as usize)? as u64,
-            connection_idle_seconds: positive("connection_idle_seconds", file.connection_idle_seconds.unwrap_or(900) as usize)? as u64,
+            token_idle_seconds: positive("token_idle_seconds", file.token_idle_seconds.unwrap_or(3600) as usize)?
+                as u64,
+            connection_idle_seconds: positive(
+                "connection_idle_seconds",
+                file.connection_idle_seconds.unwrap_or(900) as usize,
+            )? as u64,
         })
     }
 }
@@ -191,12 +191,16 @@ mod tests {
 
     #[test]
     fn the_metrics_address_may_be_a_unix_socket() {
-        let file = FileConfig::parse("metrics_addr = \"unix:/run/vigie/metrics.sock\"\nweb_config_file = \"/etc/vigie/web.yml\"\n").unwrap();
+        let file = FileConfig::parse(
+            "metrics_addr = \"unix:/run/vigie/metrics.sock\"\nweb_config_file = \"/etc/vigie/web.yml\"\n",
+        )
+        .unwrap();
         let s = Settings::merge(file, Overrides { server_ports: vec![1], ..Default::default() }).unwrap();
         assert_eq!(s.metrics_addr, MetricsAddr::Unix("/run/vigie/metrics.sock".into()));
         assert_eq!(s.metrics_addr.to_string(), "unix:/run/vigie/metrics.sock");
         assert_eq!(s.web_config_file.as_deref(), Some(Path::new("/etc/vigie/web.yml")));
-        let flags = Overrides { server_ports: vec![1], metrics_addr: Some("unix:relative.sock".into()), ..Default::default() };
+        let flags =
+            Overrides { server_ports: vec![1], metrics_addr: Some("unix:relative.sock".into()), ..Default::default() };
         let err = Settings::merge(FileConfig::default(), flags).unwrap_err();
         assert!(err.to_string().contains("absolute"), "{err:#}");
     }

@@ -113,7 +113,9 @@ pub trait Sink {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
     /// No plaintext received yet: bytes sent are held until the role is known.
-    Unknown { held: u64 },
+    Unknown {
+        held: u64,
+    },
     Server,
     Client,
 }
@@ -404,7 +406,14 @@ impl Tracker {
     /// records carry one, read after the receive): account what was sent since the last
     /// total, before the receive itself, so it goes to the request it answered. A receive
     /// record also gives its number (`recv_seq`), which `on_polled_total` checks.
-    pub fn on_sent_total(&mut self, key: ConnKey, now_ns: u64, total: u64, recv_seq: Option<u32>, sink: &mut impl Sink) {
+    pub fn on_sent_total(
+        &mut self,
+        key: ConnKey,
+        now_ns: u64,
+        total: u64,
+        recv_seq: Option<u32>,
+        sink: &mut impl Sink,
+    ) {
         let conn = self.table.get(key, now_ns);
         if let Some(seq) = recv_seq {
             conn.recv_seq = seq;
@@ -464,15 +473,7 @@ impl Tracker {
 
     /// A receive of `total` bytes of which the first `data.len()` were captured.
     /// `blind` says nothing was captured because the kernel knew no buffer for it.
-    pub fn on_recv(
-        &mut self,
-        key: ConnKey,
-        now_ns: u64,
-        total: u64,
-        data: &[u8],
-        blind: bool,
-        sink: &mut impl Sink,
-    ) {
+    pub fn on_recv(&mut self, key: ConnKey, now_ns: u64, total: u64, data: &[u8], blind: bool, sink: &mut impl Sink) {
         let before = self.table.conns.get(&key).map_or(0, Conn::buffered);
         let others = self.table.head_bytes.saturating_sub(before);
         self.recv(key, now_ns, total, data, blind, others, sink);
@@ -833,7 +834,11 @@ mod tests {
     #[test]
     fn a_body_in_later_receives_is_counted_without_being_seen() {
         let (mut t, mut s) = (tracker(), Recorder::default());
-        recv(&mut t, b"POST /_matrix/media/v3/upload HTTP/1.1\r\nAuthorization: Bearer syt_a\r\nContent-Length: 100000\r\n\r\n", &mut s);
+        recv(
+            &mut t,
+            b"POST /_matrix/media/v3/upload HTTP/1.1\r\nAuthorization: Bearer syt_a\r\nContent-Length: 100000\r\n\r\n",
+            &mut s,
+        );
         t.on_recv(C, 0, 65536, &[0u8; 8192], false, &mut s);
         t.on_recv(C, 0, 100000 - 65536, &[0u8; 8192], false, &mut s);
         recv(&mut t, &get("/_matrix/client/v3/sync", "syt_a"), &mut s);

@@ -133,10 +133,7 @@ const SEGMENTS: usize = 6;
 /// Classify a request by method and path (the request target without its query; anything
 /// from '?' or '#' on is ignored anyway). Never allocates unless a room id is %-encoded.
 pub fn classify<'a>(method: &str, path: &'a str) -> Classified<'a> {
-    let other = Classified {
-        endpoint: Endpoint::Other,
-        room_id: None,
-    };
+    let other = Classified { endpoint: Endpoint::Other, room_id: None };
     if method.eq_ignore_ascii_case("OPTIONS") {
         return other;
     }
@@ -158,10 +155,7 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Classified<'a> {
     let segments = segments.get(..count).unwrap_or(&[]);
     match api {
         "client" => client(version, rest, segments),
-        "media" => Classified {
-            endpoint: media(segments, true),
-            room_id: None,
-        },
+        "media" => Classified { endpoint: media(segments, true), room_id: None },
         _ => other,
     }
 }
@@ -169,9 +163,7 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Classified<'a> {
 /// `r0`, `unstable`, or `v` and up to three digits.
 fn is_version(v: &str) -> bool {
     match v.strip_prefix('v') {
-        Some(digits) => {
-            (1..=3).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
-        }
+        Some(digits) => (1..=3).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()),
         None => v == "r0" || v == "unstable",
     }
 }
@@ -197,24 +189,17 @@ fn client<'a>(version: &str, rest: &str, segments: &[&'a str]) -> Classified<'a>
         ["keys", "query" | "upload" | "claim" | "changes"] => Endpoint::Keys,
         ["media", media_rest @ ..] => media(media_rest, false),
         ["rooms", room, in_room @ ..] => {
-            return Classified {
-                endpoint: room_endpoint(in_room),
-                room_id: decode_room_id(room),
-            };
+            return Classified { endpoint: room_endpoint(in_room), room_id: decode_room_id(room) };
         }
         _ if version == "unstable" && is_sliding_sync(rest) => Endpoint::SlidingSync,
         _ => Endpoint::Other,
     };
-    Classified {
-        endpoint,
-        room_id: None,
-    }
+    Classified { endpoint, room_id: None }
 }
 
 /// `…/msc3575…/sync` under `unstable`, whatever the MSC's namespace and revision.
 fn is_sliding_sync(rest: &str) -> bool {
-    rest.rsplit_once('/')
-        .is_some_and(|(prefix, last)| last == "sync" && prefix.contains("msc3575"))
+    rest.rsplit_once('/').is_some_and(|(prefix, last)| last == "sync" && prefix.contains("msc3575"))
 }
 
 fn room_endpoint(in_room: &[&str]) -> Endpoint {
@@ -242,8 +227,7 @@ fn decode_room_id(segment: &str) -> Option<Cow<'_, str>> {
     } else {
         Cow::Borrowed(segment)
     };
-    let plausible =
-        room.starts_with('!') && room.len() <= MAX_ROOM_ID && !room.chars().any(char::is_control);
+    let plausible = room.starts_with('!') && room.len() <= MAX_ROOM_ID && !room.chars().any(char::is_control);
     plausible.then_some(room)
 }
 
@@ -263,15 +247,11 @@ mod tests {
 
     #[test]
     fn every_class_has_a_distinct_snake_case_label() {
-        let labels: std::collections::BTreeSet<_> =
-            Endpoint::ALL.iter().map(|e| e.as_str()).collect();
+        let labels: std::collections::BTreeSet<_> = Endpoint::ALL.iter().map(|e| e.as_str()).collect();
         assert_eq!(labels.len(), Endpoint::ALL.len());
         assert_eq!(Endpoint::ALL.len(), 19);
         for label in labels {
-            assert!(
-                label.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
-                "{label}"
-            );
+            assert!(label.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{label}");
         }
         assert_eq!(Endpoint::SlidingSync.to_string(), "sliding_sync");
     }
@@ -281,44 +261,16 @@ mod tests {
         for v in VERSIONS {
             let p = |rest: &str| format!("/_matrix/client/{v}/{rest}");
             assert_eq!(class("GET", &p("sync")), Endpoint::Sync, "{v}");
-            assert_eq!(
-                class("GET", &p("initialSync")),
-                Endpoint::InitialSync,
-                "{v}"
-            );
+            assert_eq!(class("GET", &p("initialSync")), Endpoint::InitialSync, "{v}");
             assert_eq!(class("POST", &p("search")), Endpoint::Search, "{v}");
-            assert_eq!(
-                class("GET", &p("joined_rooms")),
-                Endpoint::JoinedRooms,
-                "{v}"
-            );
-            assert_eq!(
-                class("POST", &p("publicRooms")),
-                Endpoint::PublicRooms,
-                "{v}"
-            );
+            assert_eq!(class("GET", &p("joined_rooms")), Endpoint::JoinedRooms, "{v}");
+            assert_eq!(class("POST", &p("publicRooms")), Endpoint::PublicRooms, "{v}");
             assert_eq!(class("POST", &p("login")), Endpoint::Login, "{v}");
-            assert_eq!(
-                class("GET", &p("login/sso/redirect")),
-                Endpoint::Login,
-                "{v}"
-            );
-            assert_eq!(
-                class("GET", &p("room_keys/version")),
-                Endpoint::RoomKeys,
-                "{v}"
-            );
-            assert_eq!(
-                class("PUT", &p("room_keys/keys/!r:s/sess")),
-                Endpoint::RoomKeys,
-                "{v}"
-            );
+            assert_eq!(class("GET", &p("login/sso/redirect")), Endpoint::Login, "{v}");
+            assert_eq!(class("GET", &p("room_keys/version")), Endpoint::RoomKeys, "{v}");
+            assert_eq!(class("PUT", &p("room_keys/keys/!r:s/sess")), Endpoint::RoomKeys, "{v}");
             for k in ["query", "upload", "claim", "changes"] {
-                assert_eq!(
-                    class("POST", &p(&format!("keys/{k}"))),
-                    Endpoint::Keys,
-                    "{v} {k}"
-                );
+                assert_eq!(class("POST", &p(&format!("keys/{k}"))), Endpoint::Keys, "{v} {k}");
             }
         }
     }
@@ -326,11 +278,7 @@ mod tests {
     #[test]
     fn room_endpoints_are_classified_with_raw_and_encoded_room_ids() {
         for v in VERSIONS {
-            for id in [
-                "!abc:example.org",
-                "%21abc%3Aexample.org",
-                "%21abc:example.org",
-            ] {
+            for id in ["!abc:example.org", "%21abc%3Aexample.org", "%21abc:example.org"] {
                 let p = |rest: &str| format!("/_matrix/client/{v}/rooms/{id}/{rest}");
                 let cases = [
                     ("messages", Endpoint::Messages),
@@ -349,11 +297,7 @@ mod tests {
                     let path = p(rest);
                     let got = classify("GET", &path);
                     assert_eq!(got.endpoint, want, "{v} {id} {rest}");
-                    assert_eq!(
-                        got.room_id.as_deref(),
-                        Some("!abc:example.org"),
-                        "{v} {id} {rest}"
-                    );
+                    assert_eq!(got.room_id.as_deref(), Some("!abc:example.org"), "{v} {id} {rest}");
                 }
             }
         }
@@ -374,22 +318,12 @@ mod tests {
             let got = classify("GET", &path);
             (got.endpoint, got.room_id.map(Cow::into_owned))
         };
-        for bad in [
-            "",
-            "abc:example.org",
-            "%23alias:example.org",
-            "!a%0Ab",
-            "%FF%FE",
-            "%21%FF",
-        ] {
+        for bad in ["", "abc:example.org", "%23alias:example.org", "!a%0Ab", "%FF%FE", "%21%FF"] {
             assert_eq!(c(bad), (Endpoint::Messages, None), "{bad}");
         }
         let long = format!("!{}", "a".repeat(MAX_ROOM_ID));
         assert_eq!(c(&long), (Endpoint::Messages, None));
-        assert_eq!(
-            room("/_matrix/client/v3/rooms/!hash_only_v12/messages").as_deref(),
-            Some("!hash_only_v12")
-        );
+        assert_eq!(room("/_matrix/client/v3/rooms/!hash_only_v12/messages").as_deref(), Some("!hash_only_v12"));
     }
 
     #[test]
@@ -401,52 +335,25 @@ mod tests {
         ] {
             assert_eq!(class("POST", p), Endpoint::SlidingSync, "{p}");
         }
-        assert_eq!(
-            class("POST", "/_matrix/client/v3/org.matrix.msc3575/sync"),
-            Endpoint::Other
-        );
-        assert_eq!(
-            class("POST", "/_matrix/client/unstable/org.matrix.msc3575/sync/"),
-            Endpoint::Other
-        );
-        assert_eq!(
-            class("POST", "/_matrix/client/unstable/sync"),
-            Endpoint::Sync
-        );
+        assert_eq!(class("POST", "/_matrix/client/v3/org.matrix.msc3575/sync"), Endpoint::Other);
+        assert_eq!(class("POST", "/_matrix/client/unstable/org.matrix.msc3575/sync/"), Endpoint::Other);
+        assert_eq!(class("POST", "/_matrix/client/unstable/sync"), Endpoint::Sync);
     }
 
     #[test]
     fn media_is_classified_on_legacy_and_authenticated_paths() {
         for v in ["r0", "v3", "v1"] {
             let m = |rest: &str| format!("/_matrix/media/{v}/{rest}");
-            assert_eq!(
-                class("GET", &m("download/example.org/abc")),
-                Endpoint::MediaDownload
-            );
-            assert_eq!(
-                class("GET", &m("download/example.org/abc/name.png")),
-                Endpoint::MediaDownload
-            );
-            assert_eq!(
-                class("GET", &m("thumbnail/example.org/abc")),
-                Endpoint::MediaThumbnail
-            );
+            assert_eq!(class("GET", &m("download/example.org/abc")), Endpoint::MediaDownload);
+            assert_eq!(class("GET", &m("download/example.org/abc/name.png")), Endpoint::MediaDownload);
+            assert_eq!(class("GET", &m("thumbnail/example.org/abc")), Endpoint::MediaThumbnail);
             assert_eq!(class("POST", &m("upload")), Endpoint::MediaUpload);
-            assert_eq!(
-                class("PUT", &m("upload/example.org/abc")),
-                Endpoint::MediaUpload
-            );
+            assert_eq!(class("PUT", &m("upload/example.org/abc")), Endpoint::MediaUpload);
             assert_eq!(class("GET", &m("config")), Endpoint::Other);
         }
         let c = "/_matrix/client/v1/media";
-        assert_eq!(
-            class("GET", &format!("{c}/download/example.org/abc")),
-            Endpoint::MediaDownload
-        );
-        assert_eq!(
-            class("GET", &format!("{c}/thumbnail/example.org/abc")),
-            Endpoint::MediaThumbnail
-        );
+        assert_eq!(class("GET", &format!("{c}/download/example.org/abc")), Endpoint::MediaDownload);
+        assert_eq!(class("GET", &format!("{c}/thumbnail/example.org/abc")), Endpoint::MediaThumbnail);
         assert_eq!(class("GET", &format!("{c}/config")), Endpoint::Other);
         assert_eq!(class("POST", &format!("{c}/upload")), Endpoint::Other);
     }
@@ -454,18 +361,12 @@ mod tests {
     #[test]
     fn cors_preflights_are_other() {
         assert_eq!(class("OPTIONS", "/_matrix/client/v3/sync"), Endpoint::Other);
-        assert_eq!(
-            class("options", "/_matrix/media/v3/upload"),
-            Endpoint::Other
-        );
+        assert_eq!(class("options", "/_matrix/media/v3/upload"), Endpoint::Other);
     }
 
     #[test]
     fn a_query_left_in_the_path_is_ignored() {
-        assert_eq!(
-            class("GET", "/_matrix/client/v3/sync?since=s1&timeout=30000"),
-            Endpoint::Sync
-        );
+        assert_eq!(class("GET", "/_matrix/client/v3/sync?since=s1&timeout=30000"), Endpoint::Sync);
         assert_eq!(class("GET", "/_matrix/client/v3/sync#x"), Endpoint::Sync);
     }
 
@@ -496,10 +397,7 @@ mod tests {
 
     #[test]
     fn hostile_paths_are_other_and_never_panic() {
-        let huge = format!(
-            "/_matrix/client/v3/rooms/!{}/messages",
-            "%41".repeat(100_000)
-        );
+        let huge = format!("/_matrix/client/v3/rooms/!{}/messages", "%41".repeat(100_000));
         let deep = format!("/_matrix/client/v3/{}", "a/".repeat(100_000));
         for p in [
             "//",
@@ -538,9 +436,6 @@ mod tests {
             std::hint::black_box(classify("GET", std::hint::black_box(p)));
         }
         let per_call = start.elapsed() / rounds as u32;
-        assert!(
-            per_call < std::time::Duration::from_micros(20),
-            "{per_call:?}"
-        );
+        assert!(per_call < std::time::Duration::from_micros(20), "{per_call:?}");
     }
 }

@@ -51,11 +51,7 @@ pub fn head_end(buf: &[u8]) -> Option<usize> {
 /// returns false.
 pub fn looks_like_request_start(buf: &[u8]) -> bool {
     const MAX_METHOD: usize = 10;
-    let letters = buf
-        .iter()
-        .take(MAX_METHOD + 1)
-        .take_while(|b| b.is_ascii_uppercase())
-        .count();
+    let letters = buf.iter().take(MAX_METHOD + 1).take_while(|b| b.is_ascii_uppercase()).count();
     match buf.get(letters) {
         None => (1..=MAX_METHOD).contains(&letters),
         Some(b' ') => (3..=MAX_METHOD).contains(&letters),
@@ -104,10 +100,7 @@ impl fmt::Debug for RequestHead<'_> {
             .field("minor_version", &self.minor_version)
             .field("authorization", &self.authorization.map(|_| "<redacted>"))
             .field("user_agent", &self.user_agent.map(String::from_utf8_lossy))
-            .field(
-                "forwarded_for",
-                &self.forwarded_for.map(String::from_utf8_lossy),
-            )
+            .field("forwarded_for", &self.forwarded_for.map(String::from_utf8_lossy))
             .field("content_length", &self.content_length)
             .field("chunked", &self.chunked)
             .field("connection_close", &self.connection_close)
@@ -241,8 +234,7 @@ fn parse_with<'b>(
         }
         Err(e) => return Err(map_error(e, head)),
     }
-    let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version)
-    else {
+    let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version) else {
         return Err(HeadError::BadRequestLine);
     };
     let (path, query) = split_target(target);
@@ -313,22 +305,14 @@ fn map_error(e: httparse::Error, head: &[u8]) -> HeadError {
         httparse::Error::Version => HeadError::BadVersion,
         httparse::Error::HeaderName | httparse::Error::HeaderValue => HeadError::BadHeader,
         httparse::Error::Token if target_is_not_utf8(head) => HeadError::NotUtf8Target,
-        httparse::Error::Token | httparse::Error::NewLine | httparse::Error::Status => {
-            HeadError::BadRequestLine
-        }
+        httparse::Error::Token | httparse::Error::NewLine | httparse::Error::Status => HeadError::BadRequestLine,
     }
 }
 
 fn target_is_not_utf8(head: &[u8]) -> bool {
-    let line = head
-        .iter()
-        .position(|&b| b != b'\r' && b != b'\n')
-        .and_then(|start| head.get(start..))
-        .unwrap_or(&[]);
+    let line = head.iter().position(|&b| b != b'\r' && b != b'\n').and_then(|start| head.get(start..)).unwrap_or(&[]);
     let line = line.split(|&b| b == b'\n').next().unwrap_or(&[]);
-    line.split(|&b| b == b' ')
-        .nth(1)
-        .is_some_and(|target| std::str::from_utf8(target).is_err())
+    line.split(|&b| b == b' ').nth(1).is_some_and(|target| std::str::from_utf8(target).is_err())
 }
 
 /// Split a request target into (path, query), reducing absolute-form to origin-form.
@@ -338,14 +322,8 @@ fn split_target(target: &str) -> (&str, &str) {
         None => (target, false),
     };
     let (before_fragment, _) = rest.split_once('#').unwrap_or((rest, ""));
-    let (path, query) = before_fragment
-        .split_once('?')
-        .unwrap_or((before_fragment, ""));
-    let path = if path.is_empty() && absolute {
-        "/"
-    } else {
-        path
-    };
+    let (path, query) = before_fragment.split_once('?').unwrap_or((before_fragment, ""));
+    let path = if path.is_empty() && absolute { "/" } else { path };
     (path, query)
 }
 
@@ -371,10 +349,7 @@ fn parse_content_length(value: &[u8]) -> Result<u64, HeadError> {
         if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
             return Err(HeadError::BadContentLength);
         }
-        let n = item.iter().try_fold(0u64, |acc, &d| {
-            acc.checked_mul(10)?
-                .checked_add(u64::from(d.wrapping_sub(b'0')))
-        });
+        let n = item.iter().try_fold(0u64, |acc, &d| acc.checked_mul(10)?.checked_add(u64::from(d.wrapping_sub(b'0'))));
         let n = n.ok_or(HeadError::BadContentLength)?;
         if result.is_some_and(|prev| prev != n) {
             return Err(HeadError::ConflictingLength);
@@ -386,29 +361,20 @@ fn parse_content_length(value: &[u8]) -> Result<u64, HeadError> {
 
 /// Non-empty, trimmed elements of a comma-separated header list (RFC 9110 §5.6.1).
 fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(trim)
-        .filter(|item| !item.is_empty())
+    value.split(|&b| b == b',').map(trim).filter(|item| !item.is_empty())
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {
     let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
     let start = bytes.iter().position(|b| !is_ows(b)).unwrap_or(bytes.len());
-    let end = bytes
-        .iter()
-        .rposition(|b| !is_ows(b))
-        .map_or(start, |i| i.saturating_add(1));
+    let end = bytes.iter().rposition(|b| !is_ows(b)).map_or(start, |i| i.saturating_add(1));
     bytes.get(start..end).unwrap_or(&[])
 }
 
 /// Iterate over raw (still percent-encoded) query pairs "a=b&c" -> ("a","b"), ("c","").
 /// Empty pairs ("a=b&&c") are skipped.
 pub fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+    query.split('&').filter(|pair| !pair.is_empty()).map(|pair| pair.split_once('=').unwrap_or((pair, "")))
 }
 
 /// Percent-decode (and '+' → space for query values when `plus_as_space`); invalid escapes
@@ -421,11 +387,7 @@ pub fn percent_decode(input: &[u8], plus_as_space: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(input.len());
     let mut i = 0;
     while let Some(&b) = input.get(i) {
-        let escaped = match (
-            b,
-            input.get(i.wrapping_add(1)),
-            input.get(i.wrapping_add(2)),
-        ) {
+        let escaped = match (b, input.get(i.wrapping_add(1)), input.get(i.wrapping_add(2))) {
             (b'%', Some(&hi), Some(&lo)) => hex_value(hi).zip(hex_value(lo)),
             _ => None,
         };
@@ -444,9 +406,7 @@ pub fn percent_decode(input: &[u8], plus_as_space: bool) -> Vec<u8> {
 }
 
 fn hex_value(b: u8) -> Option<u8> {
-    char::from(b)
-        .to_digit(16)
-        .and_then(|d| u8::try_from(d).ok())
+    char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok())
 }
 
 #[cfg(test)]
@@ -485,10 +445,7 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r"), None);
         assert_eq!(head_end(b""), None);
-        assert_eq!(
-            parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n"),
-            Err(HeadError::Incomplete)
-        );
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n"), Err(HeadError::Incomplete));
     }
 
     #[test]
@@ -529,14 +486,8 @@ mod tests {
         assert_eq!(head.path, "/_matrix/client/v3/sync");
         assert_eq!(head.query, "timeout=30000&since=s72594_4483");
         assert_eq!(head.minor_version, 1);
-        assert_eq!(
-            head.authorization,
-            Some(&b"Bearer syt_YWxpY2U_secret_123"[..])
-        );
-        assert_eq!(
-            head.user_agent,
-            Some(&b"Mozilla/5.0 (X11; Linux x86_64) Element/1.11.85"[..])
-        );
+        assert_eq!(head.authorization, Some(&b"Bearer syt_YWxpY2U_secret_123"[..]));
+        assert_eq!(head.user_agent, Some(&b"Mozilla/5.0 (X11; Linux x86_64) Element/1.11.85"[..]));
         assert_eq!(head.forwarded_for, Some(&b"203.0.113.7, 10.0.0.1"[..]));
         assert_eq!(head.content_length, None);
         assert!(!head.chunked && !head.connection_close && !head.expect_continue);
@@ -568,15 +519,13 @@ mod tests {
         assert!(close.connection_close);
         let kept = parse_head(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").expect("parses");
         assert!(!kept.connection_close);
-        let closed =
-            parse_head(b"GET / HTTP/1.1\r\nConnection: upgrade, CLOSE\r\n\r\n").expect("parses");
+        let closed = parse_head(b"GET / HTTP/1.1\r\nConnection: upgrade, CLOSE\r\n\r\n").expect("parses");
         assert!(closed.connection_close);
     }
 
     #[test]
     fn expect_continue_is_recognised() {
-        let head =
-            parse_head(b"POST /u HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 9\r\n\r\n");
+        let head = parse_head(b"POST /u HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 9\r\n\r\n");
         assert!(head.expect("parses").expect_continue);
     }
 
@@ -587,68 +536,35 @@ mod tests {
             parse_head(&buf).map(|h| (h.path.to_owned(), h.query.to_owned()))
         };
         let pq = |a: &str, b: &str| Ok((a.to_owned(), b.to_owned()));
-        assert_eq!(
-            p("http://m.example.org/_matrix/client/v3/sync?since=1"),
-            pq("/_matrix/client/v3/sync", "since=1")
-        );
+        assert_eq!(p("http://m.example.org/_matrix/client/v3/sync?since=1"), pq("/_matrix/client/v3/sync", "since=1"));
         assert_eq!(p("HTTPS://m.example.org:8448/x"), pq("/x", ""));
         assert_eq!(p("http://m.example.org"), pq("/", ""));
         assert_eq!(p("http://m.example.org?q=1"), pq("/", "q=1"));
         assert_eq!(p("/p?q=1#frag"), pq("/p", "q=1"));
         assert_eq!(p("*"), pq("*", ""));
-        assert_eq!(
-            p("/redirect?to=http://x/y"),
-            pq("/redirect", "to=http://x/y")
-        );
+        assert_eq!(p("/redirect?to=http://x/y"), pq("/redirect", "to=http://x/y"));
     }
 
     #[test]
     fn malformed_request_lines_are_refused() {
         assert_eq!(parse_head(b"GET\r\n\r\n"), Err(HeadError::BadRequestLine));
-        assert_eq!(
-            parse_head(b"GET  HTTP/1.1\r\n\r\n"),
-            Err(HeadError::BadRequestLine)
-        );
-        assert_eq!(
-            parse_head(b"G(T / HTTP/1.1\r\n\r\n"),
-            Err(HeadError::BadRequestLine)
-        );
-        assert_eq!(
-            parse_head(b"GET / HTTP/2.0\r\n\r\n"),
-            Err(HeadError::BadVersion)
-        );
-        assert_eq!(
-            parse_head(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-            Err(HeadError::BadVersion)
-        );
-        assert_eq!(
-            parse_head(b"GET / FTP/1.1\r\n\r\n"),
-            Err(HeadError::BadVersion)
-        );
+        assert_eq!(parse_head(b"GET  HTTP/1.1\r\n\r\n"), Err(HeadError::BadRequestLine));
+        assert_eq!(parse_head(b"G(T / HTTP/1.1\r\n\r\n"), Err(HeadError::BadRequestLine));
+        assert_eq!(parse_head(b"GET / HTTP/2.0\r\n\r\n"), Err(HeadError::BadVersion));
+        assert_eq!(parse_head(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Err(HeadError::BadVersion));
+        assert_eq!(parse_head(b"GET / FTP/1.1\r\n\r\n"), Err(HeadError::BadVersion));
     }
 
     #[test]
     fn a_non_utf8_target_is_its_own_error() {
-        assert_eq!(
-            parse_head(b"GET /\xff\xfe HTTP/1.1\r\n\r\n"),
-            Err(HeadError::NotUtf8Target)
-        );
+        assert_eq!(parse_head(b"GET /\xff\xfe HTTP/1.1\r\n\r\n"), Err(HeadError::NotUtf8Target));
     }
 
     #[test]
     fn nul_bytes_are_refused_wherever_they_are() {
-        assert_eq!(
-            parse_head(b"GET /\0 HTTP/1.1\r\n\r\n"),
-            Err(HeadError::BadRequestLine)
-        );
-        assert_eq!(
-            parse_head(b"GET / HTTP/1.1\r\nA: b\0c\r\n\r\n"),
-            Err(HeadError::BadHeader)
-        );
-        assert_eq!(
-            parse_head(b"GET / HTTP/1.1\r\nA\0: b\r\n\r\n"),
-            Err(HeadError::BadHeader)
-        );
+        assert_eq!(parse_head(b"GET /\0 HTTP/1.1\r\n\r\n"), Err(HeadError::BadRequestLine));
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nA: b\0c\r\n\r\n"), Err(HeadError::BadHeader));
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nA\0: b\r\n\r\n"), Err(HeadError::BadHeader));
         assert!(parse_head(b"\0\0\0\0\n\n").is_err());
     }
 
@@ -678,25 +594,15 @@ mod tests {
 
     #[test]
     fn header_values_with_obs_text_are_kept_raw_and_names_match_any_case() {
-        let head = parse_head(b"GET / HTTP/1.1\r\nuSeR-aGeNt: caf\xc3\xa9 \xff\tx\r\n\r\n")
-            .expect("parses");
+        let head = parse_head(b"GET / HTTP/1.1\r\nuSeR-aGeNt: caf\xc3\xa9 \xff\tx\r\n\r\n").expect("parses");
         assert_eq!(head.user_agent, Some(&b"caf\xc3\xa9 \xff\tx"[..]));
     }
 
     #[test]
     fn header_lines_with_invalid_names_or_control_bytes_are_refused() {
-        assert_eq!(
-            parse_head(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"),
-            Err(HeadError::BadHeader)
-        );
-        assert_eq!(
-            parse_head(b"GET / HTTP/1.1\r\nA(b): x\r\n\r\n"),
-            Err(HeadError::BadHeader)
-        );
-        assert_eq!(
-            parse_head(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n"),
-            Err(HeadError::BadHeader)
-        );
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), Err(HeadError::BadHeader));
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nA(b): x\r\n\r\n"), Err(HeadError::BadHeader));
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n"), Err(HeadError::BadHeader));
     }
 
     #[test]
@@ -730,14 +636,8 @@ mod tests {
             h
         };
         let buf = with(HEADERS_MAX - 1);
-        assert_eq!(
-            parse_head(&buf).map(|h| h.authorization),
-            Ok(Some(&b"Bearer last"[..]))
-        );
-        assert_eq!(
-            parse_head(&with(HEADERS_MAX)),
-            Err(HeadError::TooManyHeaders)
-        );
+        assert_eq!(parse_head(&buf).map(|h| h.authorization), Ok(Some(&b"Bearer last"[..])));
+        assert_eq!(parse_head(&with(HEADERS_MAX)), Err(HeadError::TooManyHeaders));
     }
 
     #[test]
@@ -776,8 +676,7 @@ mod tests {
         assert_eq!(te("gzip, CHUNKED"), Ok(true));
         assert_eq!(te("chunked, gzip"), Err(HeadError::BadTransferEncoding));
         assert_eq!(te("gzip"), Err(HeadError::BadTransferEncoding));
-        let split =
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let split = b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(parse_head(split).map(|h| h.chunked), Ok(true));
     }
 
@@ -789,13 +688,9 @@ mod tests {
 
     #[test]
     fn debug_output_redacts_authorization_and_query() {
-        let buf =
-            b"GET /sync?access_token=qsecret HTTP/1.1\r\nAuthorization: Bearer hsecret\r\n\r\n";
+        let buf = b"GET /sync?access_token=qsecret HTTP/1.1\r\nAuthorization: Bearer hsecret\r\n\r\n";
         let shown = format!("{:?}", parse_head(buf).expect("parses"));
-        assert!(
-            !shown.contains("qsecret") && !shown.contains("hsecret"),
-            "{shown}"
-        );
+        assert!(!shown.contains("qsecret") && !shown.contains("hsecret"), "{shown}");
         assert!(shown.contains("/sync"));
     }
 
@@ -805,11 +700,7 @@ mod tests {
         let reasons: std::collections::BTreeSet<_> = all.iter().map(|e| e.reason()).collect();
         assert_eq!(reasons.len(), all.len());
         for r in reasons {
-            assert!(
-                r.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
-                "{r}"
-            );
+            assert!(r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'), "{r}");
         }
     }
 
@@ -822,10 +713,7 @@ mod tests {
 
     #[test]
     fn percent_decoding_keeps_invalid_escapes_literally() {
-        assert_eq!(
-            percent_decode(b"%21abc%3Aexample.org", false),
-            b"!abc:example.org"
-        );
+        assert_eq!(percent_decode(b"%21abc%3Aexample.org", false), b"!abc:example.org");
         assert_eq!(percent_decode(b"a+b%2Bc", true), b"a b+c");
         assert_eq!(percent_decode(b"a+b", false), b"a+b");
         assert_eq!(percent_decode(b"%zz%4%", false), b"%zz%4%");

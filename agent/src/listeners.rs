@@ -61,7 +61,9 @@ pub fn pids_with_sockets(inodes: &BTreeSet<u64>) -> Vec<u32> {
         let holds = fds.flatten().any(|fd| {
             std::fs::read_link(fd.path())
                 .ok()
-                .and_then(|l| l.to_str().and_then(|s| s.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok()))
+                .and_then(|l| {
+                    l.to_str().and_then(|s| s.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok())
+                })
                 .is_some_and(|inode| inodes.contains(&inode))
         });
         if holds {

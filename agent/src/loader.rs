@@ -10,7 +10,10 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, UProbe, uprobe::{UProbeAttachLocation, UProbeScope}},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeScope},
+    },
 };
 use vigie_common::{COUNTER_COUNT, KernelLayout};
 
@@ -74,7 +77,12 @@ pub struct Attachment {
     pub need: Need,
 }
 
-const fn always(program: &'static str, category: &'static str, name: &'static str, purpose: &'static str) -> Attachment {
+const fn always(
+    program: &'static str,
+    category: &'static str,
+    name: &'static str,
+    purpose: &'static str,
+) -> Attachment {
     Attachment { program, category, name, purpose, need: Need::Always }
 }
 const fn sock(program: &'static str, category: &'static str, name: &'static str, purpose: &'static str) -> Attachment {
@@ -145,12 +153,12 @@ pub fn ensure_tracefs() -> Result<()> {
     let fstype = std::ffi::CString::new("tracefs")?;
     let source = std::ffi::CString::new("nodev")?;
     // SAFETY: plain mount(2) with NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
-        bail!("tracefs is not mounted at {TRACEFS} and mounting it failed: {err} (run `mount -t tracefs nodev {TRACEFS}` as root)");
+        bail!(
+            "tracefs is not mounted at {TRACEFS} and mounting it failed: {err} (run `mount -t tracefs nodev {TRACEFS}` as root)"
+        );
     }
     tracing::info!(path = TRACEFS, "mounted tracefs");
     Ok(())
@@ -177,7 +185,9 @@ pub fn source_unavailable(source: CaptureSource) -> Option<String> {
         return Some(format!("this kernel lacks {}", missing.join(", ")));
     }
     if source == CaptureSource::Syscalls {
-        if let Err(e) = crate::btf::Btf::from_file(Path::new(crate::btf::VMLINUX)).and_then(|b| crate::btf::kernel_offsets(&b)) {
+        if let Err(e) =
+            crate::btf::Btf::from_file(Path::new(crate::btf::VMLINUX)).and_then(|b| crate::btf::kernel_offsets(&b))
+        {
             return Some(format!("it needs the kernel's BTF to find a file descriptor's socket: {e:#}"));
         }
     }
@@ -335,9 +345,14 @@ impl Probes {
         let mut links = Vec::new();
         let mut attach = |ebpf: &mut Ebpf, program: &'static str, function: &str, offset: u64| -> Result<()> {
             let probe: &mut UProbe = ebpf.program_mut(program).context("uprobe program missing")?.try_into()?;
-            let link = probe
-                .attach(UProbeAttachLocation::AbsoluteOffset(offset), &canonical, scope())
-                .with_context(|| format!("attaching {program} to {function} in {}{}", canonical.display(), pid.map(|p| format!(" for process {p}")).unwrap_or_default()))?;
+            let link =
+                probe.attach(UProbeAttachLocation::AbsoluteOffset(offset), &canonical, scope()).with_context(|| {
+                    format!(
+                        "attaching {program} to {function} in {}{}",
+                        canonical.display(),
+                        pid.map(|p| format!(" for process {p}")).unwrap_or_default()
+                    )
+                })?;
             links.push((program, link));
             Ok(())
         };
@@ -388,7 +403,9 @@ impl Probes {
                     attached += n
                 }
                 // The child may have exited or exec'd already.
-                Err(e) => tracing::debug!(parent, child, error = %format!("{e:#}"), "TLS probes for a forked server process"),
+                Err(e) => {
+                    tracing::debug!(parent, child, error = %format!("{e:#}"), "TLS probes for a forked server process")
+                }
             }
         }
         attached
@@ -453,7 +470,9 @@ pub fn load(ports: &[u16], choice: SourceChoice) -> Result<Probes> {
     }
     let layout = kernel_layout(source)?;
 
-    let mut ebpf = Ebpf::load(PROGRAMS).context("loading vigie's eBPF object into the kernel (are you root, or do you have CAP_BPF and CAP_PERFMON?)")?;
+    let mut ebpf = Ebpf::load(PROGRAMS).context(
+        "loading vigie's eBPF object into the kernel (are you root, or do you have CAP_BPF and CAP_PERFMON?)",
+    )?;
     {
         let mut watched: HashMap<_, u16, u8> = HashMap::try_from(
             ebpf.map_mut("WATCHED_PORTS").context("map WATCHED_PORTS missing from the eBPF object")?,
@@ -475,9 +494,7 @@ pub fn load(ports: &[u16], choice: SourceChoice) -> Result<Probes> {
             .try_into()
             .with_context(|| format!("program {} is not a tracepoint program", a.program))?;
         if !loaded.contains(&a.program) {
-            program
-                .load()
-                .with_context(|| format!("loading program {} for {}:{}", a.program, a.category, a.name))?;
+            program.load().with_context(|| format!("loading program {} for {}:{}", a.program, a.category, a.name))?;
             loaded.push(a.program);
         }
         program
@@ -498,7 +515,16 @@ pub fn load(ports: &[u16], choice: SourceChoice) -> Result<Probes> {
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
     let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS missing")?)?;
     let conns = HashMap::try_from(ebpf.take_map("CONNS").context("map CONNS missing")?)?;
-    let mut probes = Probes { ebpf, tls_targets: Vec::new(), events: Some(events), counters, conns, attached, source, tls_process_links: Vec::new() };
+    let mut probes = Probes {
+        ebpf,
+        tls_targets: Vec::new(),
+        events: Some(events),
+        counters,
+        conns,
+        attached,
+        source,
+        tls_process_links: Vec::new(),
+    };
     probes.add_server_processes(ports)?;
     Ok(probes)
 }
@@ -526,7 +552,10 @@ mod tests {
         // Each source has its byte counters for both directions.
         for source in [CaptureSource::Sock, CaptureSource::Syscalls] {
             let used: Vec<&str> = ATTACHMENTS.iter().filter(|a| a.used_by(source)).map(|a| a.name).collect();
-            assert!(used.iter().any(|n| n.contains("recv")) && used.iter().any(|n| n.contains("send")), "{source:?}: {used:?}");
+            assert!(
+                used.iter().any(|n| n.contains("recv")) && used.iter().any(|n| n.contains("send")),
+                "{source:?}: {used:?}"
+            );
         }
     }
 }

@@ -289,10 +289,8 @@ fn limits(settings: &Settings) -> Limits {
 }
 
 fn run(settings: Settings, reload: Reload) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(run_agent(settings, reload))
 }
 
@@ -308,7 +306,9 @@ fn apply_reload(old: &Settings, new: Settings, probes: &mut loader::Probes, stat
         || new.detect_vantage != old.detect_vantage
         || new.capture_source != old.capture_source
     {
-        tracing::warn!("max_connections, connection_idle_seconds, capture_source and detector changes take effect at the next restart");
+        tracing::warn!(
+            "max_connections, connection_idle_seconds, capture_source and detector changes take effect at the next restart"
+        );
     }
     probes.set_ports(&new.server_ports)?;
     add_server_processes(probes, &new.server_ports);

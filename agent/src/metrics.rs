@@ -36,11 +36,7 @@ fn counter(m: &mut MetricEncoder<'_>, value: u64) -> Result<(), std::fmt::Error>
     m.encode_counter::<NoLabelSet, _, u64>(&value, None)
 }
 
-fn labelled_counter(
-    m: &mut MetricEncoder<'_>,
-    labels: &[(&str, &str)],
-    value: u64,
-) -> Result<(), std::fmt::Error> {
+fn labelled_counter(m: &mut MetricEncoder<'_>, labels: &[(&str, &str)], value: u64) -> Result<(), std::fmt::Error> {
     counter(&mut m.encode_family(&labels)?, value)
 }
 
@@ -131,7 +127,12 @@ impl Collector for StateCollector {
             MetricType::Counter,
         )?;
         counter(&mut m, ds.alerts_total)?;
-        gauge(&mut enc, "vigie_detector_tracked_tokens", "Tokens the detector keeps features for", ds.tracked_tokens as u64)?;
+        gauge(
+            &mut enc,
+            "vigie_detector_tracked_tokens",
+            "Tokens the detector keeps features for",
+            ds.tracked_tokens as u64,
+        )?;
         let mut m = enc.encode_descriptor(
             "vigie_detector_tokens_evicted",
             "Tokens the detector dropped because its table was full",
@@ -141,12 +142,8 @@ impl Collector for StateCollector {
         counter(&mut m, ds.tokens_evicted)?;
 
         let h = &state.health;
-        let mut m = enc.encode_descriptor(
-            "vigie_events",
-            "Kernel records received, by kind",
-            None,
-            MetricType::Counter,
-        )?;
+        let mut m =
+            enc.encode_descriptor("vigie_events", "Kernel records received, by kind", None, MetricType::Counter)?;
         for (kind, v) in
             [("recv", h.recv_events), ("send", h.send_events), ("close", h.close_events), ("fork", h.fork_events)]
         {
@@ -267,7 +264,12 @@ impl Collector for StateCollector {
         counter(&mut m, ags.tokens_untracked)?;
         gauge(&mut enc, "vigie_tracked_connections", "Connections the agent currently tracks", ts.connections as u64)?;
         gauge(&mut enc, "vigie_tracked_tokens", "Tokens the agent currently tracks", ags.tracked_tokens as u64)?;
-        gauge(&mut enc, "vigie_exported_tokens", "Tokens that currently have their own series", ags.exported_tokens as u64)?;
+        gauge(
+            &mut enc,
+            "vigie_exported_tokens",
+            "Tokens that currently have their own series",
+            ags.exported_tokens as u64,
+        )?;
         gauge(&mut enc, "vigie_probes_attached", "Kernel programs attached", h.probes_attached as u64)?;
         let mut m = enc.encode_descriptor("vigie_build_info", "vigie's version (always 1)", None, MetricType::Gauge)?;
         m.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?.encode_gauge(&1u64)?;

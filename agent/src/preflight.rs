@@ -103,7 +103,11 @@ pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
         Ok(layout) => r.push(
             Status::Ok,
             "BTF",
-            format!("{} present; struct offsets found (sock_common.skc_num at {})", crate::btf::VMLINUX, layout.skc_num),
+            format!(
+                "{} present; struct offsets found (sock_common.skc_num at {})",
+                crate::btf::VMLINUX,
+                layout.skc_num
+            ),
         ),
         Err(e) => r.push(
             Status::Warn,
@@ -130,13 +134,16 @@ pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
         Some(caps) => {
             let has = |bit: u32| caps & (1u64 << bit) != 0;
             let (sys_admin, bpf, perfmon, ptrace) = (has(21), has(39), has(38), has(19));
-            let detail = format!(
-                "CAP_BPF={bpf} CAP_PERFMON={perfmon} CAP_SYS_ADMIN={sys_admin} CAP_SYS_PTRACE={ptrace}"
-            );
+            let detail =
+                format!("CAP_BPF={bpf} CAP_PERFMON={perfmon} CAP_SYS_ADMIN={sys_admin} CAP_SYS_PTRACE={ptrace}");
             if sys_admin || (bpf && perfmon) {
                 r.push(Status::Ok, "capabilities", detail);
             } else {
-                r.push(Status::Fail, "capabilities", format!("{detail}: loading tracing programs needs CAP_BPF and CAP_PERFMON (or root)"));
+                r.push(
+                    Status::Fail,
+                    "capabilities",
+                    format!("{detail}: loading tracing programs needs CAP_BPF and CAP_PERFMON (or root)"),
+                );
             }
         }
         None => r.push(Status::Warn, "capabilities", "could not read /proc/self/status"),
@@ -157,7 +164,9 @@ pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
             Ok((source, fallback)) => {
                 chosen = Some(source);
                 let detail = match (source, fallback) {
-                    (CaptureSource::Sock, _) => "sock: sock:sock_{recv,send}_length count every socket call".to_string(),
+                    (CaptureSource::Sock, _) => {
+                        "sock: sock:sock_{recv,send}_length count every socket call".to_string()
+                    }
                     (CaptureSource::Syscalls, Some(why)) => {
                         format!("syscalls, as a fallback: the socket source is unavailable ({why})")
                     }
@@ -183,13 +192,17 @@ pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
             };
             match (missing.iter().any(|m| m.name == a.name), needed) {
                 (true, true) => r.push(Status::Fail, name, format!("missing; needed for {purpose}")),
-                (true, false) => r.push(Status::Ok, name, format!("missing; not needed by the chosen source ({purpose})")),
+                (true, false) => {
+                    r.push(Status::Ok, name, format!("missing; not needed by the chosen source ({purpose})"))
+                }
                 (false, _) => r.push(Status::Ok, name, format!("present ({purpose})")),
             }
         }
     }
 
-    for (kind, path) in [("uprobes", "/sys/bus/event_source/devices/uprobe"), ("kprobes", "/sys/bus/event_source/devices/kprobe")] {
+    for (kind, path) in
+        [("uprobes", "/sys/bus/event_source/devices/uprobe"), ("kprobes", "/sys/bus/event_source/devices/kprobe")]
+    {
         if Path::new(path).exists() {
             r.push(Status::Ok, kind, "supported");
         } else if kind == "kprobes" {
@@ -207,7 +220,11 @@ pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
         if listening.contains(port) {
             r.push(Status::Ok, format!("server port {port}"), "a process is listening on it");
         } else {
-            r.push(Status::Warn, format!("server port {port}"), "nothing listens on it yet (vigie will count it once something does)");
+            r.push(
+                Status::Warn,
+                format!("server port {port}"),
+                "nothing listens on it yet (vigie will count it once something does)",
+            );
         }
     }
 

@@ -128,8 +128,8 @@ mod tests {
     #[test]
     fn a_missing_database_is_named() {
         let key = TokenKey::from_bytes([1; 32]);
-        let err = resolve(Database::Sqlite(Path::new("/nonexistent/homeserver.db")), &key, &BTreeSet::new())
-            .unwrap_err();
+        let err =
+            resolve(Database::Sqlite(Path::new("/nonexistent/homeserver.db")), &key, &BTreeSet::new()).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/homeserver.db"));
     }
 

@@ -70,30 +70,22 @@ impl fmt::Debug for TokenKey {
 }
 
 fn is_not_found(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<std::io::Error>()
-        .is_some_and(|e| e.kind() == ErrorKind::NotFound)
+    e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == ErrorKind::NotFound)
 }
 
 fn is_already_exists(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<std::io::Error>()
-        .is_some_and(|e| e.kind() == ErrorKind::AlreadyExists)
+    e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == ErrorKind::AlreadyExists)
 }
 
 /// Read an existing key file, checking it before trusting it. A missing file comes back as
 /// the bare `io::Error` (NotFound) so the caller can tell it apart.
 fn load(path: &Path) -> anyhow::Result<TokenKey> {
     // O_NONBLOCK: opening a FIFO planted at the path must not hang the agent.
-    let mut file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-    {
+    let mut file = match OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => return Err(e.into()),
         other => other.with_context(|| format!("opening key file {}", path.display()))?,
     };
-    let meta = file
-        .metadata()
-        .with_context(|| format!("reading metadata of key file {}", path.display()))?;
+    let meta = file.metadata().with_context(|| format!("reading metadata of key file {}", path.display()))?;
     if !meta.is_file() {
         bail!("key file {} is not a regular file", path.display());
     }
@@ -114,18 +106,12 @@ fn load(path: &Path) -> anyhow::Result<TokenKey> {
         );
     }
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
-    file.read_exact(&mut key[..])
-        .with_context(|| format!("reading key file {}", path.display()))?;
+    file.read_exact(&mut key[..]).with_context(|| format!("reading key file {}", path.display()))?;
     let mut extra = [0u8; 1];
-    let more = file
-        .read(&mut extra)
-        .with_context(|| format!("reading key file {}", path.display()))?;
+    let more = file.read(&mut extra).with_context(|| format!("reading key file {}", path.display()))?;
     extra.zeroize();
     if more != 0 {
-        bail!(
-            "key file {} grew while being read, expected exactly {KEY_LEN} bytes",
-            path.display()
-        );
+        bail!("key file {} grew while being read, expected exactly {KEY_LEN} bytes", path.display());
     }
     Ok(TokenKey(*key))
 }
@@ -146,8 +132,7 @@ fn create(path: &Path) -> anyhow::Result<TokenKey> {
     getrandom::fill(&mut key[..]).map_err(|e| anyhow!("generating a random key: {e}"))?;
 
     let tmp = temp_path(path)?;
-    let written = write_new(&tmp, &key[..])
-        .and_then(|()| fs::hard_link(&tmp, path).map_err(anyhow::Error::from));
+    let written = write_new(&tmp, &key[..]).and_then(|()| fs::hard_link(&tmp, path).map_err(anyhow::Error::from));
     // Best effort: the key is either linked in place or abandoned; the temporary name goes.
     let _ = fs::remove_file(&tmp);
     match written {
@@ -197,8 +182,7 @@ impl std::hash::Hasher for LabelHasher {
             for (d, s) in w.iter_mut().zip(chunk) {
                 *d = *s;
             }
-            self.0 =
-                (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         }
     }
 
@@ -283,10 +267,7 @@ fn with_token<R>(head: &RequestHead<'_>, f: impl FnOnce(&[u8]) -> R) -> Option<R
 /// The credentials of a `Bearer` Authorization value, if non-empty.
 fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let value = value.trim_ascii();
-    let split = value
-        .iter()
-        .position(|b| b.is_ascii_whitespace())
-        .unwrap_or(value.len());
+    let split = value.iter().position(|b| b.is_ascii_whitespace()).unwrap_or(value.len());
     let (scheme, rest) = value.split_at_checked(split)?;
     if !scheme.eq_ignore_ascii_case(b"bearer") {
         return None;
@@ -297,8 +278,7 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 
 /// Synapse reads query names decoded, so `access%5Ftoken` is the same parameter.
 fn is_access_token_param(name: &str) -> bool {
-    name == "access_token"
-        || (name.contains(['%', '+']) && percent_decode(name.as_bytes(), true) == b"access_token")
+    name == "access_token" || (name.contains(['%', '+']) && percent_decode(name.as_bytes(), true) == b"access_token")
 }
 
 #[cfg(test)]
@@ -353,26 +333,14 @@ mod tests {
     fn basic_scheme_is_ignored_and_the_query_used() {
         let buf = b"GET /?access_token=q HTTP/1.1\r\nAuthorization: Basic dXNlcjpwYXNz\r\n\r\n";
         assert_eq!(token(buf).as_deref(), Some(&b"q"[..]));
-        assert_eq!(
-            token(b"GET / HTTP/1.1\r\nAuthorization: Basic dXNlcjpwYXNz\r\n\r\n"),
-            None
-        );
-        assert_eq!(
-            token(b"GET / HTTP/1.1\r\nAuthorization: Bearertok\r\n\r\n"),
-            None
-        );
+        assert_eq!(token(b"GET / HTTP/1.1\r\nAuthorization: Basic dXNlcjpwYXNz\r\n\r\n"), None);
+        assert_eq!(token(b"GET / HTTP/1.1\r\nAuthorization: Bearertok\r\n\r\n"), None);
     }
 
     #[test]
     fn empty_tokens_count_as_none() {
-        assert_eq!(
-            token(b"GET / HTTP/1.1\r\nAuthorization: Bearer\r\n\r\n"),
-            None
-        );
-        assert_eq!(
-            token(b"GET / HTTP/1.1\r\nAuthorization: Bearer    \r\n\r\n"),
-            None
-        );
+        assert_eq!(token(b"GET / HTTP/1.1\r\nAuthorization: Bearer\r\n\r\n"), None);
+        assert_eq!(token(b"GET / HTTP/1.1\r\nAuthorization: Bearer    \r\n\r\n"), None);
         assert_eq!(token(b"GET / HTTP/1.1\r\nAuthorization:\r\n\r\n"), None);
         assert_eq!(token(b"GET /?access_token= HTTP/1.1\r\n\r\n"), None);
         assert_eq!(token(b"GET /?access_token HTTP/1.1\r\n\r\n"), None);
@@ -388,10 +356,7 @@ mod tests {
         assert_eq!(label_for_request(&key, &by_header), Some(key.label(b"a b")));
         let by_query = head(b"GET /?access_token=a%20b HTTP/1.1\r\n\r\n");
         assert_eq!(label_for_request(&key, &by_query), Some(key.label(b"a b")));
-        assert_eq!(
-            label_for_request(&key, &head(b"GET / HTTP/1.1\r\n\r\n")),
-            None
-        );
+        assert_eq!(label_for_request(&key, &head(b"GET / HTTP/1.1\r\n\r\n")), None);
     }
 
     #[test]
@@ -403,10 +368,7 @@ mod tests {
         assert_ne!(a.label(b"syt_token"), b.label(b"syt_token"));
         assert_ne!(a.label(b"syt_token"), a.label(b"syt_other"));
         // Pinned: changing the hash would silently break every existing time series.
-        assert_eq!(
-            TokenKey::from_bytes([0; 32]).label(b"").to_string().len(),
-            16
-        );
+        assert_eq!(TokenKey::from_bytes([0; 32]).label(b"").to_string().len(), 16);
         let pinned = blake3::keyed_hash(&[1; 32], b"syt_token");
         assert_eq!(a.label(b"syt_token").0[..], pinned.as_bytes()[..8]);
     }
@@ -417,23 +379,13 @@ mod tests {
         assert_eq!(label.to_string(), "001aff10abcdef09");
         assert_eq!(TokenLabel::parse("001aff10abcdef09"), Some(label));
         assert_eq!(TokenLabel::parse("001AFF10ABCDEF09"), Some(label));
-        for bad in [
-            "",
-            "001aff10abcdef0",
-            "001aff10abcdef090",
-            "001aff10abcdef0g",
-            "+01aff10abcdef09",
-            "é1aff10abcdef0",
-        ] {
+        for bad in
+            ["", "001aff10abcdef0", "001aff10abcdef090", "001aff10abcdef0g", "+01aff10abcdef09", "é1aff10abcdef0"]
+        {
             assert_eq!(TokenLabel::parse(bad), None, "{bad}");
         }
         let random = TokenKey::from_bytes([9; 32]).label(b"t").to_string();
-        assert!(
-            random.len() == 16
-                && random
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        );
+        assert!(random.len() == 16 && random.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
     }
 
     #[test]
@@ -452,16 +404,11 @@ mod tests {
         let meta = fs::metadata(&path).expect("key file exists");
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         assert_eq!(meta.len(), 32);
-        let dir_mode = fs::metadata(path.parent().expect("parent"))
-            .expect("dir")
-            .permissions()
-            .mode();
+        let dir_mode = fs::metadata(path.parent().expect("parent")).expect("dir").permissions().mode();
         assert_eq!(dir_mode & 0o777, 0o700);
         let again = TokenKey::load_or_create(&path).expect("loaded");
         assert_eq!(key.label(b"t"), again.label(b"t"));
-        let leftovers = fs::read_dir(path.parent().expect("parent"))
-            .expect("dir")
-            .count();
+        let leftovers = fs::read_dir(path.parent().expect("parent")).expect("dir").count();
         assert_eq!(leftovers, 1, "temporary file left behind");
         let _ = fs::remove_dir_all(&dir);
     }
@@ -482,14 +429,8 @@ mod tests {
         let path = dir.join("token.key");
         fs::write(&path, [b'S'; 32]).expect("write");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
-        let err = format!(
-            "{:#}",
-            TokenKey::load_or_create(&path).expect_err("refused")
-        );
-        assert!(
-            err.contains(&path.display().to_string()) && err.contains("0644"),
-            "{err}"
-        );
+        let err = format!("{:#}", TokenKey::load_or_create(&path).expect_err("refused"));
+        assert!(err.contains(&path.display().to_string()) && err.contains("0644"), "{err}");
         assert!(!err.contains("SSSS"), "{err}");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o620)).expect("chmod");
         assert!(TokenKey::load_or_create(&path).is_err());
@@ -506,19 +447,9 @@ mod tests {
             let path = dir.join(format!("k{len}"));
             fs::write(&path, vec![b'S'; len]).expect("write");
             fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod");
-            let err = format!(
-                "{:#}",
-                TokenKey::load_or_create(&path).expect_err("refused")
-            );
-            assert!(
-                err.contains(&path.display().to_string()) && err.contains("32"),
-                "{err}"
-            );
-            assert_eq!(
-                fs::metadata(&path).expect("kept").len(),
-                len as u64,
-                "file must not be replaced"
-            );
+            let err = format!("{:#}", TokenKey::load_or_create(&path).expect_err("refused"));
+            assert!(err.contains(&path.display().to_string()) && err.contains("32"), "{err}");
+            assert_eq!(fs::metadata(&path).expect("kept").len(), len as u64, "file must not be replaced");
         }
         let _ = fs::remove_dir_all(&dir);
     }
@@ -527,10 +458,7 @@ mod tests {
     fn a_directory_at_the_key_path_is_refused() {
         let dir = tmp_dir("isdir");
         fs::create_dir_all(dir.join("token.key")).expect("dir");
-        let err = format!(
-            "{:#}",
-            TokenKey::load_or_create(&dir.join("token.key")).expect_err("refused")
-        );
+        let err = format!("{:#}", TokenKey::load_or_create(&dir.join("token.key")).expect_err("refused"));
         assert!(err.contains("token.key"), "{err}");
         let _ = fs::remove_dir_all(&dir);
     }

@@ -204,8 +204,8 @@ impl Web {
     /// `addr` is where it will serve: basic auth without TLS is only worth a warning on TCP.
     pub fn load(path: Option<&Path>, addr: &MetricsAddr) -> Result<Web> {
         let Some(path) = path else { return Ok(Web::plain()) };
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the web config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading the web config file {}", path.display()))?;
         let web = Self::build(&text, path.parent().unwrap_or(Path::new(".")))
             .with_context(|| format!("in the web config file {}", path.display()))?;
         if web.auth.is_some() && web.tls.is_none() && matches!(addr, MetricsAddr::Tcp(_)) {
@@ -225,7 +225,9 @@ impl Web {
         } else {
             serde_norway::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?
         };
-        for (key, set) in [("http_server_config", file.http_server_config.is_some()), ("rate_limit", file.rate_limit.is_some())] {
+        for (key, set) in
+            [("http_server_config", file.http_server_config.is_some()), ("rate_limit", file.rate_limit.is_some())]
+        {
             if set {
                 bail!("{key} is an exporter-toolkit setting that vigie does not support: remove it");
             }
@@ -271,7 +273,9 @@ fn tls_acceptor(t: TlsFile, base: &Path) -> Result<tokio_rustls::TlsAcceptor> {
         ("client_allowed_sans", t.client_allowed_sans.is_some()),
     ] {
         if set {
-            bail!("{key} is an exporter-toolkit setting that vigie does not support: remove it (certificates and keys go in cert_file, key_file, client_ca_file)");
+            bail!(
+                "{key} is an exporter-toolkit setting that vigie does not support: remove it (certificates and keys go in cert_file, key_file, client_ca_file)"
+            );
         }
     }
     let cert_file = resolve(base, t.cert_file.context("cert_file is required")?);
@@ -279,11 +283,12 @@ fn tls_acceptor(t: TlsFile, base: &Path) -> Result<tokio_rustls::TlsAcceptor> {
     // Versions: exporter-toolkit's default minimum is TLS 1.2, which is also rustls' floor.
     let min = tls_version("min_version", t.min_version.as_deref().unwrap_or("TLS12"))?;
     let max = tls_version("max_version", t.max_version.as_deref().unwrap_or("TLS13"))?;
-    let versions: Vec<&'static rustls::SupportedProtocolVersion> = [(12, &rustls::version::TLS12), (13, &rustls::version::TLS13)]
-        .into_iter()
-        .filter(|(n, _)| (min..=max).contains(n))
-        .map(|(_, v)| v)
-        .collect();
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> =
+        [(12, &rustls::version::TLS12), (13, &rustls::version::TLS13)]
+            .into_iter()
+            .filter(|(n, _)| (min..=max).contains(n))
+            .map(|(_, v)| v)
+            .collect();
     if versions.is_empty() {
         bail!("min_version is above max_version");
     }
@@ -297,7 +302,9 @@ fn tls_acceptor(t: TlsFile, base: &Path) -> Result<tokio_rustls::TlsAcceptor> {
     let builder = match auth_type {
         "NoClientCert" => {
             if t.client_ca_file.is_some() {
-                bail!("client_ca_file is set but client_auth_type is NoClientCert: set client_auth_type to RequireAndVerifyClientCert (or VerifyClientCertIfGiven)");
+                bail!(
+                    "client_ca_file is set but client_auth_type is NoClientCert: set client_auth_type to RequireAndVerifyClientCert (or VerifyClientCertIfGiven)"
+                );
             }
             builder.with_no_client_auth()
         }
@@ -318,11 +325,14 @@ fn tls_acceptor(t: TlsFile, base: &Path) -> Result<tokio_rustls::TlsAcceptor> {
                 bail!("client_ca_file: no PEM certificate in {}", ca_file.display());
             }
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-            let verifier = if auth_type == "VerifyClientCertIfGiven" { verifier.allow_unauthenticated() } else { verifier };
+            let verifier =
+                if auth_type == "VerifyClientCertIfGiven" { verifier.allow_unauthenticated() } else { verifier };
             builder.with_client_cert_verifier(verifier.build().context("client certificate verifier")?)
         }
         "RequestClientCert" | "RequireAnyClientCert" => {
-            bail!("client_auth_type {auth_type} accepts unverified certificates and is not supported: use RequireAndVerifyClientCert or VerifyClientCertIfGiven")
+            bail!(
+                "client_auth_type {auth_type} accepts unverified certificates and is not supported: use RequireAndVerifyClientCert or VerifyClientCertIfGiven"
+            )
         }
         other => bail!(
             "client_auth_type {other:?} is unknown (NoClientCert, VerifyClientCertIfGiven or RequireAndVerifyClientCert)"
@@ -382,7 +392,8 @@ impl BasicAuth {
         let mut cache_key = [0u8; 32];
         getrandom::fill(&mut cache_key).map_err(|e| anyhow::anyhow!("random bytes: {e}"))?;
         // The users' own cost, so that a miss takes as long as a hit.
-        let decoy = bcrypt::hash(blake3::hash(&secret).to_hex().as_str(), cost.max(4)).context("making the decoy hash")?;
+        let decoy =
+            bcrypt::hash(blake3::hash(&secret).to_hex().as_str(), cost.max(4)).context("making the decoy hash")?;
         Ok(BasicAuth { users, decoy, cache_key, cache: Mutex::new(HashSet::new()), bcrypt: Mutex::new(()) })
     }
 
@@ -572,7 +583,13 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, web: &Web,
     respond(&mut stream, status, ctype, &[], body.as_bytes()).await;
 }
 
-async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, status: &str, ctype: &str, extra: &[(&str, &str)], body: &[u8]) {
+async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: &str,
+    ctype: &str,
+    extra: &[(&str, &str)],
+    body: &[u8],
+) {
     let mut head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n", body.len());
     for (name, value) in extra {
         head.push_str(&format!("{name}: {value}\r\n"));
@@ -605,9 +622,15 @@ mod tests {
 
     #[test]
     fn metrics_addresses() {
-        assert_eq!("127.0.0.1:9464".parse::<MetricsAddr>().unwrap(), MetricsAddr::Tcp("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(
+            "127.0.0.1:9464".parse::<MetricsAddr>().unwrap(),
+            MetricsAddr::Tcp("127.0.0.1:9464".parse().unwrap())
+        );
         assert_eq!("[::1]:1".parse::<MetricsAddr>().unwrap().to_string(), "[::1]:1");
-        assert_eq!("unix:/run/vigie/m.sock".parse::<MetricsAddr>().unwrap(), MetricsAddr::Unix("/run/vigie/m.sock".into()));
+        assert_eq!(
+            "unix:/run/vigie/m.sock".parse::<MetricsAddr>().unwrap(),
+            MetricsAddr::Unix("/run/vigie/m.sock".into())
+        );
         assert!("unix:m.sock".parse::<MetricsAddr>().is_err());
         let e = format!("{:#}", "localhost".parse::<MetricsAddr>().unwrap_err());
         assert!(e.contains("localhost") && e.contains("unix:"), "{e}");
@@ -646,7 +669,10 @@ mod tests {
 
     #[test]
     fn missing_files_are_named() {
-        let e = format!("{:#}", Web::load(Some(Path::new("/nonexistent/web.yml")), &"127.0.0.1:1".parse().unwrap()).unwrap_err());
+        let e = format!(
+            "{:#}",
+            Web::load(Some(Path::new("/nonexistent/web.yml")), &"127.0.0.1:1".parse().unwrap()).unwrap_err()
+        );
         assert!(e.contains("/nonexistent/web.yml"), "{e}");
         let e = err("tls_server_config:\n  cert_file: /nonexistent/server.crt\n  key_file: /nonexistent/server.key\n");
         assert!(e.contains("/nonexistent/server.crt") && e.contains("cert_file"), "{e}");
@@ -661,7 +687,10 @@ mod tests {
     fn a_file_without_a_key_is_named() {
         let d = tmpdir("nokey");
         std::fs::write(d.join("empty.pem"), "").unwrap();
-        let e = format!("{:#}", Web::build("tls_server_config:\n  cert_file: empty.pem\n  key_file: empty.pem\n", &d).unwrap_err());
+        let e = format!(
+            "{:#}",
+            Web::build("tls_server_config:\n  cert_file: empty.pem\n  key_file: empty.pem\n", &d).unwrap_err()
+        );
         assert!(e.contains("empty.pem") && e.contains("no PEM certificate"), "{e}");
         let _ = std::fs::remove_dir_all(&d);
     }

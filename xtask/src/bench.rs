@@ -984,7 +984,11 @@ impl Bench {
             if tls { ("TLS, 99 B body", "TLS, 1 MiB body") } else { ("plaintext, 99 B body", "plaintext, 1 MiB body") };
         step(&format!(
             "Overhead, {}: nginx (1 worker, CPU {NGINX_CPU}) under wrk (-t1 -c{} -d{}s, CPU {WRK_CPU}), {} runs without and with vigie, alternating",
-            if tls { "TLS (vigie --tls-discover-port: probes in nginx's processes)" } else { "plaintext HTTP/1.1 (vigie --server-port)" },
+            if tls {
+                "TLS (vigie --tls-discover-port: probes in nginx's processes)"
+            } else {
+                "plaintext HTTP/1.1 (vigie --server-port)"
+            },
             self.opts.connections,
             self.opts.duration,
             self.opts.runs

@@ -71,8 +71,13 @@ pub fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
         let log = String::from_utf8_lossy(&out.stderr);
         // libFuzzer's own summary is on stderr; keep it visible, but not the per-input noise.
         for line in log.lines().filter(|l| {
-            l.starts_with("stat::") || l.contains("Done ") || l.contains("ERROR") || l.contains("panicked")
-                || l.contains("artifact") || l.contains("Test unit written") || l.starts_with("thread ")
+            l.starts_with("stat::")
+                || l.contains("Done ")
+                || l.contains("ERROR")
+                || l.contains("panicked")
+                || l.contains("artifact")
+                || l.contains("Test unit written")
+                || l.starts_with("thread ")
                 || l.contains("SUMMARY")
         }) {
             eprintln!("    {line}");
@@ -99,9 +104,7 @@ pub fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
 }
 
 fn crash_files(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default()
+    std::fs::read_dir(dir).map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default()
 }
 
 fn stat(log: &str, name: &str) -> Option<u64> {

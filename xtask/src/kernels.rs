@@ -43,20 +43,10 @@ pub struct Kernel {
 pub const KERNELS: &[Kernel] = &[
     // Debian 11's kernel: the oldest Debian still in the archive; it has the BPF ring buffer
     // (5.8+) and BTF, the floor of what vigie could support with a syscall capture source.
-    Kernel {
-        name: "5.10",
-        package: "linux-image-5.10.0-32-cloud-amd64",
-        version: "5.10.223-1",
-        suite: "bullseye",
-    },
+    Kernel { name: "5.10", package: "linux-image-5.10.0-32-cloud-amd64", version: "5.10.223-1", suite: "bullseye" },
     // Debian 12's own kernel: the oldest long-term kernel in a supported Debian, and older
     // than 6.3, so without sock:sock_{send,recv}_length.
-    Kernel {
-        name: "6.1",
-        package: "linux-image-6.1.0-50-cloud-amd64",
-        version: "6.1.176-1",
-        suite: "bookworm",
-    },
+    Kernel { name: "6.1", package: "linux-image-6.1.0-50-cloud-amd64", version: "6.1.176-1", suite: "bookworm" },
     // A recent long-term kernel (the one of Debian 13), from bookworm-backports.
     Kernel {
         name: "6.12",
@@ -165,7 +155,10 @@ pub fn run(args: &[String]) -> Result<()> {
     let initramfs = opts.results.join("initramfs.cpio");
     build_initramfs(&initramfs, &vigie, &tokens, opts.capture_source.as_deref())?;
 
-    let sha = Command::new("sha256sum").arg(&vigie).output().ok()
+    let sha = Command::new("sha256sum")
+        .arg(&vigie)
+        .output()
+        .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).split(' ').next().unwrap_or("").to_string());
     let mut results = Vec::new();
     for k in &opts.kernels {
@@ -193,11 +186,8 @@ pub fn run(args: &[String]) -> Result<()> {
     if !opts.keep {
         let _ = fs::remove_file(&initramfs);
     }
-    let failed: Vec<&str> = results
-        .iter()
-        .filter(|r| r["ok"] != json!(true))
-        .map(|r| r["kernel"].as_str().unwrap_or("?"))
-        .collect();
+    let failed: Vec<&str> =
+        results.iter().filter(|r| r["ok"] != json!(true)).map(|r| r["kernel"].as_str().unwrap_or("?")).collect();
     println!("kernel matrix: {} kernel(s) in {:.0} s", results.len(), t0.elapsed().as_secs_f64());
     if !failed.is_empty() {
         bail!("kernel(s) {} failed (see above and {})", failed.join(", "), opts.results.display());
@@ -241,7 +231,8 @@ fn fetch_kernel(base: &Path, k: &Kernel) -> Result<PathBuf> {
     let deb = debs.join(format!("{}_{}_{arch}.deb", k.package, k.version.replace(':', "%3a")));
     if !deb.is_file() {
         let spec = format!("{}={}", k.package, k.version);
-        let download = || Command::new("apt-get").args(apt_options(&apt)).args(["download", &spec]).current_dir(&debs).status();
+        let download =
+            || Command::new("apt-get").args(apt_options(&apt)).args(["download", &spec]).current_dir(&debs).status();
         if !download().map(|s| s.success()).unwrap_or(false) {
             step(&format!("Kernel {}: updating the private package lists ({})", k.name, apt.display()));
             sh(Command::new("apt-get").args(apt_options(&apt)).arg("update"))?;
@@ -369,8 +360,9 @@ fn ldd(bin: &str) -> Result<Vec<String>> {
 fn make_tokens(n: usize) -> Vec<String> {
     // Synapse's shape: syt_<base64 localpart>_<random>_<crc>; random part from the clock so
     // that each run uses new tokens.
-    let mut x = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7)
-        | 1;
+    let mut x =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7)
+            | 1;
     let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut rand = |len: usize| -> String {
         (0..len)
@@ -404,7 +396,11 @@ fn build_initramfs(path: &Path, vigie: &Path, tokens: &[String], capture_source:
         let data = fs::read(f).with_context(|| format!("reading {f}"))?;
         c.file(f, 0o755, &data)?;
     }
-    c.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")?;
+    c.file(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )?;
     c.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
     c.file("etc/nsswitch.conf", 0o644, b"passwd: files\ngroup: files\nhosts: files\n")?;
     c.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n")?;
@@ -431,7 +427,14 @@ fn build_initramfs(path: &Path, vigie: &Path, tokens: &[String], capture_source:
 
 // --- boot and judge -----------------------------------------------------------------------
 
-fn boot(k: &Kernel, kdir: &Path, initramfs: &Path, run_dir: &Path, tokens: &[String], timeout: Duration) -> Result<Value> {
+fn boot(
+    k: &Kernel,
+    kdir: &Path,
+    initramfs: &Path,
+    run_dir: &Path,
+    tokens: &[String],
+    timeout: Duration,
+) -> Result<Value> {
     let console = run_dir.join("console.log");
     let report = run_dir.join("report.txt");
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -507,7 +510,14 @@ fn tail(s: &str, n: usize) -> String {
 
 fn kernel_config(path: &Path) -> Value {
     let text = fs::read_to_string(path).unwrap_or_default();
-    let keys = ["CONFIG_DEBUG_INFO_BTF", "CONFIG_BPF_SYSCALL", "CONFIG_KPROBES", "CONFIG_UPROBE_EVENTS", "CONFIG_FTRACE_SYSCALLS", "CONFIG_NET_9P"];
+    let keys = [
+        "CONFIG_DEBUG_INFO_BTF",
+        "CONFIG_BPF_SYSCALL",
+        "CONFIG_KPROBES",
+        "CONFIG_UPROBE_EVENTS",
+        "CONFIG_FTRACE_SYSCALLS",
+        "CONFIG_NET_9P",
+    ];
     let mut m = serde_json::Map::new();
     for k in keys {
         let v = text
@@ -618,7 +628,10 @@ fn judge(k: &Kernel, text: &str, tokens: &[String]) -> Value {
     if check_rc.is_none() {
         push_problem(&mut r, "`vigie check` did not run".into());
     } else if check_rc != Some(0) {
-        push_problem(&mut r, format!("`vigie check` exited {} (vigie says it cannot run on this kernel)", check_rc.unwrap()));
+        push_problem(
+            &mut r,
+            format!("`vigie check` exited {} (vigie says it cannot run on this kernel)", check_rc.unwrap()),
+        );
     }
     // vigie run + smoke test
     let ready = kv.get("run_ready").map(String::as_str) == Some("yes");
@@ -650,7 +663,10 @@ fn judge(k: &Kernel, text: &str, tokens: &[String]) -> Value {
         let vreq = reqs.get(label).copied().unwrap_or(0.0);
         let vbytes = bytes.get(label).copied().unwrap_or(0.0);
         if statuses.iter().any(|&c| c == 0) {
-            push_problem(&mut r, format!("token {i}: a curl transfer failed (status 000): the client's counts are not the server's"));
+            push_problem(
+                &mut r,
+                format!("token {i}: a curl transfer failed (status 000): the client's counts are not the server's"),
+            );
         }
         let same = creq > 0 && vreq == creq as f64 && vbytes == cbytes as f64;
         exact &= same;
@@ -712,7 +728,11 @@ fn token_sums(lines: &[String]) -> (BTreeMap<String, f64>, BTreeMap<String, f64>
 }
 
 fn print_summary(r: &Value, run_dir: &Path, path: &Path) {
-    println!("---- kernel {} ({}) ----", r["kernel"].as_str().unwrap_or("?"), r["uname"].as_str().unwrap_or("never booted"));
+    println!(
+        "---- kernel {} ({}) ----",
+        r["kernel"].as_str().unwrap_or("?"),
+        r["uname"].as_str().unwrap_or("never booted")
+    );
     println!(
         "  booted: {}  (init at {} s guest uptime; qemu wall {} s)",
         r["booted"], r["boot_seconds"], r["wall_seconds"]
@@ -730,15 +750,32 @@ fn print_summary(r: &Value, run_dir: &Path, path: &Path) {
         }
     }
     if let Some(s) = r.get("smoke") {
-        println!("  smoke: agent ready {}, exact {}, capture source (vigie_capture_info) {}", s["agent_ready"], s["exact"], s["capture_source"]);
+        println!(
+            "  smoke: agent ready {}, exact {}, capture source (vigie_capture_info) {}",
+            s["agent_ready"], s["exact"], s["capture_source"]
+        );
         for t in s["tokens"].as_array().into_iter().flatten() {
             println!(
                 "    token {} {}: requests client {} vigie {}, bytes client {} vigie {}",
-                t["index"], t["label"].as_str().unwrap_or(""), t["client_requests"], t["vigie_requests"], t["client_bytes"], t["vigie_bytes"]
+                t["index"],
+                t["label"].as_str().unwrap_or(""),
+                t["client_requests"],
+                t["vigie_requests"],
+                t["client_bytes"],
+                t["vigie_bytes"]
             );
         }
         if s["agent_ready"] != json!(true) {
-            for l in s["agent_stderr_tail"].as_str().unwrap_or("").lines().rev().take(5).collect::<Vec<_>>().into_iter().rev() {
+            for l in s["agent_stderr_tail"]
+                .as_str()
+                .unwrap_or("")
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
                 println!("    agent: {l}");
             }
         }
@@ -746,7 +783,12 @@ fn print_summary(r: &Value, run_dir: &Path, path: &Path) {
     for p in r["problems"].as_array().into_iter().flatten() {
         println!("  PROBLEM: {}", p.as_str().unwrap_or(""));
     }
-    println!("  result: {}  (files: {}, {})", if r["ok"] == json!(true) { "PASS" } else { "FAIL" }, path.display(), run_dir.display());
+    println!(
+        "  result: {}  (files: {}, {})",
+        if r["ok"] == json!(true) { "PASS" } else { "FAIL" },
+        path.display(),
+        run_dir.display()
+    );
 }
 
 #[cfg(test)]

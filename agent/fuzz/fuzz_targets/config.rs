@@ -26,7 +26,9 @@ fn record(kind: u32, conn: u64, ts_ns: u64, payload: &[u8], bytes: u64) -> Vec<u
     };
     let mut out = vec![0u8; EVENT_HEADER_LEN];
     // SAFETY: EventHeader is #[repr(C)] plain data, EVENT_HEADER_LEN bytes long.
-    unsafe { std::ptr::copy_nonoverlapping((&h as *const EventHeader).cast::<u8>(), out.as_mut_ptr(), EVENT_HEADER_LEN) };
+    unsafe {
+        std::ptr::copy_nonoverlapping((&h as *const EventHeader).cast::<u8>(), out.as_mut_ptr(), EVENT_HEADER_LEN)
+    };
     out.extend_from_slice(payload);
     out
 }

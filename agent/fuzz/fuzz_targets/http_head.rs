@@ -16,10 +16,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = classified.endpoint.as_str();
         if let Some(token) = token::extract_token(&head) {
             assert!(!token.is_empty());
-            assert_eq!(
-                Some(key.label(&token)),
-                token::label_for_request(&key, &head)
-            );
+            assert_eq!(Some(key.label(&token)), token::label_for_request(&key, &head));
         }
         for (name, value) in http::query_pairs(head.query) {
             assert!(http::percent_decode(name.as_bytes(), true).len() <= name.len());

@@ -30,7 +30,8 @@ use vigie_common::{
 };
 
 /// Tokens the templates carry; none may appear in the exposition.
-const TOKENS: [&str; 3] = ["syt_ZnV6eg_fuzzfuzzfuzzfuzzfuzz_0a1b2c", "mat_fuzzsecretfuzzsecret", "syt_c2Vj_secretsecret_9z"];
+const TOKENS: [&str; 3] =
+    ["syt_ZnV6eg_fuzzfuzzfuzzfuzzfuzz_0a1b2c", "mat_fuzzsecretfuzzsecret", "syt_c2Vj_secretsecret_9z"];
 
 const TEMPLATES: &[&[u8]] = &[
     b"GET /_matrix/client/v3/sync?since=s1_2&timeout=30000 HTTP/1.1\r\nHost: hs\r\nAuthorization: Bearer @T\r\n\r\n",
@@ -51,7 +52,9 @@ fn record(h: &EventHeader, payload: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; EVENT_HEADER_LEN];
     // SAFETY: EventHeader is #[repr(C)] plain data, EVENT_HEADER_LEN bytes long: what the
     // kernel copies into the ring buffer.
-    unsafe { std::ptr::copy_nonoverlapping((h as *const EventHeader).cast::<u8>(), out.as_mut_ptr(), EVENT_HEADER_LEN) };
+    unsafe {
+        std::ptr::copy_nonoverlapping((h as *const EventHeader).cast::<u8>(), out.as_mut_ptr(), EVENT_HEADER_LEN)
+    };
     out.extend_from_slice(payload);
     out
 }
@@ -231,7 +234,9 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                             fed.tls_send_bytes += g.bytes;
                         }
                     }
-                    if matches!(g.kind, EVENT_RECV | EVENT_TLS_RECV) && raw.len() >= EVENT_HEADER_LEN + g.captured as usize {
+                    if matches!(g.kind, EVENT_RECV | EVENT_TLS_RECV)
+                        && raw.len() >= EVENT_HEADER_LEN + g.captured as usize
+                    {
                         fed.captured += u64::from(g.captured);
                     }
                 }
@@ -279,7 +284,11 @@ fn check(state: State, fed: &Fed) {
     let h2: u64 = health.http2.iter().filter(|((_, what), _)| *what == "response_bytes").map(|(_, n)| *n).sum();
     let accounted = bytes + agg.unattributed() + h2;
     let sent = fed.socket_send_bytes + fed.tls_send_bytes;
-    assert!(accounted >= fed.socket_send_bytes, "socket bytes lost: {accounted} accounted, {} sent on sockets", fed.socket_send_bytes);
+    assert!(
+        accounted >= fed.socket_send_bytes,
+        "socket bytes lost: {accounted} accounted, {} sent on sockets",
+        fed.socket_send_bytes
+    );
     assert!(accounted <= sent, "bytes invented: {accounted} accounted, {sent} sent");
     if fed.tls_send_bytes == 0 {
         assert_eq!(accounted, fed.socket_send_bytes, "socket bytes lost or invented");

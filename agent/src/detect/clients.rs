@@ -91,12 +91,7 @@ impl Clients {
                     .unwrap_or(0);
                 let late = now.saturating_sub(token_first_s) > grace_s;
                 if let Some(s) = self.slot(i) {
-                    *s = Seen {
-                        fp,
-                        first_s: now,
-                        last_s: now,
-                        flags: if late { LATE } else { 0 },
-                    };
+                    *s = Seen { fp, first_s: now, last_s: now, flags: if late { LATE } else { 0 } };
                 }
                 self.distinct = self.distinct.saturating_add(1);
                 i
@@ -131,8 +126,7 @@ impl Clients {
 
     /// Whether client `fp` is late and has never synced: its reads are "foreign".
     pub fn is_foreign_reader(&self, fp: u32) -> bool {
-        self.iter()
-            .any(|s| fp != 0 && s.fp == fp && s.flags & LATE != 0 && s.flags & SYNCS == 0)
+        self.iter().any(|s| fp != 0 && s.fp == fp && s.flags & LATE != 0 && s.flags & SYNCS == 0)
     }
 
     /// The most suspicious late client seen at or after `since`: concurrent first, then one
@@ -140,10 +134,7 @@ impl Clients {
     pub fn late_since(&self, since: u32) -> Option<Late> {
         self.iter()
             .filter(|s| s.fp != 0 && s.flags & LATE != 0 && s.last_s >= since)
-            .map(|s| Late {
-                concurrent: s.flags & CONCURRENT != 0,
-                syncs: s.flags & SYNCS != 0,
-            })
+            .map(|s| Late { concurrent: s.flags & CONCURRENT != 0, syncs: s.flags & SYNCS != 0 })
             .max_by_key(|l| (l.concurrent, !l.syncs))
     }
 
@@ -177,37 +168,15 @@ mod tests {
         let mut c = Clients::default();
         c.see(1, 0, 0, 30);
         assert!(c.see(9, 600, 0, 30));
-        assert_eq!(
-            c.late_since(0),
-            Some(Late {
-                concurrent: false,
-                syncs: false
-            })
-        );
+        assert_eq!(c.late_since(0), Some(Late { concurrent: false, syncs: false }));
         c.see(1, 603, 0, 30);
-        assert_eq!(
-            c.late_since(0).map(|l| l.concurrent),
-            Some(false),
-            "within the overlap slack"
-        );
+        assert_eq!(c.late_since(0).map(|l| l.concurrent), Some(false), "within the overlap slack");
         c.see(1, 630, 0, 30);
-        assert_eq!(
-            c.late_since(0),
-            Some(Late {
-                concurrent: true,
-                syncs: false
-            })
-        );
+        assert_eq!(c.late_since(0), Some(Late { concurrent: true, syncs: false }));
         assert!(c.is_foreign_reader(9));
         c.mark_sync(9);
         assert!(!c.is_foreign_reader(9));
-        assert_eq!(
-            c.late_since(0),
-            Some(Late {
-                concurrent: true,
-                syncs: true
-            })
-        );
+        assert_eq!(c.late_since(0), Some(Late { concurrent: true, syncs: true }));
         assert_eq!(c.late_since(631), None, "not seen since");
     }
 

@@ -263,16 +263,8 @@ impl DetectConfig {
     pub fn page_weight(&self, limit: u32) -> f64 {
         let normal = f64::from(self.normal_limit.max(1));
         let l = f64::from(limit);
-        let w = if l <= normal {
-            1.0
-        } else {
-            1.0 + 3.0 * (l / normal).log2()
-        };
-        let max = if self.page_weight_max.is_finite() {
-            self.page_weight_max.max(1.0)
-        } else {
-            1.0
-        };
+        let w = if l <= normal { 1.0 } else { 1.0 + 3.0 * (l / normal).log2() };
+        let max = if self.page_weight_max.is_finite() { self.page_weight_max.max(1.0) } else { 1.0 };
         w.clamp(1.0, max)
     }
 }
@@ -309,8 +301,7 @@ mod tests {
     #[test]
     fn the_config_is_read_from_toml_with_defaults_for_what_is_missing() {
         let c: DetectConfig =
-            toml::from_str("pin_score = 0.6\nhistory_1m = { start = 5, full = 9 }\n")
-                .expect("parses");
+            toml::from_str("pin_score = 0.6\nhistory_1m = { start = 5, full = 9 }\n").expect("parses");
         assert_eq!(c.pin_score, 0.6);
         assert_eq!(c.history_1m, Ramp::new(5.0, 9.0));
         assert_eq!(c.rooms_10m, DetectConfig::default().rooms_10m);

@@ -45,30 +45,15 @@ pub struct Baseline {
 
 impl Baseline {
     pub fn new(prior: [f64; BASELINE]) -> Self {
-        let rate = prior.map(|p| {
-            if p.is_finite() {
-                p.max(0.0) as f32
-            } else {
-                0.0
-            }
-        });
+        let rate = prior.map(|p| if p.is_finite() { p.max(0.0) as f32 } else { 0.0 });
         Baseline { rate, minutes: 0 }
     }
 
     fn of_minute(b: &Totals) -> [f64; BASELINE] {
-        let history = (f64::from(b.get(Count::PageWeight))
-            + f64::from(b.get(Count::ContextWeight)))
-            / SIXTEENTHS;
-        let media = (f64::from(b.get(Count::MediaDownloads))
-            - f64::from(b.get(Count::MediaUploads)))
-        .max(0.0)
-            / QUARTERS;
-        [
-            history,
-            f64::from(b.get(Count::RoomReads)),
-            media,
-            b.bytes(Bytes::All) as f64 / MB,
-        ]
+        let history = (f64::from(b.get(Count::PageWeight)) + f64::from(b.get(Count::ContextWeight))) / SIXTEENTHS;
+        let media =
+            (f64::from(b.get(Count::MediaDownloads)) - f64::from(b.get(Count::MediaUploads))).max(0.0) / QUARTERS;
+        [history, f64::from(b.get(Count::RoomReads)), media, b.bytes(Bytes::All) as f64 / MB]
     }
 
     fn alpha(&self, alpha_tau: f64, prior_minutes: f64) -> f64 {
@@ -78,38 +63,22 @@ impl Baseline {
     fn step(&mut self, x: [f64; BASELINE], alpha: f64) {
         for (r, x) in self.rate.iter_mut().zip(x) {
             let v = f64::from(*r) + alpha * (x - f64::from(*r));
-            *r = if v.is_finite() {
-                v.max(0.0) as f32
-            } else {
-                0.0
-            };
+            *r = if v.is_finite() { v.max(0.0) as f32 } else { 0.0 };
         }
         self.minutes = self.minutes.saturating_add(1);
     }
 
     /// Fold a completed minute, then `idle` empty ones.
     fn fold(&mut self, minute: &Totals, idle: u32, alpha_tau: f64, prior_minutes: f64) {
-        let alpha_tau = if alpha_tau.is_finite() {
-            alpha_tau.clamp(0.0, 1.0)
-        } else {
-            1.0
-        };
-        let prior_minutes = if prior_minutes.is_finite() {
-            prior_minutes
-        } else {
-            0.0
-        };
-        self.step(
-            Self::of_minute(minute),
-            self.alpha(alpha_tau, prior_minutes),
-        );
+        let alpha_tau = if alpha_tau.is_finite() { alpha_tau.clamp(0.0, 1.0) } else { 1.0 };
+        let prior_minutes = if prior_minutes.is_finite() { prior_minutes } else { 0.0 };
+        self.step(Self::of_minute(minute), self.alpha(alpha_tau, prior_minutes));
         let mut left = idle;
         while left > 0 {
             let a = self.alpha(alpha_tau, prior_minutes);
             if a <= alpha_tau {
                 // A plain EWMA from here on: all the idle minutes at once.
-                let keep =
-                    (1.0 - alpha_tau).powi(i32::try_from(left.min(1_000_000)).unwrap_or(1_000_000));
+                let keep = (1.0 - alpha_tau).powi(i32::try_from(left.min(1_000_000)).unwrap_or(1_000_000));
                 for r in self.rate.iter_mut() {
                     *r = (f64::from(*r) * keep) as f32;
                 }
@@ -158,11 +127,7 @@ impl TokenState {
             last_sync_s: Stamp::NEVER,
             young_key_read_s: Stamp::NEVER,
             rings: Rings::new(now),
-            sketches: RoomSketches::new([
-                now / ROOMS_10M_EPOCH,
-                now / ROOMS_10M_EPOCH,
-                now / ROOMS_1H_EPOCH,
-            ]),
+            sketches: RoomSketches::new([now / ROOMS_10M_EPOCH, now / ROOMS_10M_EPOCH, now / ROOMS_1H_EPOCH]),
             rooms: RoomTable::default(),
             agents: Clients::default(),
             addresses: Clients::default(),
@@ -192,29 +157,13 @@ impl TokenState {
         if minute > head {
             let learning = f64::from(self.score) < cfg.pin_score;
             let tau_min = cfg.baseline_tau_s / 60.0;
-            let alpha = if tau_min.is_finite() && tau_min > 0.0 {
-                1.0 - (-1.0 / tau_min).exp()
-            } else {
-                1.0
-            };
+            let alpha = if tau_min.is_finite() && tau_min > 0.0 { 1.0 - (-1.0 / tau_min).exp() } else { 1.0 };
             if learning {
-                self.baseline.fold(
-                    &self.rings.newest(Ring::M10),
-                    minute - head - 1,
-                    alpha,
-                    cfg.baseline_prior_minutes,
-                );
+                self.baseline.fold(&self.rings.newest(Ring::M10), minute - head - 1, alpha, cfg.baseline_prior_minutes);
             }
         }
         self.rings.advance(now);
-        self.sketches.advance(
-            [
-                now / ROOMS_10M_EPOCH,
-                now / ROOMS_10M_EPOCH,
-                now / ROOMS_1H_EPOCH,
-            ],
-            &mut self.rings,
-        );
+        self.sketches.advance([now / ROOMS_10M_EPOCH, now / ROOMS_10M_EPOCH, now / ROOMS_1H_EPOCH], &mut self.rings);
     }
 
     /// Count `n` of `what` now (the rings were moved to `now` by [`TokenState::advance`]).
@@ -224,11 +173,7 @@ impl TokenState {
 
     fn weigh(w: f64, scale: f64) -> u32 {
         let v = (w * scale).round();
-        if v.is_finite() && v > 0.0 {
-            v.min(f64::from(u32::MAX)) as u32
-        } else {
-            0
-        }
+        if v.is_finite() && v > 0.0 { v.min(f64::from(u32::MAX)) as u32 } else { 0 }
     }
 
     /// Account one request.
@@ -253,20 +198,14 @@ impl TokenState {
                 }
                 false
             }
-            Some(Endpoint::InitialSync) if s.room.is_some() => {
-                self.history_page(s, limit, cfg, now)
-            }
+            Some(Endpoint::InitialSync) if s.room.is_some() => self.history_page(s, limit, cfg, now),
             Some(Endpoint::InitialSync) => {
                 self.full_sync(s, cfg, now);
                 false
             }
             Some(Endpoint::Messages) => self.history_page(s, limit, cfg, now),
             Some(Endpoint::Context) => {
-                self.bump(
-                    Count::ContextWeight,
-                    Self::weigh(cfg.page_weight(limit), SIXTEENTHS),
-                    now,
-                );
+                self.bump(Count::ContextWeight, Self::weigh(cfg.page_weight(limit), SIXTEENTHS), now);
                 if limit >= cfg.large_limit {
                     self.bump(Count::ContextLarge, 1, now);
                 }
@@ -321,11 +260,7 @@ impl TokenState {
 
     fn history_page(&mut self, s: &Shape, limit: u32, cfg: &DetectConfig, now: u32) -> bool {
         self.bump(Count::Pages, 1, now);
-        self.bump(
-            Count::PageWeight,
-            Self::weigh(cfg.page_weight(limit), SIXTEENTHS),
-            now,
-        );
+        self.bump(Count::PageWeight, Self::weigh(cfg.page_weight(limit), SIXTEENTHS), now);
         self.room_read_for_breadth(s, now);
         if let Some(room) = s.room {
             let fp = (room ^ (room >> 32)) as u32;
@@ -353,9 +288,7 @@ impl TokenState {
         let history = |t: &Totals| t.weight(Count::PageWeight, SIXTEENTHS);
         let context = |t: &Totals| t.weight(Count::ContextWeight, SIXTEENTHS);
         let media = |t: &Totals| {
-            (f64::from(t.get(Count::MediaDownloads)) - f64::from(t.get(Count::MediaUploads)))
-                .max(0.0)
-                / QUARTERS
+            (f64::from(t.get(Count::MediaDownloads)) - f64::from(t.get(Count::MediaUploads))).max(0.0) / QUARTERS
         };
         let since_10m = now.saturating_sub(600);
         let reads_1m = f64::from(t1.get(Count::Pages))
@@ -363,14 +296,8 @@ impl TokenState {
             + f64::from(t1.get(Count::Search))
             + f64::from(t1.get(Count::RoomReads))
             + f64::from(t1.get(Count::MediaDownloads)) / QUARTERS;
-        let young_key_read = self
-            .young_key_read_s
-            .get()
-            .is_some_and(|s| now.saturating_sub(s) < 600);
-        let live = self
-            .last_sync_s
-            .get()
-            .is_some_and(|s| f64::from(now.saturating_sub(s)) <= cfg.live_sync_s);
+        let young_key_read = self.young_key_read_s.get().is_some_and(|s| now.saturating_sub(s) < 600);
+        let live = self.last_sync_s.get().is_some_and(|s| f64::from(now.saturating_sub(s)) <= cfg.live_sync_s);
         let rooms_10m = self.sketches.estimate(Sketch::Read, now / ROOMS_10M_EPOCH, &self.rings).round();
         Features {
             age_s: f64::from(now.saturating_sub(self.first_s)),
@@ -429,11 +356,7 @@ impl Stamp {
 
 /// Seconds as `u32`, for durations from the configuration (NaN and negatives are 0).
 pub fn secs(s: f64) -> u32 {
-    if s.is_finite() && s > 0.0 {
-        s.min(f64::from(u32::MAX)) as u32
-    } else {
-        0
-    }
+    if s.is_finite() && s > 0.0 { s.min(f64::from(u32::MAX)) as u32 } else { 0 }
 }
 
 /// A token's features at one instant. Weights are page-weights; counts are plain.
@@ -482,12 +405,6 @@ pub struct Features {
 impl Features {
     /// The population features (see [`POPULATION`]).
     pub fn population(&self) -> [f64; POPULATION] {
-        [
-            self.history_10m + self.context_10m,
-            self.room_reads_10m,
-            self.media_10m,
-            self.bytes_10m / MB,
-            self.rooms_10m,
-        ]
+        [self.history_10m + self.context_10m, self.room_reads_10m, self.media_10m, self.bytes_10m / MB, self.rooms_10m]
     }
 }

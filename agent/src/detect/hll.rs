@@ -100,25 +100,15 @@ impl<const BYTES: usize> Hll<BYTES> {
 
     fn get(&self, i: usize) -> u8 {
         let b = self.regs.get(i / 2).copied().unwrap_or(0);
-        if i.is_multiple_of(2) {
-            b & 0x0F
-        } else {
-            b >> 4
-        }
+        if i.is_multiple_of(2) { b & 0x0F } else { b >> 4 }
     }
 
     pub fn insert_hash(&mut self, h: u64) {
         let i = (h >> (64 - Self::P)) as usize;
         let rest = h << Self::P;
-        let rank = u8::try_from(rest.leading_zeros() + 1)
-            .unwrap_or(MAX_RANK)
-            .min(MAX_RANK);
+        let rank = u8::try_from(rest.leading_zeros() + 1).unwrap_or(MAX_RANK).min(MAX_RANK);
         if let Some(b) = self.regs.get_mut(i / 2) {
-            let (cur, shift) = if i.is_multiple_of(2) {
-                (*b & 0x0F, 0)
-            } else {
-                (*b >> 4, 4)
-            };
+            let (cur, shift) = if i.is_multiple_of(2) { (*b & 0x0F, 0) } else { (*b >> 4, 4) };
             if rank > cur {
                 *b = (*b & !(0x0F << shift)) | (rank << shift);
             }
@@ -223,11 +213,7 @@ pub struct EpochHll<const BYTES: usize> {
 #[cfg(test)]
 impl<const BYTES: usize> EpochHll<BYTES> {
     pub fn new(epoch: u32) -> Self {
-        EpochHll {
-            epoch,
-            cur: Hll::new(),
-            prev: Hll::new(),
-        }
+        EpochHll { epoch, cur: Hll::new(), prev: Hll::new() }
     }
 
     fn advance(&mut self, epoch: u32) {
@@ -317,11 +303,7 @@ impl<const BYTES: usize> Pair<BYTES> {
     }
 
     fn estimate(&self, union: bool) -> f64 {
-        if union {
-            self.cur.estimate_union(&self.prev)
-        } else {
-            self.cur.estimate()
-        }
+        if union { self.cur.estimate_union(&self.prev) } else { self.cur.estimate() }
     }
 }
 
@@ -500,11 +482,7 @@ mod tests {
     use super::*;
 
     fn room(seed: u64, i: u64) -> String {
-        format!(
-            "!{:x}{i}:server{}.example.org",
-            seed.wrapping_mul(0x9E37_79B9),
-            seed % 7
-        )
+        format!("!{:x}{i}:server{}.example.org", seed.wrapping_mul(0x9E37_79B9), seed % 7)
     }
 
     fn relative_errors<const B: usize>(n: u64, seeds: u64) -> Vec<f64> {

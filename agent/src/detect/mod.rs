@@ -39,7 +39,6 @@ mod window;
 #[cfg(test)]
 mod sim;
 
-
 pub use config::{DetectConfig, Ramp};
 pub use score::{Population, REASONS, Reason};
 
@@ -147,13 +146,7 @@ impl Detector {
 
     /// Response bytes for a token's request of this endpoint class. Bytes for a token not
     /// (or no longer) tracked are dropped: its request is what starts tracking.
-    pub fn on_response_bytes(
-        &mut self,
-        token: TokenLabel,
-        endpoint: Endpoint,
-        bytes: u64,
-        now_s: f64,
-    ) {
+    pub fn on_response_bytes(&mut self, token: TokenLabel, endpoint: Endpoint, bytes: u64, now_s: f64) {
         let now = self.clock(now_s);
         if let Some(t) = self.tokens.get_mut(&token) {
             t.record_bytes(endpoint, bytes, now, &self.cfg);
@@ -181,11 +174,8 @@ impl Detector {
         if self.tokens.len() < max {
             return;
         }
-        let mut order: Vec<(bool, u32, TokenLabel)> = self
-            .tokens
-            .iter()
-            .map(|(k, t)| (self.is_suspect_state(t), t.last_s, *k))
-            .collect();
+        let mut order: Vec<(bool, u32, TokenLabel)> =
+            self.tokens.iter().map(|(k, t)| (self.is_suspect_state(t), t.last_s, *k)).collect();
         let n = (order.len() / 8).max(1).min(order.len());
         if n < order.len() {
             order.select_nth_unstable(n);
@@ -201,9 +191,7 @@ impl Detector {
     }
 
     fn alerted_recently(&self, t: &TokenState) -> bool {
-        t.last_alert_s
-            .get()
-            .is_some_and(|a| f64::from(self.now.saturating_sub(a)) < self.cfg.alert_memory_s)
+        t.last_alert_s.get().is_some_and(|a| f64::from(self.now.saturating_sub(a)) < self.cfg.alert_memory_s)
     }
 
     /// About once a second: expire idle tokens, refresh the population statistics, rescore
@@ -223,10 +211,7 @@ impl Detector {
         let cfg = &self.cfg;
         let memory = secs(cfg.alert_memory_s);
         for (label, t) in self.tokens.iter_mut() {
-            let latched = t
-                .last_alert_s
-                .get()
-                .is_some_and(|a| now.saturating_sub(a) < memory);
+            let latched = t.last_alert_s.get().is_some_and(|a| now.saturating_sub(a) < memory);
             if !(t.dirty || t.score > 0.0 || latched) {
                 continue;
             }
@@ -246,25 +231,14 @@ impl Detector {
             }
             t.score = score as f32;
             t.dirty = false;
-            let latched = t
-                .last_alert_s
-                .get()
-                .is_some_and(|a| now.saturating_sub(a) < memory);
+            let latched = t.last_alert_s.get().is_some_and(|a| now.saturating_sub(a) < memory);
             if score > 0.0 || latched {
                 let start = self.reasons.len();
-                self.reasons
-                    .extend(ev.reasons().map(|(r, v)| (r.as_str(), v)));
-                self.scored.push(Entry {
-                    token: *label,
-                    score,
-                    alerted: latched,
-                    start,
-                    end: self.reasons.len(),
-                });
+                self.reasons.extend(ev.reasons().map(|(r, v)| (r.as_str(), v)));
+                self.scored.push(Entry { token: *label, score, alerted: latched, start, end: self.reasons.len() });
             }
         }
-        self.scored
-            .sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.token.cmp(&b.token)));
+        self.scored.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.token.cmp(&b.token)));
         self.stats.alerting = alerting;
         self.stats.tracked_tokens = self.tokens.len();
     }
@@ -274,10 +248,7 @@ impl Detector {
         let memory = secs(self.cfg.alert_memory_s);
         let before = self.tokens.len();
         self.tokens.retain(|_, t| {
-            now.saturating_sub(t.last_s) < idle
-                || t.last_alert_s
-                    .get()
-                    .is_some_and(|a| now.saturating_sub(a) < memory)
+            now.saturating_sub(t.last_s) < idle || t.last_alert_s.get().is_some_and(|a| now.saturating_sub(a) < memory)
         });
         self.stats.tokens_expired += (before - self.tokens.len()) as u64;
     }
@@ -310,18 +281,13 @@ impl Detector {
     /// Tokens that must keep their own metric series whatever their activity: score at or
     /// above `pin_score`, or an alert within `alert_memory_s`.
     pub fn suspects(&self) -> impl Iterator<Item = TokenLabel> + '_ {
-        self.scored
-            .iter()
-            .filter(|e| e.score >= self.cfg.pin_score || e.alerted)
-            .map(|e| e.token)
+        self.scored.iter().filter(|e| e.score >= self.cfg.pin_score || e.alerted).map(|e| e.token)
     }
 
     /// Whether `token` is among [`Detector::suspects`], in constant time (for the
     /// aggregator's `pinned` predicate).
     pub fn is_suspect(&self, token: &TokenLabel) -> bool {
-        self.tokens
-            .get(token)
-            .is_some_and(|t| self.is_suspect_state(t))
+        self.tokens.get(token).is_some_and(|t| self.is_suspect_state(t))
     }
 
     /// Estimated distinct rooms the token touched in the last 10 minutes (as of the latest
@@ -335,10 +301,7 @@ impl Detector {
     }
 
     pub fn stats(&self) -> DetectStats {
-        DetectStats {
-            tracked_tokens: self.tokens.len(),
-            ..self.stats
-        }
+        DetectStats { tracked_tokens: self.tokens.len(), ..self.stats }
     }
 
     /// The population statistics in use (medians and outlier scales of the 10-minute

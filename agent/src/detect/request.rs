@@ -89,11 +89,7 @@ fn cap(b: &[u8]) -> &[u8] {
 fn first_address(xff: &[u8]) -> u32 {
     let first = xff.split(|&b| b == b',').next().unwrap_or(&[]);
     let first = first.trim_ascii();
-    if first.is_empty() {
-        0
-    } else {
-        fingerprint(cap(first))
-    }
+    if first.is_empty() { 0 } else { fingerprint(cap(first)) }
 }
 
 /// A decimal `u32`, saturating; `None` unless it is only digits (after an optional `+`,
@@ -102,9 +98,7 @@ pub fn parse_u32(v: &str) -> Option<u32> {
     if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(v.bytes().fold(0u32, |acc, d| {
-        acc.saturating_mul(10).saturating_add(u32::from(d - b'0'))
-    }))
+    Some(v.bytes().fold(0u32, |acc, d| acc.saturating_mul(10).saturating_add(u32::from(d - b'0'))))
 }
 
 /// The largest number following a `"limit":` key in an inline (JSON) sync filter, read from
@@ -144,9 +138,7 @@ struct Decoder<'a> {
 
 impl Decoder<'_> {
     fn hex(b: u8) -> Option<u8> {
-        char::from(b)
-            .to_digit(16)
-            .and_then(|d| u8::try_from(d).ok())
+        char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok())
     }
 
     fn peek_len(&self) -> Option<(u8, usize)> {
@@ -185,11 +177,7 @@ impl Decoder<'_> {
         let mut n: Option<u32> = None;
         while let Some(d) = self.peek().filter(u8::is_ascii_digit) {
             self.next();
-            n = Some(
-                n.unwrap_or(0)
-                    .saturating_mul(10)
-                    .saturating_add(u32::from(d - b'0')),
-            );
+            n = Some(n.unwrap_or(0).saturating_mul(10).saturating_add(u32::from(d - b'0')));
         }
         n
     }
@@ -214,11 +202,7 @@ mod tests {
 
     #[test]
     fn history_parameters_are_read() {
-        let s = shape(
-            Endpoint::Messages,
-            "GET",
-            "dir=b&from=t47-1_2&limit=100&filter=%7B%7D",
-        );
+        let s = shape(Endpoint::Messages, "GET", "dir=b&from=t47-1_2&limit=100&filter=%7B%7D");
         assert_ne!(s.from, 0);
         assert_eq!(s.limit, Some(100));
         assert!(s.get && s.room.is_some());
@@ -226,10 +210,7 @@ mod tests {
         assert_eq!(shape(Endpoint::Messages, "GET", "dir=b").limit, None);
         assert_eq!(shape(Endpoint::Messages, "GET", "from=&limit=-3").from, 0);
         assert_eq!(shape(Endpoint::Messages, "GET", "limit=-3").limit, None);
-        assert_eq!(
-            shape(Endpoint::Messages, "GET", "limit=99999999999999999999").limit,
-            Some(u32::MAX)
-        );
+        assert_eq!(shape(Endpoint::Messages, "GET", "limit=99999999999999999999").limit, Some(u32::MAX));
     }
 
     #[test]
@@ -240,15 +221,8 @@ mod tests {
         assert!(shape(Endpoint::Sync, "GET", "since=s1&full_state=true").full_state);
         let f = "filter=%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A1000%7D%2C%22state%22%3A%7B%22limit%22%20%3A%2010%7D%7D%7D";
         assert_eq!(shape(Endpoint::Sync, "GET", f).limit, Some(1000));
-        assert_eq!(
-            shape(Endpoint::Sync, "GET", "filter={\"limit\":5}").limit,
-            Some(5)
-        );
-        assert_eq!(
-            shape(Endpoint::Sync, "GET", "filter=0").limit,
-            None,
-            "a filter id"
-        );
+        assert_eq!(shape(Endpoint::Sync, "GET", "filter={\"limit\":5}").limit, Some(5));
+        assert_eq!(shape(Endpoint::Sync, "GET", "filter=0").limit, None, "a filter id");
     }
 
     #[test]
@@ -275,20 +249,13 @@ mod tests {
             "dir=b&from=%ff%fe&limit=1e9",
             long.as_str(),
         ] {
-            for e in [
-                Endpoint::Messages,
-                Endpoint::Sync,
-                Endpoint::RoomKeys,
-                Endpoint::Send,
-            ] {
+            for e in [Endpoint::Messages, Endpoint::Sync, Endpoint::RoomKeys, Endpoint::Send] {
                 let _ = shape(e, "GET", q);
             }
         }
         let mut noise = String::from("filter=%7B");
         for i in 0..5000u32 {
-            noise.push(char::from(
-                b"%\"limt:{} 0123456789A"[(i.wrapping_mul(2_654_435_761) >> 27) as usize % 21],
-            ));
+            noise.push(char::from(b"%\"limt:{} 0123456789A"[(i.wrapping_mul(2_654_435_761) >> 27) as usize % 21]));
         }
         let _ = shape(Endpoint::Sync, "GET", &noise);
     }

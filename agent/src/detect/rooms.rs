@@ -48,18 +48,10 @@ impl RoomTable {
                     self.entries = grown.into_boxed_slice();
                     self.entries.len() - 1
                 } else {
-                    (0..ROOMS)
-                        .min_by_key(|&i| self.entries.get(i).map_or(0, |e| e.last_s.max(1)))
-                        .unwrap_or(0)
+                    (0..ROOMS).min_by_key(|&i| self.entries.get(i).map_or(0, |e| e.last_s.max(1))).unwrap_or(0)
                 };
                 if let Some(e) = self.entries.get_mut(i) {
-                    *e = Entry {
-                        room,
-                        from: 0,
-                        depth: 0,
-                        first_s: now,
-                        last_s: now,
-                    };
+                    *e = Entry { room, from: 0, depth: 0, first_s: now, last_s: now };
                 }
                 i
             }
@@ -68,13 +60,7 @@ impl RoomTable {
             return 0;
         };
         if now.saturating_sub(e.last_s) > session_s {
-            *e = Entry {
-                room,
-                from: 0,
-                depth: 0,
-                first_s: now,
-                last_s: now,
-            };
+            *e = Entry { room, from: 0, depth: 0, first_s: now, last_s: now };
         }
         if from == 0 {
             // From the live end again: a new scroll, not a deeper one.
@@ -95,20 +81,12 @@ impl RoomTable {
 
     /// Rooms whose paging session started at or after `since`.
     pub fn started_since(&self, since: u32) -> u32 {
-        self.entries
-            .iter()
-            .filter(|e| e.room != 0 && e.first_s >= since)
-            .count() as u32
+        self.entries.iter().filter(|e| e.room != 0 && e.first_s >= since).count() as u32
     }
 
     /// Deepest session paged at or after `since`.
     pub fn max_depth_since(&self, since: u32) -> u16 {
-        self.entries
-            .iter()
-            .filter(|e| e.room != 0 && e.last_s >= since)
-            .map(|e| e.depth)
-            .max()
-            .unwrap_or(0)
+        self.entries.iter().filter(|e| e.room != 0 && e.last_s >= since).map(|e| e.depth).max().unwrap_or(0)
     }
 }
 

@@ -91,11 +91,7 @@ pub struct Population {
 impl Population {
     /// No population yet: the floors alone.
     pub fn floors(cfg: &DetectConfig) -> Self {
-        Population {
-            active: 0,
-            median: [0.0; POPULATION],
-            scale: cfg.population_floor_10m,
-        }
+        Population { active: 0, median: [0.0; POPULATION], scale: cfg.population_floor_10m }
     }
 
     /// Statistics from the active tokens' population features, one `Vec` per feature
@@ -114,9 +110,7 @@ impl Population {
             }
             let mad = median(col) * 1.4826;
             let floor = cfg.population_floor_10m.get(i).copied().unwrap_or(0.0);
-            let scale = (cfg.population_k * med)
-                .max(med + cfg.population_mads * mad)
-                .max(floor);
+            let scale = (cfg.population_k * med).max(med + cfg.population_mads * mad).max(floor);
             if let Some(m) = p.median.get_mut(i) {
                 *m = med;
             }
@@ -152,11 +146,7 @@ impl Evidence {
     }
 
     fn set(&mut self, r: Reason, v: f64, cap: f64) {
-        let v = if v.is_finite() {
-            v.clamp(0.0, cap.max(0.0))
-        } else {
-            0.0
-        };
+        let v = if v.is_finite() { v.clamp(0.0, cap.max(0.0)) } else { 0.0 };
         if let Some(slot) = self.0.get_mut(r as usize) {
             *slot = v;
         }
@@ -166,10 +156,7 @@ impl Evidence {
     pub fn reasons(&self) -> impl Iterator<Item = (Reason, f64)> + '_ {
         let mut order = Reason::ALL;
         order.sort_by(|a, b| self.get(*b).total_cmp(&self.get(*a)));
-        order
-            .into_iter()
-            .map(|r| (r, self.get(r)))
-            .filter(|(_, v)| *v > 0.0)
+        order.into_iter().map(|r| (r, self.get(r))).filter(|(_, v)| *v > 0.0)
     }
 }
 
@@ -178,12 +165,7 @@ fn max_of<const N: usize>(v: [f64; N]) -> f64 {
 }
 
 /// Score a token: its features, its baseline (expected per-minute rates), the population.
-pub fn evaluate(
-    f: &Features,
-    baseline: &[f32; BASELINE],
-    pop: &Population,
-    cfg: &DetectConfig,
-) -> Evidence {
+pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg: &DetectConfig) -> Evidence {
     let mut e = Evidence::default();
     let c = cfg;
 
@@ -209,51 +191,20 @@ pub fn evaluate(
         ]),
         1.0,
     );
-    e.set(
-        Reason::ContextWalk,
-        max_of([
-            c.context_1m.eval(f.context_1m),
-            c.context_10m.eval(f.context_10m),
-        ]),
-        1.0,
-    );
+    e.set(Reason::ContextWalk, max_of([c.context_1m.eval(f.context_1m), c.context_10m.eval(f.context_10m)]), 1.0);
     e.set(
         Reason::MediaSpree,
-        max_of([
-            c.media_1m.eval(f.media_1m),
-            c.media_10m.eval(f.media_10m),
-            c.media_bytes_10m.eval(f.media_bytes_10m),
-        ]),
+        max_of([c.media_1m.eval(f.media_1m), c.media_10m.eval(f.media_10m), c.media_bytes_10m.eval(f.media_bytes_10m)]),
         1.0,
     );
-    e.set(
-        Reason::SearchSweep,
-        max_of([
-            c.search_1m.eval(f.search_1m),
-            c.search_10m.eval(f.search_10m),
-        ]),
-        1.0,
-    );
-    let young = if f.young_key_read {
-        c.key_backup_young_weight
-    } else {
-        0.0
-    };
-    e.set(
-        Reason::KeyBackup,
-        young + c.key_reads_10m.eval(f.key_reads_10m),
-        1.0,
-    );
+    e.set(Reason::SearchSweep, max_of([c.search_1m.eval(f.search_1m), c.search_10m.eval(f.search_10m)]), 1.0);
+    let young = if f.young_key_read { c.key_backup_young_weight } else { 0.0 };
+    e.set(Reason::KeyBackup, young + c.key_reads_10m.eval(f.key_reads_10m), 1.0);
     e.set(Reason::FullSync, c.full_sync_10m.eval(f.full_sync_10m), 1.0);
 
     let mut new_client = 0.0;
     if let Some(late) = f.late_agent {
-        let mut w = c.new_agent_weight
-            + if late.concurrent {
-                c.concurrent_agent_weight
-            } else {
-                0.0
-            };
+        let mut w = c.new_agent_weight + if late.concurrent { c.concurrent_agent_weight } else { 0.0 };
         if late.syncs {
             w *= 0.5;
         }
@@ -274,22 +225,14 @@ pub fn evaluate(
     let mut deviation: f64 = 0.0;
     let seasoned = f.age_s >= c.baseline_min_age_s;
     for (i, rate) in baseline.iter().enumerate().filter(|_| seasoned) {
-        let x = BASELINE_IN_POPULATION
-            .get(i)
-            .and_then(|&j| pop_values.get(j))
-            .copied()
-            .unwrap_or(0.0);
+        let x = BASELINE_IN_POPULATION.get(i).and_then(|&j| pop_values.get(j)).copied().unwrap_or(0.0);
         let floor = c.baseline_floor_10m.get(i).copied().unwrap_or(0.0);
         let expected = (10.0 * f64::from(*rate)).max(floor);
         if expected > 0.0 {
             deviation = deviation.max(c.baseline_ratio.eval(x / expected).min(1.0));
         }
     }
-    e.set(
-        Reason::BaselineDeviation,
-        deviation * c.baseline_weight,
-        c.baseline_weight.min(0.99),
-    );
+    e.set(Reason::BaselineDeviation, deviation * c.baseline_weight, c.baseline_weight.min(0.99));
 
     let mut outlier: f64 = 0.0;
     for (x, scale) in pop_values.iter().zip(pop.scale) {
@@ -297,11 +240,7 @@ pub fn evaluate(
             outlier = outlier.max(c.population_ratio.eval(x / scale).min(1.0));
         }
     }
-    e.set(
-        Reason::PopulationOutlier,
-        outlier * c.population_weight,
-        c.population_weight.min(0.99),
-    );
+    e.set(Reason::PopulationOutlier, outlier * c.population_weight, c.population_weight.min(0.99));
 
     let over = |x: f64, ceiling: f64| x > ceiling;
     let ceiling = over(f.pages_1m, f64::from(c.ceil_pages_1m))
@@ -334,24 +273,16 @@ mod tests {
     }
 
     fn interactive() -> Features {
-        Features {
-            live: true,
-            ..Features::default()
-        }
+        Features { live: true, ..Features::default() }
     }
 
     #[test]
     fn reason_labels_are_distinct_snake_case() {
-        let labels: std::collections::BTreeSet<_> =
-            Reason::ALL.iter().map(|r| r.as_str()).collect();
+        let labels: std::collections::BTreeSet<_> = Reason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(labels.len(), REASONS);
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
-            assert!(
-                r.as_str()
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b == b'_')
-            );
+            assert!(r.as_str().bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
         }
     }
 
@@ -378,35 +309,16 @@ mod tests {
     fn corroborating_reasons_never_alert_alone() {
         let c = cfg();
         let f = Features {
-            late_agent: Some(super::super::clients::Late {
-                concurrent: true,
-                syncs: false,
-            }),
-            late_address: Some(super::super::clients::Late {
-                concurrent: true,
-                syncs: false,
-            }),
+            late_agent: Some(super::super::clients::Late { concurrent: true, syncs: false }),
+            late_address: Some(super::super::clients::Late { concurrent: true, syncs: false }),
             foreign_10m: 1000.0,
             reads_1m: 1000.0,
             ..Features::default()
         };
         let e = score(&f);
         assert!(e.get(Reason::NewClient) < 1.0 && e.get(Reason::Headless) < 1.0);
-        let crowd = Population {
-            active: 100,
-            median: [0.0; POPULATION],
-            scale: [1.0; POPULATION],
-        };
-        let e = evaluate(
-            &Features {
-                history_10m: 1e9,
-                live: true,
-                ..Features::default()
-            },
-            &[0.0; 4],
-            &crowd,
-            &c,
-        );
+        let crowd = Population { active: 100, median: [0.0; POPULATION], scale: [1.0; POPULATION] };
+        let e = evaluate(&Features { history_10m: 1e9, live: true, ..Features::default() }, &[0.0; 4], &crowd, &c);
         assert!(e.get(Reason::PopulationOutlier) < 1.0 && e.get(Reason::BaselineDeviation) < 1.0);
     }
 
@@ -414,34 +326,13 @@ mod tests {
     fn any_hard_ceiling_alerts_alone() {
         let c = cfg();
         let cases = [
-            Features {
-                pages_1m: f64::from(c.ceil_pages_1m) + 1.0,
-                ..interactive()
-            },
-            Features {
-                rooms_10m: f64::from(c.ceil_rooms_10m) + 1.0,
-                ..interactive()
-            },
-            Features {
-                depth: f64::from(c.ceil_depth) + 1.0,
-                ..interactive()
-            },
-            Features {
-                context_large_10m: f64::from(c.ceil_context_large_10m) + 1.0,
-                ..interactive()
-            },
-            Features {
-                search_10m: f64::from(c.ceil_search_10m) + 1.0,
-                ..interactive()
-            },
-            Features {
-                media_bytes_10m: c.ceil_media_bytes_10m as f64 + 1.0,
-                ..interactive()
-            },
-            Features {
-                bytes_1h: c.ceil_bytes_1h as f64 + 1.0,
-                ..interactive()
-            },
+            Features { pages_1m: f64::from(c.ceil_pages_1m) + 1.0, ..interactive() },
+            Features { rooms_10m: f64::from(c.ceil_rooms_10m) + 1.0, ..interactive() },
+            Features { depth: f64::from(c.ceil_depth) + 1.0, ..interactive() },
+            Features { context_large_10m: f64::from(c.ceil_context_large_10m) + 1.0, ..interactive() },
+            Features { search_10m: f64::from(c.ceil_search_10m) + 1.0, ..interactive() },
+            Features { media_bytes_10m: c.ceil_media_bytes_10m as f64 + 1.0, ..interactive() },
+            Features { bytes_1h: c.ceil_bytes_1h as f64 + 1.0, ..interactive() },
         ];
         for f in cases {
             assert!(score(&f).total() >= 1.0, "{f:?}");
@@ -460,12 +351,7 @@ mod tests {
             ..Features::default()
         };
         let c = cfg();
-        let e = evaluate(
-            &f,
-            &[f32::NAN, f32::INFINITY, 0.0, -1.0],
-            &Population::floors(&c),
-            &c,
-        );
+        let e = evaluate(&f, &[f32::NAN, f32::INFINITY, 0.0, -1.0], &Population::floors(&c), &c);
         assert!(e.total().is_finite());
     }
 
@@ -481,16 +367,8 @@ mod tests {
         let mut busy: [Vec<f64>; POPULATION] =
             std::array::from_fn(|_| (0..100).map(|i| f64::from(i % 10) * 20.0).collect());
         let p = Population::compute(&mut busy, &c);
-        assert!(
-            p.scale
-                .first()
-                .is_some_and(|&s| s > c.population_floor_10m[0]),
-            "{p:?}"
-        );
+        assert!(p.scale.first().is_some_and(|&s| s > c.population_floor_10m[0]), "{p:?}");
         let mut few: [Vec<f64>; POPULATION] = std::array::from_fn(|_| vec![1000.0; 3]);
-        assert_eq!(
-            Population::compute(&mut few, &c).scale,
-            c.population_floor_10m
-        );
+        assert_eq!(Population::compute(&mut few, &c).scale, c.population_floor_10m);
     }
 }

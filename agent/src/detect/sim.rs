@@ -94,11 +94,7 @@ pub struct Client {
 
 impl Client {
     pub fn new(token: TokenLabel, ua: &str) -> Self {
-        Client {
-            token,
-            ua: ua.to_owned(),
-            xff: None,
-        }
+        Client { token, ua: ua.to_owned(), xff: None }
     }
 
     pub fn req(
@@ -196,25 +192,11 @@ fn poisson(rng: &mut Rng, per_min: f64, start: f64, end: f64) -> Vec<f64> {
 }
 
 /// An Element-like session from `start` to `end`.
-pub fn element_user(
-    rng: &mut Rng,
-    c: &Client,
-    rooms: &[String],
-    start: f64,
-    end: f64,
-    p: &Profile,
-) -> Vec<Req> {
+pub fn element_user(rng: &mut Rng, c: &Client, rooms: &[String], start: f64, end: f64, p: &Profile) -> Vec<Req> {
     let mut out = Vec::new();
     let any_room = |rng: &mut Rng| Some(rng.pick(rooms).clone());
     // Sync: an initial sync, then incremental long-polls returning every 1-30 s.
-    out.push(c.req(
-        start,
-        Endpoint::Sync,
-        "GET",
-        None,
-        "filter=0&timeout=0".into(),
-        200_000,
-    ));
+    out.push(c.req(start, Endpoint::Sync, "GET", None, "filter=0&timeout=0".into(), 200_000));
     let mut t = start + rng.uniform(0.5, 3.0);
     let mut n = 0;
     while t < end {
@@ -233,22 +215,8 @@ pub fn element_user(
         let r = any_room(rng);
         out.push(c.req(t, Endpoint::Send, "PUT", r.as_deref(), String::new(), 120));
         // Typing before, a receipt after.
-        out.push(c.req(
-            t - 2.0_f64.min(t - start),
-            Endpoint::Other,
-            "PUT",
-            r.as_deref(),
-            String::new(),
-            60,
-        ));
-        out.push(c.req(
-            t + 0.2,
-            Endpoint::Other,
-            "POST",
-            r.as_deref(),
-            String::new(),
-            60,
-        ));
+        out.push(c.req(t - 2.0_f64.min(t - start), Endpoint::Other, "PUT", r.as_deref(), String::new(), 60));
+        out.push(c.req(t + 0.2, Endpoint::Other, "POST", r.as_deref(), String::new(), 60));
     }
     for t in poisson(rng, 0.5, start, end) {
         out.push(c.req(t, Endpoint::Keys, "POST", None, String::new(), 2_000));
@@ -263,30 +231,14 @@ pub fn element_user(
         for _ in 0..rng.int(p.scroll_rooms.0, p.scroll_rooms.1) {
             let r = any_room(rng);
             if rng.chance(0.5) {
-                out.push(c.req(
-                    t,
-                    Endpoint::Members,
-                    "GET",
-                    r.as_deref(),
-                    "not_membership=leave".into(),
-                    8_000,
-                ));
+                out.push(c.req(t, Endpoint::Members, "GET", r.as_deref(), "not_membership=leave".into(), 8_000));
                 t += rng.uniform(0.2, 1.0);
             }
             let tag = rng.next_u64() % 100_000;
             for depth in 0..rng.int(p.scroll_pages.0, p.scroll_pages.1) {
                 let limit = rng.int(p.limit.0, p.limit.1);
-                let q = format!(
-                    "dir=b&from=t{tag}_{depth}&limit={limit}&filter=%7B%22lazy_load_members%22%3Atrue%7D"
-                );
-                out.push(c.req(
-                    t,
-                    Endpoint::Messages,
-                    "GET",
-                    r.as_deref(),
-                    q,
-                    u64::from(limit) * 700,
-                ));
+                let q = format!("dir=b&from=t{tag}_{depth}&limit={limit}&filter=%7B%22lazy_load_members%22%3Atrue%7D");
+                out.push(c.req(t, Endpoint::Messages, "GET", r.as_deref(), q, u64::from(limit) * 700));
                 t += rng.uniform(0.5, 3.0);
             }
             t += rng.uniform(3.0, 20.0);
@@ -295,14 +247,7 @@ pub fn element_user(
     }
     for t in poisson(rng, p.members, start, end) {
         let r = any_room(rng);
-        out.push(c.req(
-            t,
-            Endpoint::Members,
-            "GET",
-            r.as_deref(),
-            "not_membership=leave".into(),
-            8_000,
-        ));
+        out.push(c.req(t, Endpoint::Members, "GET", r.as_deref(), "not_membership=leave".into(), 8_000));
     }
     for (per_min, endpoint) in [(0.1, Endpoint::State), (0.1, Endpoint::Event)] {
         for t in poisson(rng, per_min, start, end) {
@@ -321,26 +266,12 @@ pub fn element_user(
         ));
     }
     for t in poisson(rng, p.downloads, start, end) {
-        out.push(c.req(
-            t,
-            Endpoint::MediaDownload,
-            "GET",
-            None,
-            String::new(),
-            rng.int(50_000, 3_000_000).into(),
-        ));
+        out.push(c.req(t, Endpoint::MediaDownload, "GET", None, String::new(), rng.int(50_000, 3_000_000).into()));
     }
     for t in poisson(rng, p.bursts, start, end) {
         let mut t = t;
         for _ in 0..rng.int(p.burst.0, p.burst.1) {
-            out.push(c.req(
-                t,
-                Endpoint::MediaDownload,
-                "GET",
-                None,
-                String::new(),
-                rng.int(50_000, 3_000_000).into(),
-            ));
+            out.push(c.req(t, Endpoint::MediaDownload, "GET", None, String::new(), rng.int(50_000, 3_000_000).into()));
             t += rng.uniform(0.05, 0.5);
         }
     }
@@ -350,11 +281,7 @@ pub fn element_user(
     for t in poisson(rng, p.searches, start, end) {
         let mut t = t;
         for page in 0..rng.int(1, 3) {
-            let q = if page == 0 {
-                String::new()
-            } else {
-                format!("next_batch=b{page}")
-            };
+            let q = if page == 0 { String::new() } else { format!("next_batch=b{page}") };
             out.push(c.req(t, Endpoint::Search, "POST", None, q, 20_000));
             t += rng.uniform(1.0, 3.0);
         }
@@ -366,14 +293,7 @@ pub fn element_user(
     }
     if p.key_backup_restore {
         let t = start + rng.uniform(5.0, 60.0);
-        out.push(c.req(
-            t,
-            Endpoint::RoomKeys,
-            "GET",
-            None,
-            "version=1".into(),
-            400_000,
-        ));
+        out.push(c.req(t, Endpoint::RoomKeys, "GET", None, "version=1".into(), 400_000));
     }
     out.retain(|r| r.at >= start && r.at < end);
     out
@@ -388,14 +308,7 @@ pub struct Pace {
 
 /// Paging every room to its start: `/joined_rooms`, then per room `/members` and
 /// `/messages` pages following `from` until the room (30-300 events) is exhausted.
-pub fn scrape(
-    rng: &mut Rng,
-    c: &Client,
-    rooms: &[String],
-    start: f64,
-    pace: Pace,
-    limits: &[u32],
-) -> Vec<Req> {
+pub fn scrape(rng: &mut Rng, c: &Client, rooms: &[String], start: f64, pace: Pace, limits: &[u32]) -> Vec<Req> {
     let mut out = Vec::new();
     let mut t = start;
     out.push(c.req(t, Endpoint::JoinedRooms, "GET", None, String::new(), 2_000));
@@ -412,47 +325,22 @@ pub fn scrape(
             } else {
                 format!("dir=b&from=t{}_{page}&limit={limit}", rng.next_u64() % 1000)
             };
-            let events = if page + 1 == pages {
-                size % limit
-            } else {
-                limit
-            };
-            out.push(c.req(
-                t,
-                Endpoint::Messages,
-                "GET",
-                Some(r),
-                q,
-                u64::from(events) * 900 + 100,
-            ));
+            let events = if page + 1 == pages { size % limit } else { limit };
+            out.push(c.req(t, Endpoint::Messages, "GET", Some(r), q, u64::from(events) * 900 + 100));
         }
     }
     out
 }
 
 /// `/context` with a large limit, hopping from room to room.
-pub fn context_walk(
-    rng: &mut Rng,
-    c: &Client,
-    rooms: &[String],
-    start: f64,
-    pace: Pace,
-    steps: u32,
-) -> Vec<Req> {
+pub fn context_walk(rng: &mut Rng, c: &Client, rooms: &[String], start: f64, pace: Pace, steps: u32) -> Vec<Req> {
     let mut t = start;
     (0..steps)
         .map(|_| {
             t += rng.uniform(pace.gap.0, pace.gap.1);
             let r = rng.pick(rooms).clone();
             let limit = rng.int(100, 500);
-            c.req(
-                t,
-                Endpoint::Context,
-                "GET",
-                Some(&r),
-                format!("limit={limit}"),
-                u64::from(limit) * 900,
-            )
+            c.req(t, Endpoint::Context, "GET", Some(&r), format!("limit={limit}"), u64::from(limit) * 900)
         })
         .collect()
 }
@@ -463,14 +351,7 @@ pub fn media_spree(rng: &mut Rng, c: &Client, start: f64, pace: Pace, items: u32
     (0..items)
         .map(|_| {
             t += rng.uniform(pace.gap.0, pace.gap.1);
-            c.req(
-                t,
-                Endpoint::MediaDownload,
-                "GET",
-                None,
-                String::new(),
-                rng.int(10_000, 2_000_000).into(),
-            )
+            c.req(t, Endpoint::MediaDownload, "GET", None, String::new(), rng.int(10_000, 2_000_000).into())
         })
         .collect()
 }
@@ -484,14 +365,7 @@ pub fn search_sweep(rng: &mut Rng, c: &Client, start: f64, pace: Pace, terms: u3
         out.push(c.req(t, Endpoint::Search, "POST", None, String::new(), 30_000));
         if rng.chance(0.3) {
             t += rng.uniform(pace.gap.0, pace.gap.1);
-            out.push(c.req(
-                t,
-                Endpoint::Search,
-                "POST",
-                None,
-                "next_batch=x".into(),
-                30_000,
-            ));
+            out.push(c.req(t, Endpoint::Search, "POST", None, "next_batch=x".into(), 30_000));
         }
     }
     out
@@ -515,27 +389,16 @@ pub fn world(rng: &mut Rng, normals: u32, rooms: u32, start: f64, end: f64) -> W
         if mine.len() < 5 {
             mine = all.iter().take(5).cloned().collect();
         }
-        let mut c = Client::new(
-            label(u64::from(i) + 1),
-            &format!("Mozilla/5.0 Element/1.11.{i}"),
-        );
+        let mut c = Client::new(label(u64::from(i) + 1), &format!("Mozilla/5.0 Element/1.11.{i}"));
         c.xff = Some(format!("203.0.113.{}", i + 1));
-        let mut p = if heavy {
-            Profile::heavy()
-        } else {
-            Profile::normal()
-        };
+        let mut p = if heavy { Profile::heavy() } else { Profile::normal() };
         p.key_backup_restore = i == 1;
         // Sessions start within the first minute, like clients coming back online.
         let s = start + rng.uniform(0.0, 60.0);
         reqs.extend(element_user(rng, &c, &mine, s, end, &p));
         users.push((c, mine));
     }
-    World {
-        rooms: all,
-        users,
-        reqs,
-    }
+    World { rooms: all, users, reqs }
 }
 
 /// What a run saw.
@@ -594,17 +457,9 @@ pub fn seen<'a>(
     forwarded_for: Option<&'a [u8]>,
 ) -> RequestSeen<'a> {
     RequestSeen {
-        conn: ConnKey {
-            vantage: Vantage::Socket,
-            id: 1,
-            generation: 1,
-        },
+        conn: ConnKey { vantage: Vantage::Socket, id: 1, generation: 1 },
         at_ns: 0,
-        attribution: Attribution {
-            token,
-            endpoint,
-            vantage: Vantage::Socket,
-        },
+        attribution: Attribution { token, endpoint, vantage: Vantage::Socket },
         method,
         room_id,
         query,

@@ -22,23 +22,13 @@ fn population(seed: u64, end: f64) -> (Rng, World) {
 fn assert_no_user_alerts(w: &World, out: &sim::Outcome, what: &str) {
     for (c, _) in &w.users {
         let max = out.max(c.token);
-        assert!(
-            max < 1.0,
-            "{what}: user {} reached {max:.2}: {:?}",
-            c.ua,
-            out.max_reasons.get(&c.token)
-        );
+        assert!(max < 1.0, "{what}: user {} reached {max:.2}: {:?}", c.ua, out.max_reasons.get(&c.token));
     }
 }
 
 /// Runs `attack` (requests of `attacker`) inside a population from `start`; returns the
 /// seconds from the attack's first request to the first tick scoring it at 1.0 or more.
-fn detect(
-    seed: u64,
-    start: f64,
-    attacker: TokenLabel,
-    attack: impl FnOnce(&mut Rng, &World) -> Vec<sim::Req>,
-) -> f64 {
+fn detect(seed: u64, start: f64, attacker: TokenLabel, attack: impl FnOnce(&mut Rng, &World) -> Vec<sim::Req>) -> f64 {
     let end = start + 180.0;
     let (mut rng, mut w) = population(seed, end);
     let reqs = attack(&mut rng, &w);
@@ -57,11 +47,7 @@ fn detect(
             );
         }
     }
-    let at = out
-        .first_alert
-        .get(&attacker)
-        .copied()
-        .unwrap_or(f64::INFINITY);
+    let at = out.first_alert.get(&attacker).copied().unwrap_or(f64::INFINITY);
     let delay = at - first;
     assert!(
         delay <= 60.0,
@@ -74,32 +60,17 @@ fn detect(
 
 /// Detection delays over every seed, with the attack starting 10 minutes into the run and,
 /// for fresh-token attacks, also 5 seconds into it (the agent just started).
-fn delays(
-    fresh: bool,
-    attacker: TokenLabel,
-    attack: impl Fn(&mut Rng, &World, f64) -> Vec<sim::Req>,
-) -> Vec<f64> {
+fn delays(fresh: bool, attacker: TokenLabel, attack: impl Fn(&mut Rng, &World, f64) -> Vec<sim::Req>) -> Vec<f64> {
     let mut v = Vec::new();
     for seed in SEEDS {
-        let starts: &[f64] = if fresh {
-            &[T0 + 600.0, T0 + 5.0]
-        } else {
-            &[T0 + 600.0]
-        };
+        let starts: &[f64] = if fresh { &[T0 + 600.0, T0 + 5.0] } else { &[T0 + 600.0] };
         for &start in starts {
-            v.push(detect(seed, start, attacker, |rng, w| {
-                attack(rng, w, start)
-            }));
+            v.push(detect(seed, start, attacker, |rng, w| attack(rng, w, start)));
         }
     }
     let mut sorted = v.clone();
     sorted.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        sorted
-            .get(((sorted.len() - 1) as f64 * q) as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let at = |q: f64| sorted.get(((sorted.len() - 1) as f64 * q) as usize).copied().unwrap_or(0.0);
     eprintln!(
         "time to detect over {} runs: best {:.0} s, median {:.0} s, worst {:.0} s",
         v.len(),
@@ -123,18 +94,9 @@ fn a_dozen_element_users_and_a_heavy_user_never_alert_in_30_minutes() {
         let (_, w) = population(seed, end);
         let (_, out) = sim::run(w.reqs.clone(), T0, end, cfg());
         assert_no_user_alerts(&w, &out, &format!("seed {seed}"));
-        let heavy = w
-            .users
-            .last()
-            .map(|(c, _)| c.token)
-            .unwrap_or(sim::label(0));
-        let worst = w
-            .users
-            .iter()
-            .rev()
-            .skip(1)
-            .map(|(c, _)| c.token)
-            .max_by(|a, b| out.max(*a).total_cmp(&out.max(*b)));
+        let heavy = w.users.last().map(|(c, _)| c.token).unwrap_or(sim::label(0));
+        let worst =
+            w.users.iter().rev().skip(1).map(|(c, _)| c.token).max_by(|a, b| out.max(*a).total_cmp(&out.max(*b)));
         let worst = worst.unwrap_or(heavy);
         eprintln!(
             "seed {seed}: worst normal {:.2} {:?}; heavy {:.2} {:?}",
@@ -151,26 +113,12 @@ fn new_tokens_start_from_a_typical_baseline_and_do_not_score_for_being_new() {
     let mut d = Detector::new(cfg());
     let c = Client::new(sim::label(7), "Element");
     let mut rng = Rng::new(3);
-    let reqs = sim::element_user(
-        &mut rng,
-        &c,
-        &[sim::room(1), sim::room(2)],
-        T0,
-        T0 + 120.0,
-        &sim::Profile::normal(),
-    );
+    let reqs = sim::element_user(&mut rng, &c, &[sim::room(1), sim::room(2)], T0, T0 + 120.0, &sim::Profile::normal());
     sim::feed(&mut d, reqs.first().expect("a request"));
     d.tick(T0 + 1.0);
     let t = d.tokens.get(&c.token).expect("tracked");
-    assert_eq!(
-        t.baseline.rate.map(f64::from),
-        cfg().baseline_prior.map(|p| f64::from(p as f32))
-    );
-    assert_eq!(
-        d.scores().count(),
-        0,
-        "a new token with one sync has no score"
-    );
+    assert_eq!(t.baseline.rate.map(f64::from), cfg().baseline_prior.map(|p| f64::from(p as f32)));
+    assert_eq!(d.scores().count(), 0, "a new token with one sync has no score");
     for r in &reqs {
         sim::feed(&mut d, r);
     }
@@ -189,11 +137,7 @@ fn a_long_lived_token_is_judged_against_its_own_past() {
     let burst_at = T0 + 7200.0;
     let mut reqs = Vec::new();
     for c in [&quiet, &busy, &fresh] {
-        let from = if c.token == fresh.token {
-            burst_at - 30.0
-        } else {
-            T0
-        };
+        let from = if c.token == fresh.token { burst_at - 30.0 } else { T0 };
         let mut t = from;
         while t < burst_at + 600.0 {
             reqs.push(c.req(t, Endpoint::Sync, "GET", None, "since=s1".into(), 2_000));
@@ -201,38 +145,18 @@ fn a_long_lived_token_is_judged_against_its_own_past() {
         }
         for i in 0..150 {
             let at = burst_at + f64::from(i) * 4.0;
-            reqs.push(c.req(
-                at,
-                Endpoint::Messages,
-                "GET",
-                Some(&room),
-                "dir=b&limit=50".into(),
-                30_000,
-            ));
+            reqs.push(c.req(at, Endpoint::Messages, "GET", Some(&room), "dir=b&limit=50".into(), 30_000));
         }
     }
     let mut t = T0;
     while t < burst_at {
-        reqs.push(busy.req(
-            t,
-            Endpoint::Messages,
-            "GET",
-            Some(&room),
-            "dir=b&limit=50".into(),
-            30_000,
-        ));
+        reqs.push(busy.req(t, Endpoint::Messages, "GET", Some(&room), "dir=b&limit=50".into(), 30_000));
         t += 30.0;
     }
     let (d, _) = sim::run(reqs, T0, burst_at + 599.0, cfg());
     let deviation = |c: &Client| {
         let s = d.scores().find(|s| s.token == c.token);
-        s.and_then(|s| {
-            s.reasons
-                .iter()
-                .find(|(r, _)| *r == "baseline_deviation")
-                .map(|(_, v)| *v)
-        })
-        .unwrap_or(0.0)
+        s.and_then(|s| s.reasons.iter().find(|(r, _)| *r == "baseline_deviation").map(|(_, v)| *v)).unwrap_or(0.0)
     };
     let (q, b, f) = (deviation(&quiet), deviation(&busy), deviation(&fresh));
     eprintln!("baseline_deviation: quiet {q:.2}, busy {b:.2}, fresh {f:.2}");
@@ -247,14 +171,7 @@ fn fast_scrape_of_every_room_with_large_limits_alerts_within_seconds() {
     let c = attacker("python-requests/2.31.0");
     let v = delays(true, c.token, |rng, w, start| {
         let n = rng.int(10, 25) as usize;
-        sim::scrape(
-            rng,
-            &c,
-            &w.rooms[..n],
-            start,
-            Pace { gap: (0.05, 0.3) },
-            &[100, 200, 500, 1000],
-        )
+        sim::scrape(rng, &c, &w.rooms[..n], start, Pace { gap: (0.05, 0.3) }, &[100, 200, 500, 1000])
     });
     assert!(v.iter().all(|&d| d <= 10.0), "{v:?}");
 }
@@ -263,14 +180,7 @@ fn fast_scrape_of_every_room_with_large_limits_alerts_within_seconds() {
 fn slow_scrape_of_one_request_every_few_seconds_alerts_within_a_minute() {
     let c = attacker("python-requests/2.31.0");
     delays(true, c.token, |rng, w, start| {
-        sim::scrape(
-            rng,
-            &c,
-            &w.rooms,
-            start,
-            Pace { gap: (2.0, 4.0) },
-            &[100, 250, 500, 1000],
-        )
+        sim::scrape(rng, &c, &w.rooms, start, Pace { gap: (2.0, 4.0) }, &[100, 250, 500, 1000])
     });
 }
 
@@ -278,9 +188,7 @@ fn slow_scrape_of_one_request_every_few_seconds_alerts_within_a_minute() {
 fn slowest_scrape_with_the_smallest_large_limit_still_alerts_within_a_minute() {
     // One request every 4 s (15 in the first minute), limit 100 throughout.
     let c = attacker("Mozilla/5.0");
-    delays(true, c.token, |rng, w, start| {
-        sim::scrape(rng, &c, &w.rooms, start, Pace { gap: (3.9, 4.0) }, &[100])
-    });
+    delays(true, c.token, |rng, w, start| sim::scrape(rng, &c, &w.rooms, start, Pace { gap: (3.9, 4.0) }, &[100]));
 }
 
 #[test]
@@ -294,11 +202,7 @@ fn stolen_token_paging_next_to_its_victim_alerts_the_victims_token() {
         delays(false, victim, |rng, w, start| {
             let (v, _) = w.users.first().expect("a victim");
             let mut script = Client::new(v.token, "python-requests/2.31.0");
-            script.xff = if new_address {
-                Some("198.51.100.23".into())
-            } else {
-                v.xff.clone()
-            };
+            script.xff = if new_address { Some("198.51.100.23".into()) } else { v.xff.clone() };
             sim::scrape(rng, &script, &w.rooms, start, pace, limits)
         });
     }
@@ -307,9 +211,7 @@ fn stolen_token_paging_next_to_its_victim_alerts_the_victims_token() {
 #[test]
 fn context_walk_with_large_limits_across_rooms_alerts_within_a_minute() {
     let c = attacker("python-requests/2.31.0");
-    delays(true, c.token, |rng, w, start| {
-        sim::context_walk(rng, &c, &w.rooms, start, Pace { gap: (0.5, 3.0) }, 100)
-    });
+    delays(true, c.token, |rng, w, start| sim::context_walk(rng, &c, &w.rooms, start, Pace { gap: (0.5, 3.0) }, 100));
 }
 
 #[test]
@@ -391,7 +293,8 @@ fn per_token_state_is_small_for_ordinary_tokens_and_bounded_for_any() {
         let q = format!("dir=b&from=t{}&limit={}", rng.next_u64(), rng.int(1, 5000));
         let at = T0 + f64::from(i) * 0.1;
         sim::feed(&mut d, &c.req(at, Endpoint::Messages, "GET", Some(&r), q, 1000));
-        let kinds = [Endpoint::Context, Endpoint::Search, Endpoint::Members, Endpoint::MediaDownload, Endpoint::MediaUpload];
+        let kinds =
+            [Endpoint::Context, Endpoint::Search, Endpoint::Members, Endpoint::MediaDownload, Endpoint::MediaUpload];
         let e = kinds[i as usize % kinds.len()];
         sim::feed(&mut d, &c.req(at, e, "GET", Some(&r), "limit=200".into(), 70_000 + u64::from(i)));
         largest = largest.max(d.tokens.values().map(|t| token_bytes(t)).max().unwrap_or(0));
@@ -404,41 +307,22 @@ fn per_token_state_is_small_for_ordinary_tokens_and_bounded_for_any() {
 
 #[test]
 fn idle_tokens_expire_but_recent_alerts_are_remembered() {
-    let mut d = Detector::new(DetectConfig {
-        idle_expiry_s: 600.0,
-        alert_memory_s: 1200.0,
-        ..cfg()
-    });
+    let mut d = Detector::new(DetectConfig { idle_expiry_s: 600.0, alert_memory_s: 1200.0, ..cfg() });
     let quiet = Client::new(sim::label(1), "Element");
-    sim::feed(
-        &mut d,
-        &quiet.req(T0, Endpoint::Sync, "GET", None, "since=s1".into(), 100),
-    );
+    sim::feed(&mut d, &quiet.req(T0, Endpoint::Sync, "GET", None, "since=s1".into(), 100));
     let bad = attacker("curl/8");
     let mut rng = Rng::new(1);
-    for r in sim::scrape(
-        &mut rng,
-        &bad,
-        &(0..25).map(sim::room).collect::<Vec<_>>(),
-        T0,
-        Pace { gap: (0.1, 0.2) },
-        &[1000],
-    ) {
+    for r in
+        sim::scrape(&mut rng, &bad, &(0..25).map(sim::room).collect::<Vec<_>>(), T0, Pace { gap: (0.1, 0.2) }, &[1000])
+    {
         sim::feed(&mut d, &r);
     }
     d.tick(T0 + 30.0);
     assert!(d.suspects().any(|t| t == bad.token));
     assert_eq!(d.tracked_tokens(), 2);
     d.tick(T0 + 700.0);
-    assert_eq!(
-        d.tracked_tokens(),
-        1,
-        "the quiet token expired; the attacker is remembered"
-    );
-    assert!(
-        d.scores().any(|s| s.token == bad.token),
-        "an alert stays listed"
-    );
+    assert_eq!(d.tracked_tokens(), 1, "the quiet token expired; the attacker is remembered");
+    assert!(d.scores().any(|s| s.token == bad.token), "an alert stays listed");
     assert!(d.suspects().any(|t| t == bad.token), "and keeps its series");
     // The 1-hour window may renew the alert at 700 s: 1200 s after the latest renewal at most.
     d.tick(T0 + 700.0 + 1201.0);
@@ -453,14 +337,9 @@ fn scores_list_reasons_largest_first_and_suspects_include_pinned_tokens() {
     let mut d = Detector::new(cfg());
     let bad = attacker("curl/8");
     let mut rng = Rng::new(2);
-    for r in sim::scrape(
-        &mut rng,
-        &bad,
-        &(0..25).map(sim::room).collect::<Vec<_>>(),
-        T0,
-        Pace { gap: (0.1, 0.2) },
-        &[500],
-    ) {
+    for r in
+        sim::scrape(&mut rng, &bad, &(0..25).map(sim::room).collect::<Vec<_>>(), T0, Pace { gap: (0.1, 0.2) }, &[500])
+    {
         sim::feed(&mut d, &r);
     }
     d.tick(T0 + 20.0);
@@ -468,64 +347,33 @@ fn scores_list_reasons_largest_first_and_suspects_include_pinned_tokens() {
     assert_eq!(s.token, bad.token);
     assert!(s.score >= 1.0);
     let total: f64 = s.reasons.iter().map(|(_, v)| v).sum();
-    assert!(
-        (total - s.score).abs() < 1e-9,
-        "the score is the sum of its reasons"
-    );
+    assert!((total - s.score).abs() < 1e-9, "the score is the sum of its reasons");
     assert!(s.reasons.windows(2).all(|w| w[0].1 >= w[1].1));
     let labels: Vec<_> = s.reasons.iter().map(|(l, _)| *l).collect();
-    assert!(
-        labels.contains(&"history_paging") && labels.contains(&"hard_ceiling"),
-        "{labels:?}"
-    );
-    assert!(
-        labels
-            .iter()
-            .all(|l| Reason::ALL.iter().any(|r| r.as_str() == *l))
-    );
+    assert!(labels.contains(&"history_paging") && labels.contains(&"hard_ceiling"), "{labels:?}");
+    assert!(labels.iter().all(|l| Reason::ALL.iter().any(|r| r.as_str() == *l)));
     assert_eq!(d.suspects().collect::<Vec<_>>(), vec![bad.token]);
     assert!(d.is_suspect(&bad.token) && !d.is_suspect(&sim::label(12345)));
 }
 
 #[test]
 fn the_token_table_is_bounded_and_keeps_suspects_when_full() {
-    let mut d = Detector::new(DetectConfig {
-        max_tokens: 64,
-        ..cfg()
-    });
+    let mut d = Detector::new(DetectConfig { max_tokens: 64, ..cfg() });
     let bad = attacker("curl/8");
     let mut rng = Rng::new(2);
-    for r in sim::scrape(
-        &mut rng,
-        &bad,
-        &(0..25).map(sim::room).collect::<Vec<_>>(),
-        T0,
-        Pace { gap: (0.1, 0.2) },
-        &[500],
-    ) {
+    for r in
+        sim::scrape(&mut rng, &bad, &(0..25).map(sim::room).collect::<Vec<_>>(), T0, Pace { gap: (0.1, 0.2) }, &[500])
+    {
         sim::feed(&mut d, &r);
     }
     d.tick(T0 + 20.0);
     for i in 0..10_000u64 {
         let c = Client::new(sim::label(100 + i), "Element");
-        sim::feed(
-            &mut d,
-            &c.req(
-                T0 + 21.0 + i as f64 * 0.01,
-                Endpoint::Sync,
-                "GET",
-                None,
-                String::new(),
-                100,
-            ),
-        );
+        sim::feed(&mut d, &c.req(T0 + 21.0 + i as f64 * 0.01, Endpoint::Sync, "GET", None, String::new(), 100));
         assert!(d.tracked_tokens() <= 64);
     }
     d.tick(T0 + 200.0);
-    assert!(
-        d.suspects().any(|t| t == bad.token),
-        "a flood of new tokens does not evict a suspect"
-    );
+    assert!(d.suspects().any(|t| t == bad.token), "a flood of new tokens does not evict a suspect");
     assert!(d.stats().tokens_evicted > 0);
 }
 
@@ -542,9 +390,7 @@ fn hostile_input_never_panics_and_never_scores_nan() {
         }
         let query = String::from_utf8_lossy(&buf).into_owned();
         let endpoint = *rng.pick(Endpoint::ALL);
-        let ua: Vec<u8> = (0..rng.int(0, 3000))
-            .map(|_| rng.next_u64() as u8)
-            .collect();
+        let ua: Vec<u8> = (0..rng.int(0, 3000)).map(|_| rng.next_u64() as u8).collect();
         let req = sim::seen(
             Some(sim::label(u64::from(i % 7))),
             endpoint,
@@ -569,10 +415,7 @@ fn hostile_input_never_panics_and_never_scores_nan() {
     }
     d.tick(f64::NAN);
     for s in d.scores() {
-        assert!(
-            s.score.is_finite() && s.reasons.iter().all(|(_, v)| v.is_finite()),
-            "{s:?}"
-        );
+        assert!(s.score.is_finite() && s.reasons.iter().all(|(_, v)| v.is_finite()), "{s:?}");
     }
     // Requests without a token are not tracked.
     let anon = sim::seen(None, Endpoint::Messages, "GET", None, "", None, None);
@@ -597,14 +440,7 @@ fn a_config_with_nonsense_values_does_not_panic() {
         ..cfg()
     };
     let (mut rng, w) = population(1, T0 + 120.0);
-    let extra = sim::scrape(
-        &mut rng,
-        &attacker("x"),
-        &w.rooms,
-        T0 + 10.0,
-        Pace { gap: (0.1, 0.2) },
-        &[1000],
-    );
+    let extra = sim::scrape(&mut rng, &attacker("x"), &w.rooms, T0 + 10.0, Pace { gap: (0.1, 0.2) }, &[1000]);
     let mut reqs = w.reqs;
     reqs.extend(extra);
     let (d, _) = sim::run(reqs, T0, T0 + 120.0, bad);
@@ -642,37 +478,14 @@ fn a_tick_over_ten_thousand_active_tokens_is_cheap() {
     for i in 0..10_000u64 {
         let c = Client::new(sim::label(i + 1), "Element");
         let at = T0 + (i % 60) as f64;
-        sim::feed(
-            &mut d,
-            &c.req(at, Endpoint::Sync, "GET", None, "since=s1".into(), 2_000),
-        );
-        sim::feed(
-            &mut d,
-            &c.req(
-                at,
-                Endpoint::Messages,
-                "GET",
-                Some(&room),
-                "dir=b&limit=20".into(),
-                20_000,
-            ),
-        );
+        sim::feed(&mut d, &c.req(at, Endpoint::Sync, "GET", None, "since=s1".into(), 2_000));
+        sim::feed(&mut d, &c.req(at, Endpoint::Messages, "GET", Some(&room), "dir=b&limit=20".into(), 20_000));
     }
     d.tick(T0 + 60.0);
     // Every token active again: the worst case, all of them rescored.
     for i in 0..10_000u64 {
         let c = Client::new(sim::label(i + 1), "Element");
-        sim::feed(
-            &mut d,
-            &c.req(
-                T0 + 61.0,
-                Endpoint::Send,
-                "PUT",
-                Some(&room),
-                String::new(),
-                100,
-            ),
-        );
+        sim::feed(&mut d, &c.req(T0 + 61.0, Endpoint::Send, "PUT", Some(&room), String::new(), 100));
     }
     let started = std::time::Instant::now();
     d.tick(T0 + 70.0);

@@ -208,11 +208,7 @@ impl Totals {
             }
             Slot::Bytes(b, high) => {
                 if let Some(t) = self.bytes.get_mut(b as usize) {
-                    let v = if high {
-                        u64::from(value) << 16
-                    } else {
-                        u64::from(value)
-                    };
+                    let v = if high { u64::from(value) << 16 } else { u64::from(value) };
                     *t = t.saturating_add(v);
                 }
             }
@@ -256,10 +252,7 @@ pub const EXTRA_BITS: u32 = EXTRA_KEY_BITS + 16;
 
 impl Rings {
     pub fn new(now: u32) -> Self {
-        Rings {
-            head_s: now,
-            cells: Box::default(),
-        }
+        Rings { head_s: now, cells: Box::default() }
     }
 
     pub fn head_s(&self) -> u32 {
@@ -384,10 +377,7 @@ impl Rings {
     }
 
     fn extra_cell(payload: u32) -> Cell {
-        Cell {
-            key: EXTRA_TAG | ((payload >> 16) as u16 & ((1 << EXTRA_KEY_BITS) - 1)),
-            value: payload as u16,
-        }
+        Cell { key: EXTRA_TAG | ((payload >> 16) as u16 & ((1 << EXTRA_KEY_BITS) - 1)), value: payload as u16 }
     }
 
     /// Live cells into a slice of `len` (at least as many).

@@ -45,8 +45,7 @@ static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(MAX_CONNS
 /// Where each thread's current receive lands. LRU: a thread that exits leaves its entry to be
 /// evicted; the next `sys_enter_*` of the same thread overwrites it.
 #[map]
-static PENDING_READS: LruHashMap<u64, PendingRead> =
-    LruHashMap::with_max_entries(MAX_PENDING_READS, 0);
+static PENDING_READS: LruHashMap<u64, PendingRead> = LruHashMap::with_max_entries(MAX_PENDING_READS, 0);
 
 /// SSL calls in flight, per thread, from the uprobe to the uretprobe. LRU: a thread killed
 /// inside a call leaves an entry that ages out.
@@ -169,11 +168,7 @@ fn capture_and_emit(header: &EventHeader, base: u64, want: u64) {
         return;
     }
     let rc = unsafe {
-        generated::bpf_probe_read_user(
-            record.data.as_mut_ptr().cast(),
-            len,
-            base as *const core::ffi::c_void,
-        )
+        generated::bpf_probe_read_user(record.data.as_mut_ptr().cast(), len, base as *const core::ffi::c_void)
     };
     if rc != 0 {
         bump(COUNTER_CAPTURE_FAILED);
@@ -187,9 +182,7 @@ fn capture_and_emit(header: &EventHeader, base: u64, want: u64) {
         return;
     }
     // SAFETY: `total` is at most the size of the record it points into.
-    let bytes = unsafe {
-        core::slice::from_raw_parts((record as *const RecvRecord).cast::<u8>(), total as usize)
-    };
+    let bytes = unsafe { core::slice::from_raw_parts((record as *const RecvRecord).cast::<u8>(), total as usize) };
     if EVENTS.output::<[u8]>(bytes, output_flags()).is_err() {
         bump(COUNTER_RINGBUF_FULL);
     }

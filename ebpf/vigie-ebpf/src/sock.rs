@@ -14,8 +14,8 @@ use aya_ebpf::{
 use vigie_common::*;
 
 use crate::{
-    CONNS, LAST_RECV_SOCK, LAST_SEND_SOCK, PENDING_READS, SERVER_TGIDS, TLS_PROCESSES,
-    WATCHED_PORTS, bump, capture_and_emit, emit_header, is_server_process, layout, new_header,
+    CONNS, LAST_RECV_SOCK, LAST_SEND_SOCK, PENDING_READS, SERVER_TGIDS, TLS_PROCESSES, WATCHED_PORTS, bump,
+    capture_and_emit, emit_header, is_server_process, layout, new_header,
 };
 
 const AF_INET: u16 = 2;

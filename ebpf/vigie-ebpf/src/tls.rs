@@ -15,7 +15,9 @@ use aya_ebpf::{
 };
 use vigie_common::*;
 
-use crate::{LAST_RECV_SOCK, LAST_SEND_SOCK, SSL_CALLS, TLS_PROCESSES, bump, capture_and_emit, emit_header, new_header};
+use crate::{
+    LAST_RECV_SOCK, LAST_SEND_SOCK, SSL_CALLS, TLS_PROCESSES, bump, capture_and_emit, emit_header, new_header,
+};
 
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: u32) -> u32 {
