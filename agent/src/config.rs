@@ -66,18 +66,39 @@ pub struct Settings {
     pub connection_idle_seconds: u64,
     pub detect_vantage: crate::conn::Vantage,
     pub detect: crate::detect::DetectConfig,
-    pub capture_source: crate::loader::SourceChoice,
+    pub capture_source: crate::capture::loader::SourceChoice,
 }
 
-/// What the command line can override.
-#[derive(Debug, Default, Clone)]
+/// What the command line can override: clap fills it straight from `vigie run`'s flags, and
+/// SIGHUP lays the same flags again over the re-read file.
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct Overrides {
+    /// Local TCP port the homeserver (or the proxy in front) accepts HTTP on. Repeatable.
+    #[arg(long = "server-port", value_name = "PORT")]
     pub server_ports: Vec<u16>,
+    /// Shared library or executable holding OpenSSL (SSL_read/SSL_write, exported or
+    /// local): count plaintext inside TLS in every process that maps it. Repeatable.
+    #[arg(long = "tls-target", value_name = "PATH")]
     pub tls_targets: Vec<PathBuf>,
+    /// Find the OpenSSL that processes listening on this TLS port use, and attach to it;
+    /// looked for again every 10 s, so servers started later are found. Repeatable.
+    #[arg(long = "tls-discover-port", value_name = "PORT")]
     pub tls_discover_ports: Vec<u16>,
+    /// Where to serve Prometheus metrics: IP:PORT or unix:/path/to/socket
+    /// [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<String>,
+    /// Web config for the metrics endpoint (TLS, client certificates, basic auth), in the
+    /// Prometheus exporter-toolkit format; re-read on SIGHUP.
+    #[arg(long = "web.config.file", value_name = "FILE")]
     pub web_config_file: Option<PathBuf>,
+    /// 32-byte secret that keys token hashing; created (mode 0600) when missing
+    /// [default: /var/lib/vigie/key].
+    #[arg(long, value_name = "PATH")]
     pub key_file: Option<PathBuf>,
+    /// Where byte counts come from: auto (sock on Linux 6.3+, else syscalls), sock, or
+    /// syscalls [default: auto].
+    #[arg(long, value_name = "SOURCE")]
     pub capture_source: Option<String>,
 }
 

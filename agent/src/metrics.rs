@@ -40,7 +40,7 @@ fn labelled_counter(m: &mut MetricEncoder<'_>, labels: &[(&str, &str)], value: u
     counter(&mut m.encode_family(&labels)?, value)
 }
 
-fn class_labels<'a>(token: &'a str, class: Class) -> [(&'static str, &'a str); 3] {
+fn class_labels(token: &str, class: Class) -> [(&'static str, &str); 3] {
     [("token", token), ("endpoint", class.endpoint.as_str()), ("vantage", class.vantage.as_str())]
 }
 

@@ -35,7 +35,6 @@ use anyhow::{Context, Result, bail};
 
 use crate::{build_release, root, setup, step};
 
-const LIBSSL: &str = "/usr/lib/x86_64-linux-gnu/libssl.so.3";
 const SMALL_PATH: &str = "/_matrix/client/v3/sync?since=s72594_4483_1934&timeout=30000";
 const LARGE_PATH: &str = "/_matrix/media/v3/download/bench.example/large";
 const LARGE_BYTES: usize = 1 << 20;

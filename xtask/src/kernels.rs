@@ -625,13 +625,12 @@ fn judge(k: &Kernel, text: &str, tokens: &[String]) -> Value {
         "verdict": check_lines.last(),
         "output": check_lines,
     });
-    if check_rc.is_none() {
-        push_problem(&mut r, "`vigie check` did not run".into());
-    } else if check_rc != Some(0) {
-        push_problem(
-            &mut r,
-            format!("`vigie check` exited {} (vigie says it cannot run on this kernel)", check_rc.unwrap()),
-        );
+    match check_rc {
+        None => push_problem(&mut r, "`vigie check` did not run".into()),
+        Some(0) => {}
+        Some(rc) => {
+            push_problem(&mut r, format!("`vigie check` exited {rc} (vigie says it cannot run on this kernel)"))
+        }
     }
     // vigie run + smoke test
     let ready = kv.get("run_ready").map(String::as_str) == Some("yes");
@@ -662,7 +661,7 @@ fn judge(k: &Kernel, text: &str, tokens: &[String]) -> Value {
         let (creq, cbytes, statuses) = client.get(&i).cloned().unwrap_or_default();
         let vreq = reqs.get(label).copied().unwrap_or(0.0);
         let vbytes = bytes.get(label).copied().unwrap_or(0.0);
-        if statuses.iter().any(|&c| c == 0) {
+        if statuses.contains(&0) {
             push_problem(
                 &mut r,
                 format!("token {i}: a curl transfer failed (status 000): the client's counts are not the server's"),

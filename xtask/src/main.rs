@@ -2,7 +2,8 @@
 //!
 //! - `cargo xtask setup`: install what building and testing need (idempotent, says each step).
 //! - `cargo xtask run [-- ARGS]`: set up, build, and run the agent on `deploy/vigie.toml`.
-//! - `cargo xtask test`: set up, build, run the unit tests, a bounded fuzzing step and the
+//! - `cargo xtask test`: set up, check the house rules (`cargo xtask lint`: rustfmt, clippy
+//!   with warnings as errors), build, run the unit tests, a bounded fuzzing step and the
 //!   integration tests.
 //! - `cargo xtask kernels [--kernel 6.1,6.12] [--keep]`: boot Debian kernels under qemu and run
 //!   `vigie check` and a capture smoke test in each (see kernels.rs, docs/kernels.md).
@@ -49,13 +50,14 @@ fn main() -> ExitCode {
         Some("setup") => setup(),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("lint") => setup().and_then(|()| lint()),
         Some("bench") => bench::run(&args[1..]),
         Some("kernels") => kernels::run(&args[1..]),
         Some("fuzz") => setup().and_then(|()| fuzz::run(&args[1..])),
         Some("soak") => soak::run(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N]"
+                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N]"
             );
             return ExitCode::from(2);
         }
@@ -212,8 +214,53 @@ fn run(args: &[String]) -> Result<()> {
     sh(&mut cmd)
 }
 
+/// The house rules, checked by machine before any test runs: formatting (rustfmt.toml) and
+/// clippy with warnings as errors, for the host crates and for the kernel crate on its target.
+fn lint() -> Result<()> {
+    step("House rules: cargo fmt --check (rustfmt.toml)");
+    sh(Command::new("cargo").current_dir(root()).args(["fmt", "--all", "--", "--check"]))
+        .context("the tree is not formatted: run `cargo fmt --all`")?;
+    step("House rules: cargo clippy -D warnings (agent, xtask, vigie-common; all targets)");
+    sh(Command::new("cargo").current_dir(root()).args([
+        "clippy",
+        "--release",
+        "--locked",
+        "-p",
+        "vigie",
+        "-p",
+        "xtask",
+        "-p",
+        "vigie-common",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("House rules: cargo clippy -D warnings (the eBPF crate, for bpfel-unknown-none)");
+    sh(Command::new("rustup").current_dir(root()).args([
+        "run",
+        NIGHTLY,
+        "cargo",
+        "clippy",
+        "--release",
+        "--locked",
+        "-p",
+        "vigie-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+        "target/ebpf-clippy",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
 fn test(pytest_args: &[String]) -> Result<()> {
     setup()?;
+    lint()?;
     let bin = build_release()?;
     step("Unit tests (cargo test)");
     sh(Command::new("cargo").current_dir(root()).args(["test", "--release", "--locked"]))?;

@@ -583,7 +583,7 @@ mod tests {
                 _ => 0,
             };
             // Bursts of many rooms now and then, a handful otherwise.
-            let rooms = if (t / 7_000) % 3 == 0 { 400 } else { 6 };
+            let rooms = if (t / 7_000).is_multiple_of(3) { 400 } else { 6 };
             let h = hash64(format!("!r{}:x", next() % rooms).as_bytes());
             if next() % 3 == 0 {
                 s.advance(ep(t), &mut store);

@@ -264,7 +264,7 @@ fn per_token_state_is_small_for_ordinary_tokens_and_bounded_for_any() {
             sim::feed(&mut d, r);
         }
         d.tick(now);
-        if (now - T0) as u64 % 10 == 0 {
+        if ((now - T0) as u64).is_multiple_of(10) {
             for t in d.tokens.values() {
                 let b = token_bytes(t);
                 sum += b;

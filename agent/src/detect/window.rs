@@ -290,10 +290,10 @@ impl Rings {
             return;
         }
         for c in self.cells.iter_mut() {
-            if let Some(r) = c.ring() {
-                if clear[r as usize] & (1 << c.bucket()) != 0 {
-                    c.key = FREE;
-                }
+            if let Some(r) = c.ring()
+                && clear[r as usize] & (1 << c.bucket()) != 0
+            {
+                c.key = FREE;
             }
         }
         self.shrink();
@@ -476,10 +476,10 @@ impl Rings {
         }
         // Existing cells first, then new ones (a new slot may compact the slice).
         for ((v, at), key) in new.iter().zip(found).zip(keys) {
-            if let (Some(v), Some(i)) = (v, at) {
-                if let Some(c) = self.cells.get_mut(i) {
-                    *c = Cell { key, value: *v };
-                }
+            if let (Some(v), Some(i)) = (v, at)
+                && let Some(c) = self.cells.get_mut(i)
+            {
+                *c = Cell { key, value: *v };
             }
         }
         for ((v, at), key) in new.into_iter().zip(found).zip(keys) {
@@ -506,10 +506,11 @@ impl Rings {
             let Some(e) = head.checked_sub(back) else {
                 continue;
             };
-            if e <= epoch && epoch - e < n {
-                if let Some(slot) = c.slot() {
-                    t.add(slot, c.value);
-                }
+            if e <= epoch
+                && epoch - e < n
+                && let Some(slot) = c.slot()
+            {
+                t.add(slot, c.value);
             }
         }
         t
@@ -520,10 +521,11 @@ impl Rings {
         let b = self.head_bucket(ring);
         let mut t = Totals::default();
         for c in &self.cells {
-            if c.ring() == Some(ring) && c.bucket() == b {
-                if let Some(slot) = c.slot() {
-                    t.add(slot, c.value);
-                }
+            if c.ring() == Some(ring)
+                && c.bucket() == b
+                && let Some(slot) = c.slot()
+            {
+                t.add(slot, c.value);
             }
         }
         t

@@ -184,12 +184,11 @@ pub fn source_unavailable(source: CaptureSource) -> Option<String> {
     if !missing.is_empty() {
         return Some(format!("this kernel lacks {}", missing.join(", ")));
     }
-    if source == CaptureSource::Syscalls {
-        if let Err(e) =
-            crate::btf::Btf::from_file(Path::new(crate::btf::VMLINUX)).and_then(|b| crate::btf::kernel_offsets(&b))
-        {
-            return Some(format!("it needs the kernel's BTF to find a file descriptor's socket: {e:#}"));
-        }
+    if source == CaptureSource::Syscalls
+        && let Err(e) =
+            super::btf::Btf::from_file(Path::new(super::btf::VMLINUX)).and_then(|b| super::btf::kernel_offsets(&b))
+    {
+        return Some(format!("it needs the kernel's BTF to find a file descriptor's socket: {e:#}"));
     }
     None
 }
@@ -216,8 +215,8 @@ pub fn choose_source(choice: SourceChoice) -> Result<(CaptureSource, Option<Stri
 
 /// This kernel's layouts for the kernel programs.
 fn kernel_layout(source: CaptureSource) -> Result<vigie_common::KernelLayout> {
-    let mut layout = match crate::btf::Btf::from_file(Path::new(crate::btf::VMLINUX)) {
-        Ok(btf) => crate::btf::kernel_offsets(&btf)?,
+    let mut layout = match super::btf::Btf::from_file(Path::new(super::btf::VMLINUX)) {
+        Ok(btf) => super::btf::kernel_offsets(&btf)?,
         // The socket source needs no struct offsets but skc_num, whose value has not moved
         // since 2.6.
         Err(_) if source == CaptureSource::Sock => vigie_common::KernelLayout {
@@ -297,7 +296,7 @@ impl Probes {
     /// kernel adds their forks and any process it sees receiving on a watched socket itself;
     /// this scan catches servers that were running before vigie and after a port change.
     pub fn add_server_processes(&mut self, ports: &[u16]) -> Result<usize> {
-        let pids = crate::listeners::server_pids(ports);
+        let pids = super::listeners::server_pids(ports);
         let mut servers: HashMap<_, u32, u8> =
             HashMap::try_from(self.ebpf.map_mut("SERVER_TGIDS").context("map SERVER_TGIDS missing")?)?;
         for pid in &pids {
@@ -326,12 +325,12 @@ impl Probes {
         if self.tls_targets.contains(&canonical) {
             return Ok(0);
         }
-        if let Some(pid) = pid {
-            if self.tls_process_links.iter().any(|l| l.pid == pid && l.target == canonical) {
-                return Ok(0);
-            }
+        if let Some(pid) = pid
+            && self.tls_process_links.iter().any(|l| l.pid == pid && l.target == canonical)
+        {
+            return Ok(0);
         }
-        let symbols = crate::tls::find_ssl_symbols(&canonical)?;
+        let symbols = super::tls::find_ssl_symbols(&canonical)?;
         if !symbols.usable() {
             bail!(
                 "TLS target {}: no SSL_read/SSL_write symbols (neither exported nor local); is it OpenSSL, or stripped?",

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::loader::{self, ATTACHMENTS, CaptureSource, SourceChoice, TRACEFS};
+use super::loader::{self, ATTACHMENTS, CaptureSource, SourceChoice, TRACEFS};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -99,13 +99,13 @@ pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
         None => r.push(Status::Warn, "kernel", "could not read /proc/sys/kernel/osrelease"),
     }
 
-    match crate::btf::Btf::from_file(Path::new(crate::btf::VMLINUX)).and_then(|b| crate::btf::kernel_offsets(&b)) {
+    match super::btf::Btf::from_file(Path::new(super::btf::VMLINUX)).and_then(|b| super::btf::kernel_offsets(&b)) {
         Ok(layout) => r.push(
             Status::Ok,
             "BTF",
             format!(
                 "{} present; struct offsets found (sock_common.skc_num at {})",
-                crate::btf::VMLINUX,
+                super::btf::VMLINUX,
                 layout.skc_num
             ),
         ),
@@ -212,7 +212,7 @@ pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
         }
     }
 
-    let listening = crate::listeners::listening_ports();
+    let listening = super::listeners::listening_ports();
     if ports.is_empty() {
         r.push(Status::Warn, "server ports", "none configured: give --server-port or --config");
     }

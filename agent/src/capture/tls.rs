@@ -80,12 +80,12 @@ fn mapped_executables(pid: u32) -> Vec<PathBuf> {
 
 /// The processes listening on `port` and the files holding OpenSSL each has mapped.
 pub fn discover(port: u16) -> Result<Vec<(u32, PathBuf)>> {
-    let inodes = crate::listeners::listening_inodes(&[port]);
+    let inodes = super::listeners::listening_inodes(&[port]);
     if inodes.is_empty() {
         bail!("nothing listens on port {port}");
     }
     let mut found = BTreeSet::new();
-    for pid in crate::listeners::pids_with_sockets(&inodes) {
+    for pid in super::listeners::pids_with_sockets(&inodes) {
         for path in mapped_executables(pid) {
             if find_ssl_symbols(&path).map(|s| s.usable()).unwrap_or(false) {
                 found.insert((pid, path));

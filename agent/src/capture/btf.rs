@@ -159,10 +159,10 @@ impl Btf {
             if name == member {
                 return Some(m.offset);
             }
-            if name.is_empty() {
-                if let Some(inner) = self.member_bits(m.type_id, member, depth + 1) {
-                    return Some(m.offset + inner);
-                }
+            if name.is_empty()
+                && let Some(inner) = self.member_bits(m.type_id, member, depth + 1)
+            {
+                return Some(m.offset + inner);
             }
         }
         None

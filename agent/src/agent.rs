@@ -1,0 +1,270 @@
+//! The agent's life cycle: load the programs, drain the ring buffer into the pipeline, serve
+//! `/metrics`, follow forks and TLS servers, re-read the config on SIGHUP, detach on SIGTERM.
+//!
+//! `main.rs` only parses the command line and calls [`run`].
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::aggregate::Limits;
+use crate::capture::loader;
+use crate::config::{FileConfig, Overrides, Settings};
+use crate::pipeline::{State, monotonic_ns};
+use crate::token::TokenKey;
+use crate::{metrics, web};
+
+/// Run the agent until SIGTERM or SIGINT: the config file (if any) with the command-line
+/// flags on top; SIGHUP re-reads the file and lays the same flags over it again.
+pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<()> {
+    let reload = Reload { config, flags };
+    let settings = reload.settings()?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(run_agent(settings, reload))
+}
+
+/// What SIGHUP re-reads: the config file, with the same command-line flags on top.
+struct Reload {
+    config: Option<PathBuf>,
+    flags: Overrides,
+}
+
+impl Reload {
+    fn settings(&self) -> Result<Settings> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Settings::merge(file, self.flags.clone())
+    }
+}
+
+fn limits(settings: &Settings) -> Limits {
+    Limits {
+        top_k: settings.top_k,
+        max_tokens: settings.max_tokens,
+        idle_s: settings.token_idle_seconds as f64,
+        ..Limits::default()
+    }
+}
+
+/// Apply a reloaded config: ports, TLS targets, bounds and the web config change live; the
+/// metrics address and the key need a restart (a new key would change every label).
+fn apply_reload(old: &Settings, new: Settings, probes: &mut loader::Probes, state: &Mutex<State>) -> Result<Settings> {
+    if new.metrics_addr != old.metrics_addr || new.key_file != old.key_file {
+        tracing::warn!("metrics_addr and key_file changes take effect at the next restart");
+    }
+    if new.max_connections != old.max_connections
+        || new.connection_idle_seconds != old.connection_idle_seconds
+        || new.detect != old.detect
+        || new.detect_vantage != old.detect_vantage
+        || new.capture_source != old.capture_source
+    {
+        tracing::warn!(
+            "max_connections, connection_idle_seconds, capture_source and detector changes take effect at the next restart"
+        );
+    }
+    probes.set_ports(&new.server_ports)?;
+    add_server_processes(probes, &new.server_ports);
+    for target in &new.tls_targets {
+        probes.attach_tls(target)?;
+    }
+    discover_tls(probes, &new.tls_discover_ports);
+    let mut st = lock(state);
+    st.aggregator.set_limits(limits(&new));
+    st.health.probes_attached = probes.attached;
+    tracing::info!(
+        ports = ?new.server_ports,
+        tls_targets = new.tls_targets.len(),
+        web_config = ?new.web_config_file,
+        "configuration reloaded"
+    );
+    Ok(Settings { metrics_addr: old.metrics_addr.clone(), key_file: old.key_file.clone(), ..new })
+}
+
+async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
+    let key = TokenKey::load_or_create(&settings.key_file)?;
+    // Before loading any program: a broken web config or a busy address refuses the start.
+    let web = web::WebHandle::new(web::Web::load(settings.web_config_file.as_deref(), &settings.metrics_addr)?);
+    // The guard removes a Unix socket file on every way out of this function.
+    let (listener, _socket_file) = web::Listener::bind(&settings.metrics_addr).await?;
+    let mut probes = loader::load(&settings.server_ports, settings.capture_source)?;
+    let state = Arc::new(Mutex::new(State::new(
+        key,
+        limits(&settings),
+        settings.max_connections,
+        settings.connection_idle_seconds,
+        settings.detect.clone(),
+        settings.detect_vantage,
+    )));
+    for target in &settings.tls_targets {
+        probes.attach_tls(target)?;
+    }
+    discover_tls(&mut probes, &settings.tls_discover_ports);
+    {
+        let mut st = lock(&state);
+        st.health.probes_attached = probes.attached;
+        st.health.capture_source = probes.source.name();
+    }
+    let registry = Arc::new(metrics::registry(state.clone()));
+    let server = tokio::spawn(web::serve(listener, web.clone(), registry));
+    tracing::info!(
+        ports = ?settings.server_ports,
+        tls_targets = settings.tls_targets.len(),
+        tls_discover_ports = ?settings.tls_discover_ports,
+        metrics = %settings.metrics_addr,
+        probes = probes.attached,
+        capture_source = probes.source.name(),
+        "vigie is watching"
+    );
+
+    // SAFETY: the ring buffer owns its fd and the AsyncFd owns the ring buffer, so the fd
+    // stays open for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register(probes.take_events()?) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The kernel adds up sends per connection; receive and close records carry the total.
+    // Between them (the last response on a quiet keep-alive connection, a long download) the
+    // totals are read from the kernel's map.
+    let mut poll_tick = tokio::time::interval(Duration::from_millis(SENT_POLL_MS));
+    poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The kernel does not wake us per record (see vigie_common::WAKEUP_BACKLOG): drain on a timer.
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(vigie_common::DRAIN_INTERVAL_MS));
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut since_housekeeping = 0u32;
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                // Woken early: the kernel saw a backlog.
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                drain(guard.get_inner_mut(), &state);
+                guard.clear_ready();
+                attach_forks(&mut probes, &state);
+            }
+            _ = drain_tick.tick() => {
+                drain(ring.get_mut(), &state);
+                attach_forks(&mut probes, &state);
+            }
+            _ = poll_tick.tick() => {
+                // Records first, so that a poll never runs ahead of a receive in the ring.
+                drain(ring.get_mut(), &state);
+                let targets = lock(&state).poll_targets(SENT_POLL_MAX);
+                let totals = probes.conn_totals(&targets);
+                drain(ring.get_mut(), &state);
+                lock(&state).apply_polled(&totals, monotonic_ns());
+            }
+            _ = tick.tick() => {
+                let kernel = probes.counters();
+                let mut st = lock(&state);
+                st.health.kernel = kernel;
+                st.tick(monotonic_ns());
+                since_housekeeping += 1;
+                if since_housekeeping >= 10 {
+                    since_housekeeping = 0;
+                    st.housekeeping(monotonic_ns());
+                    drop(st);
+                    discover_tls(&mut probes, &settings.tls_discover_ports);
+                    add_server_processes(&mut probes, &settings.server_ports);
+                    lock(&state).health.probes_attached = probes.attached;
+                }
+            }
+            _ = sighup.recv() => {
+                // A bad new config (the web config included) is logged and ignored: the agent
+                // keeps running as it was.
+                let reloaded = reload.settings().and_then(|new| {
+                    let new_web = web::Web::load(new.web_config_file.as_deref(), &settings.metrics_addr)?;
+                    let new = apply_reload(&settings, new, &mut probes, &state)?;
+                    web.replace(new_web);
+                    Ok(new)
+                });
+                match reloaded {
+                    Ok(new) => settings = new,
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "configuration not reloaded"),
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+        if server.is_finished() {
+            break;
+        }
+    }
+    if server.is_finished() {
+        return match server.await {
+            Ok(Err(e)) => Err(e.context("metrics server stopped")),
+            _ => Err(anyhow::anyhow!("metrics server stopped")),
+        };
+    }
+    server.abort();
+    drop(ring);
+    drop(probes);
+    tracing::info!("detached, exiting");
+    Ok(())
+}
+
+/// Attach to the OpenSSL of whatever listens on the discovery ports, in those processes only.
+/// Failures are logged, not fatal: the server may not be up yet.
+fn discover_tls(probes: &mut loader::Probes, ports: &[u16]) {
+    let detached = probes.prune_exited_processes();
+    if detached > 0 {
+        tracing::info!(probes = detached, "detached the TLS probes of server processes that exited");
+    }
+    for &port in ports {
+        match crate::capture::tls::discover(port) {
+            Ok(paths) if paths.is_empty() => {
+                tracing::warn!(port, "no OpenSSL found in the processes listening on this port")
+            }
+            Ok(paths) => {
+                for (pid, path) in paths {
+                    if let Err(e) = probes.attach_tls_process(&path, pid) {
+                        tracing::warn!(port, error = %format!("{e:#}"), "could not attach to a discovered TLS library");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(port, error = %format!("{e:#}"), "TLS discovery"),
+        }
+    }
+}
+
+/// How often, and for how many connections at most, the kernel's running send totals are read.
+const SENT_POLL_MS: u64 = 250;
+const SENT_POLL_MAX: usize = 4096;
+
+/// Give TLS server processes that forked the probes of their parent.
+fn attach_forks(probes: &mut loader::Probes, state: &Mutex<State>) {
+    let forks = lock(state).take_forks();
+    if forks.is_empty() {
+        return;
+    }
+    for (parent, child) in forks {
+        probes.on_fork(parent, child);
+    }
+    lock(state).health.probes_attached = probes.attached;
+}
+
+/// Refresh the kernel's list of server processes from /proc (see `Probes::add_server_processes`).
+fn add_server_processes(probes: &mut loader::Probes, ports: &[u16]) {
+    if let Err(e) = probes.add_server_processes(ports) {
+        tracing::warn!(error = %format!("{e:#}"), "could not update the list of server processes");
+    }
+}
+
+/// Account every record waiting in the ring buffer.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, state: &Mutex<State>) {
+    let mut st = lock(state);
+    while let Some(record) = ring.next() {
+        st.handle_record(&record);
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
