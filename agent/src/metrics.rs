@@ -217,7 +217,7 @@ impl Collector for StateCollector {
             MetricType::Counter,
         )?;
         for (tie, v) in &h.tls_socket_ties {
-            labelled_counter(&mut m, &[("socket", tie)], *v)?;
+            labelled_counter(&mut m, &[("socket", tie.as_str())], *v)?;
         }
         let mut m = enc.encode_descriptor(
             "vigie_tls_client_connections",
