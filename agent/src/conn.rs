@@ -968,10 +968,9 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_flood_evicts_the_quietest_in_batches_and_stays_fast() {
+    fn a_connection_flood_evicts_the_quietest_in_batches() {
         let (max, flood) = (16_384usize, 100_000u64);
         let (mut t, mut s) = (Tracker::new(key(), max), Recorder::default());
-        let started = std::time::Instant::now();
         for sock in 0..flood {
             t.on_send(ConnKey { vantage: Vantage::Socket, id: sock, generation: 0 }, sock, 1, &mut s);
             assert!(t.stats().connections <= max);
@@ -982,9 +981,9 @@ mod tests {
         // The most recently seen connections are the ones kept.
         assert!(t.table.conns.contains_key(&ConnKey { vantage: Vantage::Socket, id: flood - 1, generation: 0 }));
         assert!(!t.table.conns.contains_key(&ConnKey { vantage: Vantage::Socket, id: 0, generation: 0 }));
-        // A whole-table scan per new connection (the old eviction) took 4.6 s here in release
+        // Its cost is a benchmark figure (`pipeline_bench`, BENCH_HOT conn_flood_ns): a
+        // whole-table scan per new connection (the old eviction) took 4.6 s here in release
         // (83,616 scans of 16,384 entries); batches take about 16 steps per connection.
-        assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
     }
 
     #[test]

@@ -36,8 +36,9 @@ mod rooms;
 mod score;
 mod window;
 
-#[cfg(test)]
-mod sim;
+/// Simulated Matrix traffic for the tests and the benchmarks (`examples/pipeline_bench.rs`).
+#[doc(hidden)]
+pub mod sim;
 
 pub use config::{DetectConfig, Ramp};
 pub use score::{Population, REASONS, Reason};

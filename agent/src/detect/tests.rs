@@ -447,32 +447,9 @@ fn a_config_with_nonsense_values_does_not_panic() {
     assert!(d.scores().all(|s| s.score.is_finite()));
 }
 
+/// Its cost is a benchmark figure (`pipeline_bench`, BENCH_HOT detector_tick_10k_ms).
 #[test]
-fn on_request_is_cheap() {
-    // Measured in release builds only (CI runs `cargo test --release`).
-    let mut d = Detector::new(cfg());
-    let (_, w) = population(4, T0 + 600.0);
-    let reqs: Vec<_> = w.reqs.iter().take(2000).cloned().collect();
-    let seen: Vec<_> = reqs.iter().map(|r| (r, r.seen())).collect();
-    for (r, s) in &seen {
-        d.on_request(s, r.at);
-    }
-    let rounds: u32 = 200;
-    let started = std::time::Instant::now();
-    for k in 0..rounds {
-        for (r, s) in &seen {
-            d.on_request(s, r.at + f64::from(k) * 0.001);
-        }
-    }
-    let per = started.elapsed().as_nanos() as f64 / (f64::from(rounds) * seen.len() as f64);
-    eprintln!("on_request: {per:.0} ns");
-    if !cfg!(debug_assertions) {
-        assert!(per < 1000.0, "{per:.0} ns per request");
-    }
-}
-
-#[test]
-fn a_tick_over_ten_thousand_active_tokens_is_cheap() {
+fn a_tick_over_ten_thousand_active_tokens_rescores_them_all() {
     let mut d = Detector::new(cfg());
     let room = sim::room(1);
     for i in 0..10_000u64 {
@@ -487,12 +464,9 @@ fn a_tick_over_ten_thousand_active_tokens_is_cheap() {
         let c = Client::new(sim::label(i + 1), "Element");
         sim::feed(&mut d, &c.req(T0 + 61.0, Endpoint::Send, "PUT", Some(&room), String::new(), 100));
     }
-    let started = std::time::Instant::now();
     d.tick(T0 + 70.0);
-    let took = started.elapsed();
-    eprintln!("tick over {} tokens: {took:?}", d.tracked_tokens());
-    if !cfg!(debug_assertions) {
-        // A smoke bound (about 2 µs a token alone; CI runs tests side by side).
-        assert!(took.as_millis() < 250, "{took:?}");
-    }
+    assert_eq!(d.tracked_tokens(), 10_000, "no active token is dropped by the tick");
+    // Scores above 0 are listed; ten thousand ordinary clients raise none to an alert.
+    assert!(d.scores().all(|s| s.score.is_finite() && s.score < 1.0));
+    assert_eq!(d.stats().alerting, 0);
 }
