@@ -106,6 +106,9 @@ pub trait Sink {
     fn tls_client_connection(&mut self);
     /// A request arrived before the previous one on its connection was answered.
     fn pipelined_request(&mut self);
+    /// A request the agent itself made (`respond`), and the bytes of its response.
+    fn own_request(&mut self) {}
+    fn own_response_bytes(&mut self, _bytes: u64) {}
 }
 
 /// Which end of the connection the watched process is. Sockets are watched by local port, so
@@ -234,6 +237,9 @@ struct Conn {
     /// number of the latest receive processed (`vigie_common::ConnInfo`).
     sent_seen: u64,
     recv_seq: u32,
+    /// The latest request is the agent's own (`respond::Tap::is_own`): its response is
+    /// counted apart, never as a token's.
+    own: bool,
 }
 
 impl Conn {
@@ -249,6 +255,7 @@ impl Conn {
         sink.parse_failure(reason);
         self.phase = Phase::Desync;
         self.current = None;
+        self.own = false;
     }
 }
 
@@ -288,6 +295,7 @@ impl Table {
             last_seen_ns: now_ns,
             sent_seen: gone_sent.remove(&key).unwrap_or(0),
             recv_seq: 0,
+            own: false,
         });
         conn.last_seen_ns = now_ns;
         conn
@@ -333,12 +341,15 @@ pub struct TrackerStats {
 pub struct Tracker {
     key: TokenKey,
     table: Table,
+    /// Where `respond` takes the tokens it wants and tells its own requests apart.
+    pub tap: crate::respond::Tap,
 }
 
 impl Tracker {
     pub fn new(key: TokenKey, max_conns: usize) -> Self {
         Tracker {
             key,
+            tap: crate::respond::Tap::default(),
             table: Table {
                 conns: HashMap::default(),
                 max: max_conns.max(1),
@@ -395,6 +406,9 @@ impl Tracker {
         }
         if matches!(conn.phase, Phase::Http2(_)) {
             return sink.http2(vantage, Http2Event::ResponseBytes(bytes));
+        }
+        if conn.own {
+            return sink.own_response_bytes(bytes);
         }
         match conn.current {
             Some(a) => sink.response_bytes(a, bytes),
@@ -593,7 +607,7 @@ impl Tracker {
                         if let Some(end) = http::head_end(seen) {
                             // The common case: a whole head in one receive, parsed in place.
                             pos += end as u64;
-                            if let Err(reason) = start_request(&self.key, conn, key, now_ns, &seen[..end], sink) {
+                            if let Err(reason) = start_request(&self.key, &mut self.tap, conn, key, now_ns, &seen[..end], sink) {
                                 return conn.desync(reason, sink);
                             }
                             continue;
@@ -626,7 +640,7 @@ impl Tracker {
                     };
                     let head = std::mem::replace(buf, Zeroizing::new(Vec::new()));
                     pos += end.saturating_sub(prev).max(1) as u64;
-                    if let Err(reason) = start_request(&self.key, conn, key, now_ns, &head[..end], sink) {
+                    if let Err(reason) = start_request(&self.key, &mut self.tap, conn, key, now_ns, &head[..end], sink) {
                         return conn.desync(reason, sink);
                     }
                 }
@@ -638,6 +652,7 @@ impl Tracker {
 /// A complete head: attribute the connection to it and report it.
 fn start_request(
     token_key: &TokenKey,
+    tap: &mut crate::respond::Tap,
     conn: &mut Conn,
     key: ConnKey,
     now_ns: u64,
@@ -645,12 +660,29 @@ fn start_request(
     sink: &mut impl Sink,
 ) -> Result<(), &'static str> {
     let parsed = http::parse_head(head).map_err(|e| e.reason())?;
+    conn.own = tap.is_own(head);
+    if conn.own {
+        // The agent asking the homeserver who a token is (or acting on it): not that
+        // token's traffic, and never a token to capture again.
+        conn.current = None;
+        conn.answering = false;
+        conn.expect_continue = parsed.expect_continue;
+        conn.phase = match (parsed.chunked, parsed.content_length) {
+            (true, _) => Phase::ChunkedBody,
+            (false, Some(n)) if n > 0 => Phase::Body(n),
+            _ => Phase::head(),
+        };
+        sink.own_request();
+        return Ok(());
+    }
     let classified = endpoint::classify(parsed.method, parsed.path);
-    let attribution = Attribution {
-        token: token::label_for_request(token_key, &parsed),
-        endpoint: classified.endpoint,
-        vantage: key.vantage,
-    };
+    let label = token::label_for_request(token_key, &parsed);
+    if let Some(l) = label
+        && tap.is_wanted(&l)
+    {
+        tap.capture(l, &parsed);
+    }
+    let attribution = Attribution { token: label, endpoint: classified.endpoint, vantage: key.vantage };
     // A head that arrives before the previous request was answered is pipelined: its response
     // boundary is unknown without parsing responses, so bytes may land on the later request.
     if conn.current.is_some() && !conn.answering {
