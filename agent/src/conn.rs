@@ -607,7 +607,9 @@ impl Tracker {
                         if let Some(end) = http::head_end(seen) {
                             // The common case: a whole head in one receive, parsed in place.
                             pos += end as u64;
-                            if let Err(reason) = start_request(&self.key, &mut self.tap, conn, key, now_ns, &seen[..end], sink) {
+                            if let Err(reason) =
+                                start_request(&self.key, &mut self.tap, conn, key, now_ns, &seen[..end], sink)
+                            {
                                 return conn.desync(reason, sink);
                             }
                             continue;
@@ -640,7 +642,8 @@ impl Tracker {
                     };
                     let head = std::mem::replace(buf, Zeroizing::new(Vec::new()));
                     pos += end.saturating_sub(prev).max(1) as u64;
-                    if let Err(reason) = start_request(&self.key, &mut self.tap, conn, key, now_ns, &head[..end], sink) {
+                    if let Err(reason) = start_request(&self.key, &mut self.tap, conn, key, now_ns, &head[..end], sink)
+                    {
                         return conn.desync(reason, sink);
                     }
                 }

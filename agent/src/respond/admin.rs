@@ -128,7 +128,8 @@ impl Admin {
     pub fn whoami(&self, token: &[u8]) -> Result<Subject> {
         let token = std::str::from_utf8(token).map_err(|_| anyhow!("whoami: the token is not UTF-8"))?;
         let text = self.call("whoami", "GET", "/_matrix/client/v3/account/whoami", token, None)?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|_| anyhow!("whoami: the answer is not JSON"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|_| anyhow!("whoami: the answer is not JSON"))?;
         let user = v.get("user_id").and_then(|u| u.as_str()).ok_or_else(|| anyhow!("whoami: no user_id"))?;
         let device = v.get("device_id").and_then(|d| d.as_str()).map(String::from);
         Ok(Subject { user: user.to_string(), device })

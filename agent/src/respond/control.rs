@@ -97,13 +97,7 @@ fn peer_uid(s: &UnixStream) -> Option<u32> {
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into the ucred we own.
     let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &raw mut len,
-        )
+        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &raw mut len)
     };
     (rc == 0).then_some(cred.uid)
 }
@@ -133,7 +127,8 @@ fn answer(stream: &UnixStream, jobs: &SyncSender<Job>) -> Result<Reply> {
     }
     let mut line = String::new();
     BufReader::new(stream.take(1024)).read_line(&mut line).context("reading the request")?;
-    let req: Request = serde_json::from_str(line.trim()).context("the request is not {\"label\": ..., \"lock\": ...}")?;
+    let req: Request =
+        serde_json::from_str(line.trim()).context("the request is not {\"label\": ..., \"lock\": ...}")?;
     let Some(label) = TokenLabel::parse(req.label.trim()) else {
         bail!("{:?} is not a 16-hex-character token label", req.label);
     };

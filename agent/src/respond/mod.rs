@@ -113,7 +113,13 @@ impl Responder {
             control_socket = %settings.control_socket.display(),
             "respond is on"
         );
-        Ok(Some(Responder { settings: settings.clone(), jobs: tx, stats, flagged: LabelMap::default(), _socket: socket }))
+        Ok(Some(Responder {
+            settings: settings.clone(),
+            jobs: tx,
+            stats,
+            flagged: LabelMap::default(),
+            _socket: socket,
+        }))
     }
 
     fn send(&self, job: Job) {
@@ -166,7 +172,11 @@ impl Responder {
 
     /// The response metrics, on the agent's registry.
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry, state: Arc<Mutex<State>>) {
-        registry.register_collector(Box::new(RespondCollector { stats: self.stats.clone(), state, mode: self.settings.mode }));
+        registry.register_collector(Box::new(RespondCollector {
+            stats: self.stats.clone(),
+            state,
+            mode: self.settings.mode,
+        }));
     }
 }
 
@@ -221,7 +231,11 @@ impl Worker {
                 if let Some(subject) = self.known.get(&label).cloned() {
                     return self.decide(label, Some(&subject), Origin::Automatic, Some((score, &reasons)), None);
                 }
-                let p = self.pending.entry(label).or_insert_with(|| Pending { flag: None, manual: Vec::new(), since: Instant::now() });
+                let p = self.pending.entry(label).or_insert_with(|| Pending {
+                    flag: None,
+                    manual: Vec::new(),
+                    since: Instant::now(),
+                });
                 p.flag = Some((score, reasons));
             }
             Job::Token { label, token } => {
@@ -263,12 +277,17 @@ impl Worker {
                 if let Some(subject) = self.known.get(&label).cloned() {
                     return self.decide(label, Some(&subject), Origin::Manual { lock }, None, Some(reply));
                 }
-                let wanted = self.state.lock().unwrap_or_else(|p| p.into_inner()).tracker.tap.want(label, monotonic_ns());
+                let wanted =
+                    self.state.lock().unwrap_or_else(|p| p.into_inner()).tracker.tap.want(label, monotonic_ns());
                 if !wanted {
                     let _ = reply.send(control::Reply::error("too many labels are being resolved; try again"));
                     return;
                 }
-                let p = self.pending.entry(label).or_insert_with(|| Pending { flag: None, manual: Vec::new(), since: Instant::now() });
+                let p = self.pending.entry(label).or_insert_with(|| Pending {
+                    flag: None,
+                    manual: Vec::new(),
+                    since: Instant::now(),
+                });
                 p.since = Instant::now();
                 p.manual.push((lock, reply));
             }
@@ -315,7 +334,9 @@ impl Worker {
             Verdict::Act(a) => match (self.settings.mode, subject) {
                 (Mode::Enforce, Some(s)) => {
                     let done = match a {
-                        Action::LogoutDevice => self.admin.logout_device(&s.user, s.device.as_deref().unwrap_or_default()),
+                        Action::LogoutDevice => {
+                            self.admin.logout_device(&s.user, s.device.as_deref().unwrap_or_default())
+                        }
                         Action::LockUser => self.admin.lock_user(&s.user),
                         Action::None => Ok(()),
                     };
@@ -424,21 +445,56 @@ impl Collector for RespondCollector {
                 .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
         }
         let admin = &self.stats.admin;
-        counter(&mut enc, "vigie_response_admin_retries", "Homeserver calls (whoami, admin API) retried after a 5xx, 429 or connection error", admin.retries.load(Ordering::Relaxed))?;
-        counter(&mut enc, "vigie_response_admin_failures", "Homeserver calls that failed for good", admin.failures.load(Ordering::Relaxed))?;
-        counter(&mut enc, "vigie_response_token_captures", "Tokens of flagged labels copied from a request to ask whoami", tap.captures)?;
+        counter(
+            &mut enc,
+            "vigie_response_admin_retries",
+            "Homeserver calls (whoami, admin API) retried after a 5xx, 429 or connection error",
+            admin.retries.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "vigie_response_admin_failures",
+            "Homeserver calls that failed for good",
+            admin.failures.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "vigie_response_token_captures",
+            "Tokens of flagged labels copied from a request to ask whoami",
+            tap.captures,
+        )?;
         counter(
             &mut enc,
             "vigie_response_dropped",
             "Captured tokens and jobs dropped because a queue was full",
             tap.capture_drops + self.stats.jobs_dropped.load(Ordering::Relaxed),
         )?;
-        counter(&mut enc, "vigie_response_wants_refused", "Flagged labels not resolved at once because too many were pending", tap.wants_refused)?;
-        counter(&mut enc, "vigie_response_audit_write_errors", "Audit lines that could not be written", self.stats.audit_write_errors.load(Ordering::Relaxed))?;
-        counter(&mut enc, "vigie_agent_own_requests", "The agent's own requests to the homeserver, never counted as a token's", own_requests)?;
+        counter(
+            &mut enc,
+            "vigie_response_wants_refused",
+            "Flagged labels not resolved at once because too many were pending",
+            tap.wants_refused,
+        )?;
+        counter(
+            &mut enc,
+            "vigie_response_audit_write_errors",
+            "Audit lines that could not be written",
+            self.stats.audit_write_errors.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "vigie_agent_own_requests",
+            "The agent's own requests to the homeserver, never counted as a token's",
+            own_requests,
+        )?;
         counter(&mut enc, "vigie_agent_own_response_bytes", "Response bytes of the agent's own requests", own_bytes)?;
-        enc.encode_descriptor("vigie_response_pending_labels", "Flagged labels waiting for their token's next request", None, MetricType::Gauge)?
-            .encode_gauge(&(wanted as u64))?;
+        enc.encode_descriptor(
+            "vigie_response_pending_labels",
+            "Flagged labels waiting for their token's next request",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&(wanted as u64))?;
         let mut m = enc.encode_descriptor("vigie_response_mode", "respond.mode (always 1)", None, MetricType::Gauge)?;
         m.encode_family(&[("mode", self.mode.as_str())])?.encode_gauge(&1u64)?;
         Ok(())

@@ -159,8 +159,7 @@ impl Policy {
             self.recent.pop_front();
         }
         let Some(s) = subject else { return Verdict::Skip(Action::None, Outcome::Unresolved) };
-        let device_done =
-            s.device.as_ref().is_some_and(|d| self.devices_done.contains(&(s.user.clone(), d.clone())));
+        let device_done = s.device.as_ref().is_some_and(|d| self.devices_done.contains(&(s.user.clone(), d.clone())));
         if origin == Origin::Automatic && device_done {
             return Verdict::Skip(Action::LogoutDevice, Outcome::SkippedDone);
         }
@@ -265,7 +264,10 @@ mod tests {
         let mut p = policy("lock_on_repeat = false");
         let a = subject("@eve:hs", "D1");
         p.commit(&a, Action::LogoutDevice, 0.0);
-        assert_eq!(p.decide(Some(&a), Origin::Automatic, 1.0), Verdict::Skip(Action::LogoutDevice, Outcome::SkippedDone));
+        assert_eq!(
+            p.decide(Some(&a), Origin::Automatic, 1.0),
+            Verdict::Skip(Action::LogoutDevice, Outcome::SkippedDone)
+        );
         let b = subject("@eve:hs", "D2");
         assert_eq!(p.decide(Some(&b), Origin::Automatic, 2.0), Verdict::Act(Action::LogoutDevice));
     }
@@ -284,12 +286,21 @@ mod tests {
         let mut p = policy("allow_users = [\"@bot:hs\", \"@irc_*:hs\"]");
         for u in ["@bot:hs", "@irc_alice:hs", "@irc_:hs"] {
             let s = subject(u, "D");
-            assert_eq!(p.decide(Some(&s), Origin::Automatic, 0.0), Verdict::Skip(Action::LogoutDevice, Outcome::SkippedAllowlist));
+            assert_eq!(
+                p.decide(Some(&s), Origin::Automatic, 0.0),
+                Verdict::Skip(Action::LogoutDevice, Outcome::SkippedAllowlist)
+            );
             let manual = p.decide(Some(&s), Origin::Manual { lock: true }, 0.0);
             assert_eq!(manual, Verdict::Skip(Action::LockUser, Outcome::SkippedAllowlist));
         }
-        assert_eq!(p.decide(Some(&subject("@bot2:hs", "D")), Origin::Automatic, 0.0), Verdict::Act(Action::LogoutDevice));
-        assert_eq!(p.decide(Some(&subject("@irc_a:other", "D")), Origin::Automatic, 0.0), Verdict::Act(Action::LogoutDevice));
+        assert_eq!(
+            p.decide(Some(&subject("@bot2:hs", "D")), Origin::Automatic, 0.0),
+            Verdict::Act(Action::LogoutDevice)
+        );
+        assert_eq!(
+            p.decide(Some(&subject("@irc_a:other", "D")), Origin::Automatic, 0.0),
+            Verdict::Act(Action::LogoutDevice)
+        );
     }
 
     #[test]
@@ -301,7 +312,10 @@ mod tests {
             p.commit(&s, Action::LogoutDevice, t);
         }
         let s = subject("@u9:hs", "D");
-        assert_eq!(p.decide(Some(&s), Origin::Automatic, 20.0), Verdict::Skip(Action::LogoutDevice, Outcome::RefusedCap));
+        assert_eq!(
+            p.decide(Some(&s), Origin::Automatic, 20.0),
+            Verdict::Skip(Action::LogoutDevice, Outcome::RefusedCap)
+        );
         assert_eq!(p.decide(Some(&s), Origin::Manual { lock: false }, 20.0), Verdict::Act(Action::LogoutDevice));
         assert_eq!(p.decide(Some(&s), Origin::Automatic, 3600.0), Verdict::Act(Action::LogoutDevice), "an hour later");
     }
@@ -311,7 +325,10 @@ mod tests {
         let mut p = policy("");
         assert_eq!(p.decide(None, Origin::Automatic, 0.0), Verdict::Skip(Action::None, Outcome::Unresolved));
         let no_device = Subject { user: "@eve:hs".into(), device: None };
-        assert_eq!(p.decide(Some(&no_device), Origin::Automatic, 0.0), Verdict::Skip(Action::LogoutDevice, Outcome::Unresolved));
+        assert_eq!(
+            p.decide(Some(&no_device), Origin::Automatic, 0.0),
+            Verdict::Skip(Action::LogoutDevice, Outcome::Unresolved)
+        );
         assert_eq!(p.decide(Some(&no_device), Origin::Manual { lock: true }, 0.0), Verdict::Act(Action::LockUser));
     }
 
