@@ -335,6 +335,13 @@ def test_without_vigie_acting(world, admin, vigie_factory, tmp_path):
     assert unresolved >= 1, "no call met the closed port"
     assert retries >= 3 * (failed + unresolved) and failures >= failed + unresolved
     assert m.total("vigie_response_actions_total", result="acted") == 0
+    # Enforce on seed 2: it chose to act on attack tokens only, never on a normal one.
+    f_labels = failing.labels([a.token for a in world.accounts] + [a.token for a in attacks])
+    f_normal = {f_labels[a.token] for a in world.accounts if a is not victim}
+    f_lines = audit_lines(failing)
+    print("enforce (failing admin API) audit:", [(l["label"], l["action"], l["result"]) for l in f_lines])
+    assert f_lines and not f_normal & {l["label"] for l in f_lines}, "enforce considered a normal token"
+    assert {l["label"] for l in f_lines} <= {f_labels[a.token] for a in attacks}
     failing.assert_running()
     for v in (dry, failing):
         assert_no_token_leak(v, [a.token for a in world.accounts] + [a.token for a in attacks] + [admin["token"]], {})
@@ -374,6 +381,10 @@ def test_enforce_cuts_each_attack_style(world, admin, vigie_factory, tmp_path):
                         f'admin_token_file = "{admin["file"]}"\nallow_users = ["{allowed.user_id}", "@bridge_*:{world.synapse.server_name}"]\n'
                         'lock_on_repeat = true\nrepeat_window_seconds = 120\n')
     vigie = vigie_factory(port, extra_args=["--config", str(conf)])
+    # The same traffic in dry-run too (seed 1): it may only ever consider attack tokens.
+    dry_conf = tmp_path / "dry.toml"
+    dry_conf.write_text(conf.read_text().replace('mode = "enforce"', 'mode = "dry-run"'))
+    dry = vigie_factory(port, extra_args=["--config", str(dry_conf)])
     rec = Recorder()
     pop = Population(world, 1, rec)
     monitor = ScoreMonitor(vigie, interval=1.0)
@@ -448,6 +459,18 @@ def test_enforce_cuts_each_attack_style(world, admin, vigie_factory, tmp_path):
                                 "respond", q_label, "--socket", str(vigie.state_dir / "control.sock")],
                                capture_output=True, timeout=30)
         print(f"as uid 65534: exit {other.returncode}: {other.stderr.decode().strip()[:200]}")
+        # Even with the socket opened to everyone, the agent checks who is calling (SO_PEERCRED).
+        sock = vigie.state_dir / "control.sock"
+        os.chmod(vigie.state_dir, 0o711)
+        os.chmod(sock, 0o666)
+        try:
+            peer = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                   str(check_binary()), "respond", q_label, "--socket", str(sock)],
+                                  capture_output=True, timeout=30)
+        finally:
+            os.chmod(sock, 0o600)
+            os.chmod(vigie.state_dir, 0o700)
+        print(f"as uid 65534 on an open socket: exit {peer.returncode}: {peer.stderr.decode().strip()[:200]}")
     finally:
         pop.stop_all()
         monitor.stop()
@@ -534,6 +557,21 @@ def test_enforce_cuts_each_attack_style(world, admin, vigie_factory, tmp_path):
         problems.append("the session ended by hand still works")
     if other.returncode == 0 or "permission denied" not in other.stderr.decode().lower():
         problems.append(f"another uid was not refused on the control socket: {other.stderr!r}")
+    if peer.returncode == 0 or "only root or uid" not in peer.stderr.decode():
+        problems.append(f"another uid on an open socket was not refused by SO_PEERCRED: {peer.stderr!r}")
+    # Dry-run on the same traffic: would act on attack tokens only, acted on nothing.
+    d_labels = dry.labels([a.token for a in world.accounts] + [r["attack"].token for r in runs] + [q["token"]])
+    d_lines = audit_lines(dry)
+    d_attack = {d_labels[r["attack"].token] for r in runs}
+    d_normal = {d_labels[a.token] for a in world.accounts if a is not victim}
+    print("dry-run audit:", [(l["label"], l["action"], l["result"]) for l in d_lines])
+    if any(l["result"] == "acted" for l in d_lines):
+        problems.append("dry-run acted")
+    if not {l["label"] for l in d_lines if l["result"] == "would_act"} & d_attack:
+        problems.append("dry-run would act on no attack")
+    if d_normal & {l["label"] for l in d_lines}:
+        problems.append(f"dry-run considered normal tokens: {d_normal & {l['label'] for l in d_lines}}")
+    dry.assert_running()
     # The agent's own whoami is not the token's traffic: attack scripts make no `other` request.
     own = metrics.total("vigie_agent_own_requests_total")
     if own < 2 * len(acted):
@@ -554,8 +592,10 @@ def test_enforce_cuts_each_attack_style(world, admin, vigie_factory, tmp_path):
     counted = metrics.total("vigie_response_actions_total", result="acted")
     if counted != len(acted):
         problems.append(f"vigie_response_actions_total{{result=acted}} = {counted}, audit has {len(acted)}")
-    assert_no_token_leak(vigie, [a.token for a in world.accounts] + [r["attack"].token for r in runs]
-                         + [extra.token, q["token"], admin["token"]], outputs)
+    every = [a.token for a in world.accounts] + [r["attack"].token for r in runs] + [extra.token, q["token"],
+                                                                                   admin["token"]]
+    assert_no_token_leak(vigie, every, outputs)
+    assert_no_token_leak(dry, every, {})
     print(f"test took {time.monotonic() - t_test:.0f} s")
     assert not problems, f"{len(problems)} problems:\n  " + "\n  ".join(problems)
 

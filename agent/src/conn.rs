@@ -725,6 +725,8 @@ mod tests {
         h2: Vec<Http2Event>,
         client_connections: u32,
         pipelined: u32,
+        own_requests: u32,
+        own_bytes: u64,
     }
 
     impl Sink for Recorder {
@@ -749,6 +751,12 @@ mod tests {
         fn pipelined_request(&mut self) {
             self.pipelined += 1;
         }
+        fn own_request(&mut self) {
+            self.own_requests += 1;
+        }
+        fn own_response_bytes(&mut self, bytes: u64) {
+            self.own_bytes += bytes;
+        }
     }
 
     const C: ConnKey = ConnKey { vantage: Vantage::Socket, id: 0xffff_8880_0000_1000, generation: 1 };
@@ -767,6 +775,31 @@ mod tests {
 
     fn get(path: &str, token: &str) -> Vec<u8> {
         format!("GET {path} HTTP/1.1\r\nHost: hs\r\nAuthorization: Bearer {token}\r\n\r\n").into_bytes()
+    }
+
+    #[test]
+    fn the_agents_own_requests_are_not_the_tokens_and_a_wanted_token_is_captured_once() {
+        let mut t = tracker();
+        let mut s = Recorder::default();
+        t.tap.set_marker("5eed5eed5eed5eed");
+        let label = key().label(b"syt_thief");
+        t.tap.want(label, 0);
+        // The agent's whoami with the thief's token: its own, neither counted nor captured.
+        let own = b"GET /_matrix/client/v3/account/whoami HTTP/1.1\r\nAuthorization: Bearer syt_thief\r\nX-Vigie-Agent: 5eed5eed5eed5eed\r\n\r\n";
+        recv(&mut t, own, &mut s);
+        t.on_send(C, 0, 300, &mut s);
+        assert!(s.requests.is_empty() && s.bytes.is_empty() && s.unattributed == 0);
+        assert_eq!((s.own_requests, s.own_bytes), (1, 300));
+        assert!(t.tap.take().is_empty(), "the agent's own request is never a capture");
+        // The thief's own next request: counted as its token's, and its token captured.
+        recv(&mut t, &get("/_matrix/client/v3/rooms/!r:hs/messages", "syt_thief"), &mut s);
+        t.on_send(C, 0, 1000, &mut s);
+        assert_eq!(bytes_for(&s, "syt_thief"), 1000);
+        let captured = t.tap.take();
+        assert_eq!(captured.len(), 1);
+        assert_eq!((captured[0].0, &captured[0].1[..]), (label, &b"syt_thief"[..]));
+        recv(&mut t, &get("/_matrix/client/v3/sync", "syt_thief"), &mut s);
+        assert!(t.tap.take().is_empty(), "one capture per want");
     }
 
     fn bytes_for(sink: &Recorder, token: &str) -> u64 {
