@@ -1,12 +1,22 @@
-"""Raw access tokens must never leave vigie: not in /metrics, not in its logs, not in its state."""
+"""Raw access tokens must never leave vigie: not in /metrics, not in its logs, not in its state.
+
+The agent runs with `[respond]` in dry-run, and `vigie respond LABEL` is used on one token during
+the traffic: the token is then copied from a request, sent to whoami and zeroized, and the
+audit file (in the state dir), the control socket's answer and the admin token are checked too.
+"""
 
 from __future__ import annotations
 
 from harness.util import token_needles
 
+import os
 import stat
+import subprocess
+import threading
 import time
 from pathlib import Path
+
+from harness.vigie import check_binary
 
 from harness.matrix import Recorder
 from harness.scenario import Scenario, ScenarioConfig
@@ -14,17 +24,38 @@ from harness.scenario import Scenario, ScenarioConfig
 
 
 
-def test_no_raw_token_in_metrics_logs_or_state(synapse, vigie_factory, seed):
-    vigie = vigie_factory(synapse.port)
+def test_no_raw_token_in_metrics_logs_or_state(synapse, vigie_factory, seed, tmp_path):
+    _, admin_token, _ = synapse.register("secretsadmin", admin=True)
+    token_file = tmp_path / "admin_token"
+    token_file.write_text(admin_token + "\n")
+    os.chmod(token_file, 0o600)
+    conf = tmp_path / "vigie.toml"
+    conf.write_text(f'[respond]\nmode = "dry-run"\nhomeserver_url = "{synapse.base_url}"\n'
+                    f'admin_token_file = "{token_file}"\n')
+    vigie = vigie_factory(synapse.port, extra_args=["--config", str(conf)])
     cfg = ScenarioConfig(users=5, extra_logins=1, rooms=2, prefill=10, duration=6.0, seed=seed,
                          media_interval=(0.5, 1.5))
     rec = Recorder()
     sc = Scenario(synapse, cfg, recorder=rec)
+    manual: dict = {}
+
+    def respond_by_hand():
+        time.sleep(1.5)
+        label = vigie.labels([sc.tokens[0]])[sc.tokens[0]]
+        manual["run"] = subprocess.run([str(check_binary()), "respond", label, "--socket",
+                                        str(vigie.state_dir / "control.sock")], capture_output=True, timeout=60)
+
     try:
         sc.setup()
+        by_hand = threading.Thread(target=respond_by_hand, daemon=True)
+        by_hand.start()
         sc.run()
+        by_hand.join(60)
     finally:
         sc.close()
+    r = manual["run"]
+    print(f"vigie respond: exit {r.returncode}: {r.stdout.decode().strip()} {r.stderr.decode().strip()}")
+    assert r.returncode == 0 and b"would_act" in r.stdout, "the token was not resolved through whoami"
     assert not sc.failures, "\n".join(sc.failures)
     tokens = sc.tokens
     totals = rec.totals()
@@ -49,11 +80,13 @@ def test_no_raw_token_in_metrics_logs_or_state(synapse, vigie_factory, seed):
     if mode & 0o077:
         print(f"note: key file mode is {mode:o} (readable beyond its owner)")
 
-    blobs: dict[str, bytes] = {"/metrics": metrics_text.encode()}
+    blobs: dict[str, bytes] = {"/metrics": metrics_text.encode(), "vigie respond stdout": r.stdout,
+                               "vigie respond stderr": r.stderr}
     for p in (vigie.stdout_path, vigie.stderr_path):
         blobs[str(p)] = p.read_bytes() if p.exists() else b""
     state_files = [p for p in Path(vigie.state_dir).rglob("*") if p.is_file()]
     assert state_files, "the state dir holds no file"
+    assert any(p.name == "respond-audit.jsonl" and p.stat().st_size for p in state_files), "no audit line"
     for p in state_files:
         blobs[str(p)] = p.read_bytes()
     # Anything else the agent left in its working directory.
@@ -62,6 +95,7 @@ def test_no_raw_token_in_metrics_logs_or_state(synapse, vigie_factory, seed):
             blobs[str(p)] = p.read_bytes()
 
     found = []
+    tokens = list(tokens) + [admin_token]
     for i, token in enumerate(tokens):
         for needle in token_needles(token):
             for where, data in blobs.items():
