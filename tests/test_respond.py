@@ -582,7 +582,8 @@ def test_enforce_cuts_each_attack_style(world, admin, vigie_factory, tmp_path):
     dry.assert_running()
     # The agent's own whoami is not the token's traffic: attack scripts make no `other` request,
     # so the only `other` requests on an attack token are the dry-run agent's whoami (one per
-    # label it resolved; its marker is not this agent's). One more would be this agent's own.
+    # label it resolved; its marker is not this agent's). One more would be this agent's own;
+    # the first run of this test, without the dry-run agent, saw none at all.
     own = metrics.total("vigie_agent_own_requests_total")
     if own < 2 * len(acted):
         problems.append(f"only {own:.0f} own requests counted for {len(acted)} actions")
@@ -594,7 +595,9 @@ def test_enforce_cuts_each_attack_style(world, admin, vigie_factory, tmp_path):
             d_label = dry.labels([a.token])[a.token]
             dry_whoami = sum(1 for l in d_lines_now if l["label"] == d_label and l["result"] != "refused_policy")
             other_reqs = metrics.total("vigie_token_requests_total", token=label, endpoint="other")
-            if other_reqs != dry_whoami:
+            # At most the dry-run agent's (one of its requests may land in `overflow` when the
+            # token has no series of its own at that moment); this agent's own would add one.
+            if other_reqs > dry_whoami:
                 problems.append(f"{run['name']}: {other_reqs:.0f} `other` requests counted on its token, "
                                 f"the dry-run agent made {dry_whoami} (the agent's own whoami counted?)")
     # Normal sessions kept working: 401s only for the owner (locked a moment) and the victim.
