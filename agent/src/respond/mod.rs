@@ -84,7 +84,7 @@ impl Responder {
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("generating the agent's marker: {e}"))?;
         let marker: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-        lock(&state).tracker.tap.set_marker(&marker);
+        lock(&state).tracker.tap().set_marker(&marker);
         let admin = Admin::new(&settings.homeserver_url, token, marker);
         let stats = Arc::new(Stats { admin: admin.stats.clone(), ..Stats::default() });
         let (tx, rx) = mpsc::sync_channel(QUEUE);
@@ -134,7 +134,7 @@ impl Responder {
     /// After each detector tick: want the tokens of newly flagged labels.
     pub fn tick(&mut self, st: &mut State, now_ns: u64) {
         self.flagged.retain(|_, at| now_ns.saturating_sub(*at) < REFLAG_NS);
-        st.tracker.tap.expire(now_ns);
+        st.tracker.tap().expire(now_ns);
         if !self.settings.automatic {
             return;
         }
@@ -153,7 +153,7 @@ impl Responder {
         }
         for job in new {
             if let Job::Flagged { label, policy_ok, .. } = &job {
-                if *policy_ok && !st.tracker.tap.want(*label, now_ns) {
+                if *policy_ok && !st.tracker.tap().want(*label, now_ns) {
                     // Too many wanted at once: try again at a later tick.
                     continue;
                 }
@@ -165,7 +165,7 @@ impl Responder {
 
     /// After the ring buffer is drained: hand captured tokens to the responder thread.
     pub fn forward(&mut self, st: &mut State) {
-        for (label, token) in st.tracker.tap.take() {
+        for (label, token) in st.tracker.tap().take() {
             self.send(Job::Token { label, token });
         }
     }
@@ -178,6 +178,12 @@ impl Responder {
             mode: self.settings.mode,
         }));
     }
+}
+
+/// The response metrics as a running responder exports them, for the exposition's tests.
+#[cfg(test)]
+pub fn register_for_tests(registry: &mut prometheus_client::registry::Registry, state: Arc<Mutex<State>>) {
+    registry.register_collector(Box::new(RespondCollector { stats: Arc::default(), state, mode: Mode::DryRun }));
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -278,7 +284,7 @@ impl Worker {
                     return self.decide(label, Some(&subject), Origin::Manual { lock }, None, Some(reply));
                 }
                 let wanted =
-                    self.state.lock().unwrap_or_else(|p| p.into_inner()).tracker.tap.want(label, monotonic_ns());
+                    self.state.lock().unwrap_or_else(|p| p.into_inner()).tracker.tap().want(label, monotonic_ns());
                 if !wanted {
                     let _ = reply.send(control::Reply::error("too many labels are being resolved; try again"));
                     return;
@@ -431,8 +437,13 @@ fn counter(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> R
 impl Collector for RespondCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let (tap, wanted, own_requests, own_bytes) = {
-            let st = lock(&self.state);
-            (st.tracker.tap.stats, st.tracker.tap.wanted_count(), st.health.own_requests, st.health.own_response_bytes)
+            let mut st = lock(&self.state);
+            (
+                st.tracker.tap().stats,
+                st.tracker.tap().wanted_count(),
+                st.health.own_requests,
+                st.health.own_response_bytes,
+            )
         };
         let mut m = enc.encode_descriptor(
             "vigie_response_actions",
