@@ -291,10 +291,10 @@ impl TokenState {
         if s.from == 0 {
             self.bump(Count::FromlessPages, 1, now);
         }
-        if let Some(room) = s.room {
-            if self.rooms.page(fold(room), s.from, now, ROOM_SESSION_S).finished {
-                self.bump(Count::RoomsFinished, 1, now);
-            }
+        if let Some(room) = s.room
+            && self.rooms.page(fold(room), s.from, now, ROOM_SESSION_S).finished
+        {
+            self.bump(Count::RoomsFinished, 1, now);
         }
         true
     }
