@@ -5,7 +5,7 @@ messages, a moderation bot and a bridge account in every room), one agent, the E
 population of test_detection.py throughout. Then, concurrently (vigie scores per token):
 
 - `VIGIE_DRAWS` drawn scrapes (default 8; harness/draws.py says what is drawn and from which
-  ranges), at most `VIGIE_DRAWS_CONCURRENCY` (default 6) at a time, each on a fresh login of
+  ranges), at most `VIGIE_DRAWS_CONCURRENCY` (default: all) at a time, each on a fresh login of
   the hijacked account, each running until its token reaches 1.0 or 300 s after its first
   request;
 - the four legitimate heavy readers of harness/draws.py (one-room export, moderation bot,
@@ -47,7 +47,8 @@ from harness.world import World, build_world
 DRAW_MAX_S = 300.0
 SEED = int(os.environ.get("VIGIE_DRAWS_SEED") or os.environ.get("VIGIE_TEST_SEED") or "1")
 DRAWS = int(os.environ.get("VIGIE_DRAWS", "8"))
-CONCURRENCY = int(os.environ.get("VIGIE_DRAWS_CONCURRENCY", "6"))
+# By default every draw at once: one wave of at most 300 s keeps the CI run bounded.
+CONCURRENCY = int(os.environ.get("VIGIE_DRAWS_CONCURRENCY") or DRAWS)
 WARMUP_S = 30.0
 
 
