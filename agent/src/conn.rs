@@ -33,6 +33,10 @@ pub struct RequestSeen<'a> {
     pub query: &'a str,
     pub user_agent: Option<&'a [u8]>,
     pub forwarded_for: Option<&'a [u8]>,
+    /// The head had `Sec-Fetch-Mode` or `Origin` (see [`crate::http::RequestHead::browser_fetch`]).
+    pub browser_fetch: bool,
+    /// The client closes the connection after this exchange.
+    pub connection_close: bool,
 }
 
 /// Why a receive could not be turned into a request. Most also desynchronise the connection
@@ -755,6 +759,8 @@ fn start_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], sink: &mut impl
         query: parsed.query,
         user_agent: parsed.user_agent,
         forwarded_for: parsed.forwarded_for,
+        browser_fetch: parsed.browser_fetch,
+        connection_close: parsed.connection_close,
     });
     true
 }
