@@ -14,6 +14,7 @@ use vigie_common::{
 use crate::aggregate::{Aggregator, Class, Limits};
 use crate::conn::{Attribution, ConnKey, Http2Event, RequestSeen, Sink, Tracker, Vantage};
 use crate::detect::{DetectConfig, Detector};
+use crate::endpoint::Endpoint;
 use crate::token::TokenKey;
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of the kernel's timestamps.
@@ -79,7 +80,10 @@ impl Sink for Feed<'_> {
         let a = request.attribution;
         self.aggregator.request(a.token, class(a), self.now_s);
         if a.vantage == self.detect_vantage {
-            self.detector.on_request(request, self.now_s);
+            let tally = self.detector.on_request(request, self.now_s);
+            if let Some(token) = a.token {
+                self.aggregator.tally(token, &tally);
+            }
         }
     }
 
@@ -89,6 +93,9 @@ impl Sink for Feed<'_> {
             && a.vantage == self.detect_vantage
         {
             self.detector.on_response_bytes(token, a.endpoint, bytes, self.now_s);
+            if matches!(a.endpoint, Endpoint::MediaDownload | Endpoint::MediaThumbnail) {
+                self.aggregator.media_bytes(token, bytes);
+            }
         }
     }
 
@@ -260,6 +267,6 @@ impl State {
     pub fn housekeeping(&mut self, now_ns: u64) {
         self.tracker.expire_idle(now_ns, self.connection_idle_ns);
         let detector = &self.detector;
-        self.aggregator.rebalance(now_ns as f64 / 1e9, &|t| detector.is_suspect(t));
+        self.aggregator.rebalance(now_ns as f64 / 1e9, &|t| detector.is_suspect(t), detector.series());
     }
 }
