@@ -418,6 +418,40 @@ mod tests {
     }
 
     #[test]
+    fn the_worst_token_costs_what_docs_fleet_md_says() {
+        let st = state(Limits::default());
+        let before = series(&render(&registry(st.clone())));
+        {
+            let mut s = st.lock().unwrap();
+            for &endpoint in Endpoint::ALL {
+                for vantage in [Vantage::Socket, Vantage::Tls] {
+                    let class = Class { endpoint, vantage };
+                    s.aggregator.request(Some(label(1)), class, 0.0);
+                    s.aggregator.response_bytes(Some(label(1)), class, 1);
+                }
+            }
+            let all = Tally {
+                pages: 1,
+                page_weight_16: 1,
+                context_weight_16: 1,
+                searches: 1,
+                media_downloads_4: 1,
+                rooms_paged: 1,
+                full_sync_weight_16: 1,
+                key_reads: 1,
+                media_bytes: 1,
+            };
+            s.aggregator.tally(label(1), &all);
+        }
+        let n = series(&render(&registry(st))) - before;
+        let counters = Endpoint::ALL.len() * 2 * 2;
+        println!("worst token: {n} series ({counters} per-class counters), plus a score and up to 12 reasons");
+        // The overflow/anonymous series already existed for none of these classes: the token's
+        // own counters and features (the distinct-rooms gauge needs the detector to know it).
+        assert_eq!(n, counters + crate::detect::TALLY_COLUMNS.len());
+    }
+
+    #[test]
     fn suspects_keep_their_series_beyond_the_budget() {
         let limits = Limits { max_series: SERIES_RESERVE + 50, ..Limits::default() };
         let st = state(limits);
