@@ -41,23 +41,21 @@ pub const COLUMNS: [Column; 9] = [
     ),
     ("vigie_token_context_page_weight", "/context page-weight per token", |t| t.context_weight_16 as f64 / SIXTEENTHS),
     ("vigie_token_searches", "/search requests per token", |t| t.searches as f64),
-    (
-        "vigie_token_media_downloads",
-        "Media downloads per token (a thumbnail counts a quarter)",
-        |t| t.media_downloads_4 as f64 / QUARTERS,
-    ),
+    ("vigie_token_media_downloads", "Media downloads per token (a thumbnail counts a quarter)", |t| {
+        t.media_downloads_4 as f64 / QUARTERS
+    }),
     ("vigie_token_media_response_bytes", "Bytes of media downloads and thumbnails sent per token", |t| {
         t.media_bytes as f64
     }),
-    (
-        "vigie_token_rooms_paged",
-        "Rooms whose history paging started (again after 10 idle minutes) per token",
-        |t| t.rooms_paged as f64,
-    ),
+    ("vigie_token_rooms_paged", "Rooms whose history paging started (again after 10 idle minutes) per token", |t| {
+        t.rooms_paged as f64
+    }),
     ("vigie_token_full_syncs", "Full-sync weight per token (initial or full_state syncs)", |t| {
         t.full_sync_weight_16 as f64 / SIXTEENTHS
     }),
-    ("vigie_token_key_backup_reads", "Key-backup reads (GET /room_keys/…?version=) per token", |t| t.key_reads as f64),
+    ("vigie_token_key_backup_reads", "Key-backup reads (GET /room_keys/…?version=) per token", |t| {
+        t.key_reads as f64
+    }),
 ];
 
 impl Tally {
