@@ -63,6 +63,13 @@ class SpreadScrape(Attack):
         super().__init__(world, recorder, seed, address=address)
         self.rooms = rooms
 
+    def call(self, endpoint, fn, ok_statuses=(200,)):
+        # Start to start: a loaded server slows each answer, not the scraper's rate.
+        start = max(time.monotonic(), self._next_at)
+        out = super().call(endpoint, fn, ok_statuses)
+        self._next_at = start + self.rng.uniform(*self.pace)
+        return out
+
     def script(self) -> None:
         for room in self.rooms:
             self.page_room(room, 50)
@@ -212,8 +219,10 @@ def test_a_scrape_spread_over_workers_is_caught_by_the_fleet_rules_only(fleet):
             f'max_over_time(vigie:fleet_token_reason{{token="{label}"}}[{window}s])')}
         served = Counter(nginx.history_worker(r).name for r in spread.stats.rooms)
         took = None if not fired else watch.fired(FLEET_ALERT, label) - spread.t_first
+        waits = sorted(r.duration for r in rec.snapshot() if r.token == spread.token)
         print(f"spread scrape {label}: {spread.stats.summary()}; rooms per worker {dict(served)}; "
-              f"{spread.outcome} after {t_end - spread.t_first:.0f} s")
+              f"{spread.outcome} after {t_end - spread.t_first:.0f} s; answers in {waits[len(waits) // 2]:.2f} s "
+              f"(median), {waits[-1]:.2f} s (slowest)")
         print(f"  per-host peak scores {peaks}; fleet peak "
               f"{[round(float(r['value'][1]), 2) for r in fleet_peak]} (reasons {reasons}); "
               f"{FLEET_ALERT} firing {took if took is None else round(took, 1)} s after its first request "
