@@ -52,7 +52,7 @@ WARMUP_S = 40  # normal traffic alone before the first attack
 
 class SpreadScrape(Attack):
     """A fresh login pages rooms one after another with Element's page size (50), one
-    request every 2-3 s: the rooms' history comes from every worker in turn, each sees a
+    request every 1.7-2.5 s (start to start): the rooms' history comes from every worker in turn, each sees a
     third of the rooms, none sees enough to alert."""
 
     name = "spread_scrape"
