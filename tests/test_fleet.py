@@ -38,7 +38,7 @@ from harness.fleet import FleetNginx, Front, Postgres, Redis, SynapseWorkers
 from harness.matrix import Recorder
 from harness.population import Population
 from harness.prometheus import FLEET_RULES, RULES, Prometheus
-from harness.util import HarnessError
+from harness.util import HarnessError, token_leaks
 from harness.vigie import Vigie
 from harness.world import build_world
 
@@ -174,8 +174,8 @@ def fleet(tmp_path_factory):
         print(f"fleet up in {t_up:.1f} s (PostgreSQL, Redis, main + {len(synapse.generic)} generic + media "
               f"workers, nginx), world built in {t_world:.1f} s, {len(agents)} agents and Prometheus in "
               f"{time.monotonic() - t0 - t_up - t_world:.1f} s")
-        yield dataclasses.make_dataclass("Fleet", ["pg", "synapse", "nginx", "world", "agents", "prom", "t0"])(
-            pg, synapse, nginx, world, agents, prom, t0)
+        yield dataclasses.make_dataclass("Fleet", ["pg", "synapse", "nginx", "world", "agents", "prom", "t0", "work"])(
+            pg, synapse, nginx, world, agents, prom, t0, work)
     except HarnessError as e:
         pytest.fail(str(e))
     finally:
@@ -324,6 +324,12 @@ def test_a_scrape_spread_over_workers_is_caught_by_the_fleet_rules_only(fleet):
     assert not wrong, "(label, agents' requests, clients', agents' bytes, nginx's, agents' pages, clients') " \
                       + repr(wrong[:5])
     fleet.spread_token, fleet.fast_token = spread.token, fast.token
+
+    # No raw token in anything the run wrote (logs of nginx, Synapse and the agents, the
+    # agents' state, Prometheus' data); PostgreSQL's own files are elsewhere, and Synapse's.
+    found, scanned = token_leaks(tokens, dirs=[fleet.work])
+    print(f"leak scan: {scanned}")
+    assert scanned["files"] > 20 and not found, found[:5]
 
 
 def test_resolve_against_the_fleets_postgresql(fleet):

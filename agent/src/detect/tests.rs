@@ -421,10 +421,7 @@ fn hostile_input_never_panics_and_never_scores_nan() {
     let scores: Vec<_> = d.scores().collect();
     assert!(!scores.is_empty(), "no hostile token scored: the check below would be vacuous");
     for s in scores {
-        assert!(
-            s.score.is_finite() && !s.reasons.is_empty() && s.reasons.iter().all(|(_, v)| v.is_finite()),
-            "{s:?}"
-        );
+        assert!(s.score.is_finite() && !s.reasons.is_empty() && s.reasons.iter().all(|(_, v)| v.is_finite()), "{s:?}");
     }
     // Requests without a token are not tracked.
     let anon = sim::seen(None, Endpoint::Messages, "GET", None, "", None, None);
