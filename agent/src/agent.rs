@@ -49,6 +49,7 @@ fn limits(settings: &Settings) -> Limits {
         top_k: settings.top_k,
         max_tokens: settings.max_tokens,
         idle_s: settings.token_idle_seconds as f64,
+        max_series: settings.max_series,
         ..Limits::default()
     }
 }

@@ -11,6 +11,7 @@ use vigie_common::COUNTER_COUNT;
 use crate::aggregate::{Aggregator, Class, Limits};
 use crate::conn::{Http2Event, ParseFailure, RequestSeen, Sink, Tracker};
 use crate::detect::{DetectConfig, Detector};
+use crate::endpoint::Endpoint;
 use crate::record::{self, Record};
 use crate::token::TokenKey;
 use crate::vocab::{Attribution, ConnKey, Vantage};
@@ -82,7 +83,10 @@ impl Sink for Feed<'_> {
         let a = request.attribution;
         self.aggregator.request(a.token, class(a), self.now_s);
         if a.vantage == self.detect_vantage {
-            self.detector.on_request(request, self.now_s);
+            let tally = self.detector.on_request(request, self.now_s);
+            if let Some(token) = a.token {
+                self.aggregator.tally(token, &tally);
+            }
         }
     }
 
@@ -92,6 +96,9 @@ impl Sink for Feed<'_> {
             && a.vantage == self.detect_vantage
         {
             self.detector.on_response_bytes(token, a.endpoint, bytes, self.now_s);
+            if matches!(a.endpoint, Endpoint::MediaDownload | Endpoint::MediaThumbnail) {
+                self.aggregator.media_bytes(token, bytes);
+            }
         }
     }
 
@@ -265,6 +272,6 @@ impl State {
     pub fn housekeeping(&mut self, now_ns: u64) {
         self.tracker.expire_idle(now_ns, self.connection_idle_ns);
         let detector = &self.detector;
-        self.aggregator.rebalance(now_ns as f64 / 1e9, &|t| detector.is_suspect(t));
+        self.aggregator.rebalance(now_ns as f64 / 1e9, &|t| detector.is_suspect(t), detector.series());
     }
 }

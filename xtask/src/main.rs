@@ -37,6 +37,9 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     "bpftool",
     "openssl",
+    // Synapse in worker mode (tests/test_fleet.py): PostgreSQL and Redis.
+    "postgresql",
+    "redis-server",
     // The kernel matrix (`cargo xtask kernels`): qemu, and busybox for the guest's /init.
     "qemu-system-x86",
     "busybox-static",

@@ -14,6 +14,7 @@ use super::config::DetectConfig;
 use super::hll::{RoomSketches, Sketch};
 use super::request::Shape;
 use super::rooms::RoomTable;
+use super::tally::Tally;
 use super::window::{Bytes, Count, QUARTERS, Ring, Rings, SIXTEENTHS, Totals};
 
 /// Granularities, in seconds, of the two room-sketch epochs.
@@ -168,9 +169,11 @@ impl TokenState {
         self.sketches.advance([now / ROOMS_10M_EPOCH, now / ROOMS_10M_EPOCH, now / ROOMS_1H_EPOCH], &mut self.rings);
     }
 
-    /// Count `n` of `what` now (the rings were moved to `now` by [`TokenState::advance`]).
-    fn bump(&mut self, what: Count, n: u32, _now: u32) {
+    /// Count `n` of `what` now (the rings were moved to `now` by [`TokenState::advance`]),
+    /// and tell `tally`: the exported counters are these very increments.
+    fn bump(&mut self, tally: &mut Tally, what: Count, n: u32) {
         self.rings.add(what, n);
+        tally.count(what, n);
     }
 
     fn weigh(w: f64, scale: f64) -> u32 {
@@ -178,9 +181,12 @@ impl TokenState {
         if v.is_finite() && v > 0.0 { v.min(f64::from(u32::MAX)) as u32 } else { 0 }
     }
 
-    /// Account one request. `known_agent` says whether its user agent is a known client; it
-    /// is asked only for a client the token has not used before.
-    pub fn record(&mut self, s: &Shape, now: u32, cfg: &DetectConfig, known_agent: impl FnOnce() -> bool) {
+    /// Account one request; returns what it added to the additive features. `known_agent`
+    /// says whether its user agent is a known client; it is asked only for a client the
+    /// token has not used before.
+    pub fn record(&mut self, s: &Shape, now: u32, cfg: &DetectConfig, known_agent: impl FnOnce() -> bool) -> Tally {
+        let mut tally = Tally::default();
+        let tally = &mut tally;
         self.advance(now, cfg);
         self.last_s = now;
         self.dirty = true;
@@ -194,7 +200,7 @@ impl TokenState {
             self.agents.mark(s.agent, MISMATCH);
         }
         if !matches!(s.endpoint, Some(Endpoint::Sync | Endpoint::SlidingSync)) {
-            self.bump(Count::Requests, 1, now);
+            self.bump(tally, Count::Requests, 1);
         }
         self.addresses.see(s.address, now, self.first_s, grace);
         if let Some(room) = s.room {
@@ -207,59 +213,59 @@ impl TokenState {
                     self.last_sync_s = Stamp::at(now);
                     self.agents.mark_sync(s.agent);
                 } else {
-                    self.full_sync(s, cfg, now);
+                    self.full_sync(tally, s, cfg);
                 }
                 false
             }
-            Some(Endpoint::InitialSync) if s.room.is_some() => self.history_page(s, limit, cfg, now),
+            Some(Endpoint::InitialSync) if s.room.is_some() => self.history_page(tally, s, limit, cfg, now),
             Some(Endpoint::InitialSync) => {
-                self.full_sync(s, cfg, now);
+                self.full_sync(tally, s, cfg);
                 false
             }
-            Some(Endpoint::Messages) => self.history_page(s, limit, cfg, now),
+            Some(Endpoint::Messages) => self.history_page(tally, s, limit, cfg, now),
             Some(Endpoint::Context) => {
-                self.bump(Count::ContextWeight, Self::weigh(cfg.page_weight(limit), SIXTEENTHS), now);
+                self.bump(tally, Count::ContextWeight, Self::weigh(cfg.page_weight(limit), SIXTEENTHS));
                 if limit >= cfg.large_limit {
-                    self.bump(Count::ContextLarge, 1, now);
+                    self.bump(tally, Count::ContextLarge, 1);
                 }
                 self.room_read_for_breadth(s, now);
                 true
             }
             Some(Endpoint::Search) => {
-                self.bump(Count::Search, 1, now);
+                self.bump(tally, Count::Search, 1);
                 true
             }
             Some(Endpoint::Members | Endpoint::State) => {
-                self.bump(Count::RoomReads, 1, now);
+                self.bump(tally, Count::RoomReads, 1);
                 if let Some(room) = s.room {
                     let (harvest, finished) = self.rooms.room_read(fold(room), now, HARVEST_WITHIN_S);
                     if harvest {
-                        self.bump(Count::Harvests, 1, now);
+                        self.bump(tally, Count::Harvests, 1);
                     }
                     if finished {
-                        self.bump(Count::RoomsFinished, 1, now);
+                        self.bump(tally, Count::RoomsFinished, 1);
                     }
                 }
                 true
             }
             Some(Endpoint::Event) => {
-                self.bump(Count::RoomReads, 1, now);
+                self.bump(tally, Count::RoomReads, 1);
                 true
             }
             Some(Endpoint::MediaDownload) => {
-                self.bump(Count::MediaDownloads, 4, now);
+                self.bump(tally, Count::MediaDownloads, 4);
                 true
             }
             Some(Endpoint::MediaThumbnail) => {
-                self.bump(Count::MediaDownloads, 1, now);
+                self.bump(tally, Count::MediaDownloads, 1);
                 false
             }
             Some(Endpoint::MediaUpload) => {
-                self.bump(Count::MediaUploads, 4, now);
+                self.bump(tally, Count::MediaUploads, 4);
                 false
             }
             Some(Endpoint::RoomKeys) if s.get && s.version => {
-                self.bump(Count::KeyReads, 1, now);
+                self.bump(tally, Count::KeyReads, 1);
                 if f64::from(now.saturating_sub(self.first_s)) < cfg.key_backup_young_s {
                     self.young_key_read_s = Stamp::at(now);
                 }
@@ -268,13 +274,14 @@ impl TokenState {
             _ => false,
         };
         if read && late_agent && self.agents.is_foreign_reader(s.agent) {
-            self.bump(Count::ForeignReads, 1, now);
+            self.bump(tally, Count::ForeignReads, 1);
         }
+        *tally
     }
 
-    fn full_sync(&mut self, s: &Shape, cfg: &DetectConfig, now: u32) {
+    fn full_sync(&mut self, tally: &mut Tally, s: &Shape, cfg: &DetectConfig) {
         let w = s.limit.map_or(1.0, |l| cfg.page_weight(l));
-        self.bump(Count::FullSyncWeight, Self::weigh(w, SIXTEENTHS), now);
+        self.bump(tally, Count::FullSyncWeight, Self::weigh(w, SIXTEENTHS));
     }
 
     fn room_read_for_breadth(&mut self, s: &Shape, now: u32) {
@@ -284,17 +291,21 @@ impl TokenState {
         }
     }
 
-    fn history_page(&mut self, s: &Shape, limit: u32, cfg: &DetectConfig, now: u32) -> bool {
-        self.bump(Count::Pages, 1, now);
-        self.bump(Count::PageWeight, Self::weigh(cfg.page_weight(limit), SIXTEENTHS), now);
+    fn history_page(&mut self, tally: &mut Tally, s: &Shape, limit: u32, cfg: &DetectConfig, now: u32) -> bool {
+        self.bump(tally, Count::Pages, 1);
+        self.bump(tally, Count::PageWeight, Self::weigh(cfg.page_weight(limit), SIXTEENTHS));
         self.room_read_for_breadth(s, now);
         if s.from == 0 {
-            self.bump(Count::FromlessPages, 1, now);
+            self.bump(tally, Count::FromlessPages, 1);
         }
-        if let Some(room) = s.room
-            && self.rooms.page(fold(room), s.from, now, ROOM_SESSION_S).finished
-        {
-            self.bump(Count::RoomsFinished, 1, now);
+        if let Some(room) = s.room {
+            let fp = fold(room);
+            if !self.rooms.in_session(fp, now, ROOM_SESSION_S) {
+                tally.rooms_paged += 1;
+            }
+            if self.rooms.page(fp, s.from, now, ROOM_SESSION_S).finished {
+                self.bump(tally, Count::RoomsFinished, 1);
+            }
         }
         true
     }

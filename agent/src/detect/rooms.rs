@@ -172,6 +172,12 @@ impl RoomTable {
         std::mem::size_of_val(&*self.entries)
     }
 
+    /// Whether a page of `room` at `now` continues a session (else it starts one).
+    pub fn in_session(&self, room: u32, now: u32, session_s: u32) -> bool {
+        let room = room.max(1);
+        self.entries.iter().any(|e| e.room == room && now.saturating_sub(e.last_s) <= session_s)
+    }
+
     /// Rooms whose paging session started at or after `since`.
     pub fn started_since(&self, since: u32) -> u32 {
         self.entries.iter().filter(|e| e.room != 0 && e.first_s >= since).count() as u32
