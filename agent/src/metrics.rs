@@ -280,6 +280,13 @@ impl Collector for StateCollector {
             MetricType::Gauge,
         )?;
         m.encode_family(&[("source", h.capture_source)])?.encode_gauge(&1u64)?;
+        let mut m = enc.encode_descriptor(
+            "vigie_key_info",
+            "Fingerprint of the token-hash key, which reveals nothing of it (always 1): every host of a fleet must show the same one (docs/fleet.md)",
+            None,
+            MetricType::Gauge,
+        )?;
+        m.encode_family(&[("fingerprint", h.key_fingerprint.as_str())])?.encode_gauge(&1u64)?;
         Ok(())
     }
 }

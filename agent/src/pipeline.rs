@@ -50,6 +50,8 @@ pub struct Health {
     pub tls_client_connections: u64,
     /// HTTP/2 connections, requests and response bytes, by vantage.
     pub http2: BTreeMap<(Vantage, &'static str), u64>,
+    /// `TokenKey::fingerprint` of the key labels are made with.
+    pub key_fingerprint: String,
 }
 
 pub struct State {
@@ -131,6 +133,7 @@ impl State {
         detect: DetectConfig,
         detect_vantage: Vantage,
     ) -> Self {
+        let key_fingerprint = key.fingerprint().to_string();
         State {
             tracker: Tracker::new(key, max_connections),
             aggregator: Aggregator::new(limits),
@@ -144,6 +147,7 @@ impl State {
                     .chain(crate::http::HeadError::ALL.iter().map(|e| e.reason()))
                     .map(|r| (r, 0))
                     .collect(),
+                key_fingerprint,
                 ..Health::default()
             },
             connection_idle_ns: connection_idle_s.saturating_mul(1_000_000_000),
