@@ -72,6 +72,7 @@ CONTRACT_METRICS = {
     "vigie_exported_tokens",
     "vigie_probes_attached",
     "vigie_build_info",
+    "vigie_key_info",
 }
 AGENT_CAPS = {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}
 K8S_CAPS = {cap.removeprefix("CAP_") for cap in AGENT_CAPS}
@@ -620,7 +621,7 @@ def promtool() -> str:
 
 
 ALERTS = ["VigieTokenAnomaly", "VigieBulkHistoryPaging", "VigieMediaSpree", "VigieEventsLost",
-          "VigieAgentDown", "VigieNoProbes"]
+          "VigieAgentDown", "VigieNoProbes", "VigieKeyMismatch"]
 
 
 def test_promtool_check_rules():
@@ -637,6 +638,8 @@ def test_promtool_check_rules():
     assert 'absent(up{job="vigie"})' in alerts["VigieAgentDown"]["expr"]
     assert "increase(vigie_events_lost_total[5m]) > 0" in alerts["VigieEventsLost"]["expr"]
     assert "vigie_probes_attached == 0" in alerts["VigieNoProbes"]["expr"]
+    assert "count by (job) (count by (job, fingerprint) (vigie_key_info)) > 1" in alerts["VigieKeyMismatch"]["expr"]
+    assert alerts["VigieKeyMismatch"].get("for"), "a key rollout makes hosts disagree for a while"
     for alert in alerts.values():
         assert alert["labels"]["severity"] in ("critical", "warning")
         assert alert["annotations"]["summary"]
