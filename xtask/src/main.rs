@@ -9,11 +9,13 @@
 //!   `vigie check` and a capture smoke test in each (see kernels.rs, docs/kernels.md).
 //! - `cargo xtask fuzz [--seconds N] [TARGET...]`: run the cargo-fuzz targets (see fuzz.rs).
 //! - `cargo xtask soak [--minutes N]`: the soak against a real Synapse (see soak.rs).
+//! - `cargo xtask image`: the container image of the DaemonSet, with buildah (see image.rs).
 //!
 //! Everything is installed from Debian's packages, crates.io and PyPI by name.
 
 mod bench;
 mod fuzz;
+mod image;
 mod kernels;
 mod soak;
 
@@ -37,6 +39,11 @@ const APT_PACKAGES: &[&str] = &[
     // The kernel matrix (`cargo xtask kernels`): qemu, and busybox for the guest's /init.
     "qemu-system-x86",
     "busybox-static",
+    // The container image (`cargo xtask image`): buildah builds it, objcopy strips the binary's
+    // debug info; the image test runs it with podman.
+    "buildah",
+    "binutils",
+    "podman",
 ];
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -55,9 +62,10 @@ fn main() -> ExitCode {
         Some("kernels") => kernels::run(&args[1..]),
         Some("fuzz") => setup().and_then(|()| fuzz::run(&args[1..])),
         Some("soak") => soak::run(&args[1..]),
+        Some("image") => image::run(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N]"
+                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N] | image"
             );
             return ExitCode::from(2);
         }
