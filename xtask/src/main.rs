@@ -40,10 +40,11 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     // The container image (`cargo xtask image`): buildah builds it, objcopy strips the binary's
-    // debug info; the image test runs it with podman.
+    // debug info; the image test runs it with podman, on runc (crun 1.8 refuses hybrid cgroups).
     "buildah",
     "binutils",
     "podman",
+    "runc",
 ];
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
