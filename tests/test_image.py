@@ -1,4 +1,4 @@
-"""The DaemonSet's image: built by `cargo xtask image` (buildah), then run with podman the way
+"""The DaemonSet's image: built by `cargo xtask image --bin $VIGIE_BIN` (buildah), then run with podman the way
 deploy/kubernetes/daemonset.yaml runs the pod.
 
 - What is in it: the release binary (same GNU build id), the default config, exactly the shared
@@ -35,9 +35,11 @@ import yaml
 
 from harness.metrics import parse
 from harness.util import REPO_ROOT, free_port, wait_until
+from harness.vigie import check_binary
 
 K8S = REPO_ROOT / "deploy" / "kubernetes"
-BINARY = REPO_ROOT / "target" / "release" / "vigie"  # what `cargo xtask image` builds and packs
+# The binary under test is the one packed (`cargo xtask image --bin`): no second release build.
+BINARY = check_binary()
 
 # crun 1.8 (Debian 12) refuses this machine's hybrid cgroup v1/v2 layout ("cgroups in hybrid
 # mode not supported"); runc runs the same OCI bundle.
@@ -109,7 +111,7 @@ class Image:
 
 def build_image() -> tuple[Image, str]:
     started = time.monotonic()
-    r = run(["cargo", "xtask", "image"], cwd=REPO_ROOT, timeout=1800)
+    r = run(["cargo", "xtask", "image", "--bin", BINARY], cwd=REPO_ROOT, timeout=1800)
     elapsed = time.monotonic() - started
     assert r.returncode == 0, f"cargo xtask image failed:\n{r.stderr[-4000:]}"
     m = re.search(r"==> Image (\S+) \((sha256:[0-9a-f]{64})\): ([0-9.]+) MiB uncompressed, archive (\S+) "

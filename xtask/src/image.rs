@@ -24,12 +24,15 @@ use crate::{root, sh, step};
 /// something to pull) and the kustomize base refers to it by that name.
 pub const NAME: &str = "localhost/vigie";
 
+/// `cargo xtask image [--bin PATH]`: with `--bin`, pack that release binary (the one a test run
+/// just tested) instead of building one.
 pub fn run(args: &[String]) -> Result<()> {
-    if let Some(a) = args.first() {
-        bail!("cargo xtask image takes no argument (got {a:?})");
-    }
     crate::setup()?;
-    let bin = crate::build_release()?;
+    let bin = match args {
+        [] => crate::build_release()?,
+        [flag, path] if flag == "--bin" => PathBuf::from(path),
+        _ => bail!("usage: cargo xtask image [--bin PATH] (got {args:?})"),
+    };
     let started = Instant::now();
     let built = build(&bin)?;
     step(&format!(

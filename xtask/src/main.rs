@@ -9,7 +9,8 @@
 //!   `vigie check` and a capture smoke test in each (see kernels.rs, docs/kernels.md).
 //! - `cargo xtask fuzz [--seconds N] [TARGET...]`: run the cargo-fuzz targets (see fuzz.rs).
 //! - `cargo xtask soak [--minutes N]`: the soak against a real Synapse (see soak.rs).
-//! - `cargo xtask image`: the container image of the DaemonSet, with buildah (see image.rs).
+//! - `cargo xtask image [--bin PATH]`: the container image of the DaemonSet, with buildah (see
+//!   image.rs); `--bin` packs an already built release binary.
 //!
 //! Everything is installed from Debian's packages, crates.io and PyPI by name.
 
@@ -66,7 +67,7 @@ fn main() -> ExitCode {
         Some("image") => image::run(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N] | image"
+                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N] | image [--bin PATH]"
             );
             return ExitCode::from(2);
         }
