@@ -11,10 +11,13 @@
 //! - `cargo xtask soak [--minutes N]`: the soak against a real Synapse (see soak.rs).
 //! - `cargo xtask image [--bin PATH]`: the container image of the DaemonSet, with buildah (see
 //!   image.rs); `--bin` packs an already built release binary.
+//! - `cargo xtask detect [--draws N] [--seed S]`: many drawn scrapes and the legitimate heavy
+//!   readers against a real Synapse, with the distribution of times to detect (see detect.rs).
 //!
 //! Everything is installed from Debian's packages, crates.io and PyPI by name.
 
 mod bench;
+mod detect;
 mod fuzz;
 mod image;
 mod kernels;
@@ -64,10 +67,11 @@ fn main() -> ExitCode {
         Some("kernels") => kernels::run(&args[1..]),
         Some("fuzz") => setup().and_then(|()| fuzz::run(&args[1..])),
         Some("soak") => soak::run(&args[1..]),
+        Some("detect") => detect::run(&args[1..]),
         Some("image") => image::run(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N] | image [--bin PATH]"
+                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N] | detect [--draws N] [--seed S] | image [--bin PATH]"
             );
             return ExitCode::from(2);
         }

@@ -30,14 +30,16 @@
 mod clients;
 mod config;
 mod features;
+mod fingerprint;
 mod hll;
 mod request;
 mod rooms;
 mod score;
 mod window;
 
-#[cfg(test)]
-mod sim;
+/// Simulated Matrix traffic for the tests and the benchmarks (`examples/pipeline_bench.rs`).
+#[doc(hidden)]
+pub mod sim;
 
 pub use config::{DetectConfig, Ramp};
 pub use score::{Population, REASONS, Reason};
@@ -134,13 +136,15 @@ impl Detector {
         };
         let now = self.clock(now_s);
         let shape = Shape::of(req);
+        // Looked at once per client of a token, not per request.
+        let known = || req.user_agent.is_none_or(fingerprint::known_agent);
         if let Some(t) = self.tokens.get_mut(&token) {
-            t.record(&shape, now, &self.cfg);
+            t.record(&shape, now, &self.cfg, known);
             return;
         }
         self.make_room();
         let mut t = Box::new(TokenState::new(now, self.prior()));
-        t.record(&shape, now, &self.cfg);
+        t.record(&shape, now, &self.cfg, known);
         self.tokens.insert(token, t);
     }
 
