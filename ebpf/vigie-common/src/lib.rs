@@ -14,8 +14,9 @@ pub const MAX_CAPTURE: usize = 16384;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const RING_BYTES: u32 = 16 * 1024 * 1024;
 
-/// The kernel wakes the agent only past this many waiting bytes; otherwise the agent drains
-/// the ring every `DRAIN_INTERVAL_MS`. Both bound the delay of a record.
+/// While the agent is awake (traffic flowing), the kernel wakes it only past this many waiting
+/// bytes; otherwise the agent drains the ring every `DRAIN_INTERVAL_MS`. Both bound the delay
+/// of a record. A drain that finds nothing puts the agent to sleep until the next record.
 pub const WAKEUP_BACKLOG: u64 = 1024 * 1024;
 pub const DRAIN_INTERVAL_MS: u64 = 5;
 
@@ -49,8 +50,9 @@ pub const EVENT_FORK: u32 = 7;
 /// The capture holds fewer bytes than the receive moved (capture limit, or the data went to a
 /// second iovec): the agent must not look for a request head in the part it did not see.
 pub const FLAG_CAPTURE_PARTIAL: u32 = 1;
-/// No buffer was known for this receive (an entry point vigie does not hook, such as io_uring
-/// or recvmmsg, or an evicted pending-read entry): bytes are exact, content is missing.
+/// No buffer was known for this receive (a syscall vigie does not read buffers from, such as
+/// io_uring_enter, recvmmsg or a 32-bit compat call; a descriptor that is not the socket; or,
+/// with the syscall source, an evicted pending-read entry): bytes are exact, content is missing.
 pub const FLAG_NO_BUFFER: u32 = 2;
 /// TLS records: `sock_hint` is a socket the thread used *during* the SSL call (the library
 /// does its own socket I/O, as nginx's does): certain. Without it, `sock_hint` is the socket
@@ -97,9 +99,12 @@ pub struct KernelLayout {
     /// `struct sock_common.skc_family` and `skc_num`.
     pub skc_family: u32,
     pub skc_num: u32,
-    /// 1 when the syscall capture source is in use: `sys_enter_*` then also remember the calls
-    /// of TLS processes, whose sockets tie an `SSL*` to its connection.
+    /// 1 when the syscall capture source is in use.
     pub syscall_source: u32,
+    /// `struct sock.sk_socket` and `struct socket.file`: the socket source checks that the
+    /// descriptor in the receiving syscall's registers is the socket the receive is on.
+    pub sk_socket: u32,
+    pub socket_file: u32,
 }
 
 /// One record in the ring buffer. `RECV` records are followed by `captured` bytes of payload.
