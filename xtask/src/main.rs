@@ -139,6 +139,11 @@ fn setup() -> Result<()> {
     }
     step("rust-src for nightly (build-std=core for bpfel-unknown-none): ensuring");
     sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    // `cargo xtask lint` runs rustfmt on the tree and clippy on both toolchains.
+    step("rustfmt and clippy (stable and nightly, for the house rules): ensuring");
+    for toolchain in ["stable", NIGHTLY] {
+        sh(Command::new("rustup").args(["component", "add", "rustfmt", "clippy", "--toolchain", toolchain]))?;
+    }
 
     let linker = cargo_bin("bpf-linker");
     let have = Command::new(&linker).arg("--version").output().ok().filter(|o| o.status.success());
