@@ -241,6 +241,39 @@ impl Drop for BpfStats {
     }
 }
 
+/// The scheduler's autogroup of this session, given the bench's priority while it runs.
+///
+/// With `kernel.sched_autogroup_enabled` (the default on Debian), CPU is shared fairly between
+/// sessions first and by nice only within one: other sessions' work at `nice 10` takes as much
+/// CPU from the bench as it would at nice 0, and the bench's own `nice -10` is no help. The
+/// autogroup's nice is what weighs against other sessions. Restored when dropped.
+struct Autogroup {
+    previous: Option<i32>,
+}
+
+const AUTOGROUP: &str = "/proc/self/autogroup";
+
+impl Autogroup {
+    fn set(nice: i32) -> Autogroup {
+        // "/autogroup-14 nice 0"
+        let previous = std::fs::read_to_string(AUTOGROUP)
+            .ok()
+            .and_then(|t| t.split_whitespace().last().and_then(|v| v.parse().ok()));
+        if previous.is_some() && std::fs::write(AUTOGROUP, nice.to_string()).is_ok() {
+            println!("  (this session's scheduler autogroup set to nice {nice} for the bench)");
+        }
+        Autogroup { previous }
+    }
+}
+
+impl Drop for Autogroup {
+    fn drop(&mut self) {
+        if let Some(p) = self.previous {
+            let _ = std::fs::write(AUTOGROUP, p.to_string());
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Options.
 
@@ -1308,6 +1341,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         signal(SIGTERM, on_signal);
     }
     setup()?;
+    let _autogroup = Autogroup::set(opts.nice);
     let vigie_bin = match &opts.vigie_bin {
         Some(bin) => {
             step(&format!("Using the agent binary {} (not building)", bin.display()));
