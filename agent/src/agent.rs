@@ -133,12 +133,13 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     // totals are read from the kernel's map.
     let mut poll_tick = tokio::time::interval(Duration::from_millis(SENT_POLL_MS));
     poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // While records flow the kernel does not wake us per record (see
+    // While records flow fast the kernel does not wake us per record (see
     // vigie_common::WAKEUP_BACKLOG): we are awake and drain on a timer. A drain that finds
-    // nothing puts us to sleep; the next record wakes us (the kernel's map starts at asleep).
+    // nothing puts us to sleep; asleep, a record wakes us (the kernel's map starts at asleep).
     let mut drain_tick = tokio::time::interval(Duration::from_millis(vigie_common::DRAIN_INTERVAL_MS));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut awake = false;
+    let mut last_wake = std::time::Instant::now();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -149,8 +150,13 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                 // Woken early: the kernel saw a backlog.
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 guard.clear_ready();
-                drain(guard.get_inner_mut(), &state);
-                if !awake {
+                let n = drain(guard.get_inner_mut(), &state);
+                // A few records a second are cheapest woken one by one; once they come faster
+                // than the drain timer would read them, the timer is cheaper than the wakeups.
+                let now = std::time::Instant::now();
+                let busy = n > 1 || now.duration_since(last_wake) < Duration::from_millis(vigie_common::DRAIN_INTERVAL_MS);
+                last_wake = now;
+                if !awake && busy {
                     set_awake(&mut probes, true);
                     awake = true;
                     drain_tick.reset();
