@@ -298,7 +298,7 @@ fn new_state(detector: bool) -> State {
     } else {
         vigie::detect::DetectConfig { max_tokens: 1, ..vigie::detect::DetectConfig::default() }
     };
-    State::new(key(), Limits::default(), 65_536, 900, detect, vigie::conn::Vantage::Socket)
+    State::new(key(), Limits::default(), 65_536, 900, detect, vigie::vocab::Vantage::Socket)
 }
 
 fn vm_rss_bytes() -> u64 {
@@ -386,7 +386,7 @@ fn throughput(tokens: u64, requests: u64, connections: usize) {
         65_536,
         900,
         vigie::detect::DetectConfig::default(),
-        vigie::conn::Vantage::Socket,
+        vigie::vocab::Vantage::Socket,
     );
     for &(s, e) in &ranges {
         check.handle_record(&arena[s..e]);

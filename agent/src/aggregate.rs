@@ -10,9 +10,9 @@
 //!
 //! Requests that carry no token are counted per endpoint under `anonymous`.
 
-use crate::conn::Vantage;
 use crate::endpoint::Endpoint;
 use crate::token::TokenLabel;
+use crate::vocab::Vantage;
 
 /// What a series is broken down by, besides the token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -64,7 +64,7 @@ pub struct Settings {
     pub max_connections: usize,
     pub token_idle_seconds: u64,
     pub connection_idle_seconds: u64,
-    pub detect_vantage: crate::conn::Vantage,
+    pub detect_vantage: crate::vocab::Vantage,
     pub detect: crate::detect::DetectConfig,
     pub capture_source: crate::capture::loader::SourceChoice,
 }
@@ -125,7 +125,7 @@ impl Settings {
         let metrics_addr: MetricsAddr = addr.parse()?;
         let positive =
             |name: &str, v: usize| -> Result<usize> { if v == 0 { bail!("{name} must be at least 1") } else { Ok(v) } };
-        use crate::conn::Vantage;
+        use crate::vocab::Vantage;
         let detect_vantage = match file.detect_vantage.as_deref().unwrap_or("auto") {
             "socket" => Vantage::Socket,
             "tls" => Vantage::Tls,
@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn the_detector_learns_from_one_vantage_point() {
-        use crate::conn::Vantage;
+        use crate::vocab::Vantage;
         let ports = Overrides { server_ports: vec![8008], ..Default::default() };
         let s = Settings::merge(FileConfig::default(), ports.clone()).unwrap();
         assert_eq!(s.detect_vantage, Vantage::Socket);

@@ -17,47 +17,11 @@
 
 use std::collections::HashMap;
 
-use crate::endpoint::{self, Endpoint};
+use crate::endpoint;
 use crate::http::{self, MAX_HEAD_BYTES};
-use crate::token::{self, TokenKey, TokenLabel};
+use crate::token::{self, TokenKey};
+use crate::vocab::{Attribution, ConnKey, Vantage};
 use zeroize::Zeroizing;
-
-/// Where a request was seen. When vigie watches both a TLS library and the plaintext port
-/// behind it (nginx on 443 forwarding to Synapse on 8008), each request is seen twice, once
-/// at each vantage point; the label keeps the two apart so nothing is summed twice silently.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Vantage {
-    /// Plaintext on a watched server port (`sock:*` tracepoints).
-    Socket,
-    /// Plaintext inside the TLS library (`SSL_read`/`SSL_write` uprobes).
-    Tls,
-}
-
-impl Vantage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Vantage::Socket => "socket",
-            Vantage::Tls => "tls",
-        }
-    }
-}
-
-/// A connection's identity. Socket vantage: the kernel socket address and when the kernel
-/// first saw it. TLS vantage: the `SSL*` and the process id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConnKey {
-    pub vantage: Vantage,
-    pub id: u64,
-    pub generation: u64,
-}
-
-/// Whom a response's bytes are charged to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Attribution {
-    pub token: Option<TokenLabel>,
-    pub endpoint: Endpoint,
-    pub vantage: Vantage,
-}
 
 /// A parsed request, as handed to the sink. No `Debug`: `query` may hold `access_token=`.
 pub struct RequestSeen<'a> {
@@ -71,17 +35,60 @@ pub struct RequestSeen<'a> {
     pub forwarded_for: Option<&'a [u8]>,
 }
 
-/// Every reason the tracker itself reports to [`Sink::parse_failure`], besides the head
-/// parser's own ([`http::HeadError::reason`]).
-pub const FAILURE_REASONS: &[&str] = &[
-    "not_http",
-    "capture_truncated",
-    "no_capture",
-    "closed_mid_head",
-    "head_too_large",
-    "http2_frame_lost",
-    "head_budget",
-];
+/// Why a receive could not be turned into a request. Most also desynchronise the connection
+/// (`Conn::desync`); each has a stable label value for `vigie_parse_failures_total{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParseFailure {
+    /// Where a request head was expected, bytes that do not start one.
+    NotHttp,
+    /// The head runs past the bytes the kernel copied.
+    CaptureTruncated,
+    /// The kernel knew no buffer for a receive where a head was expected.
+    NoCapture,
+    /// The connection closed with half a head buffered.
+    ClosedMidHead,
+    /// A head buffered over several receives outgrew `MAX_HEAD_BYTES`.
+    HeadTooLarge,
+    /// An HTTP/2 frame header fell in bytes that were not copied: requests are no longer counted.
+    Http2FrameLost,
+    /// Holding this head would pass `HEAD_BUFFER_BUDGET`.
+    HeadBudget,
+    /// The head parser refused the head.
+    Head(http::HeadError),
+}
+
+impl ParseFailure {
+    /// The tracker's own failures; with [`http::HeadError::ALL`], every one (see [`Self::all`]).
+    pub const OWN: [ParseFailure; 7] = [
+        ParseFailure::NotHttp,
+        ParseFailure::CaptureTruncated,
+        ParseFailure::NoCapture,
+        ParseFailure::ClosedMidHead,
+        ParseFailure::HeadTooLarge,
+        ParseFailure::Http2FrameLost,
+        ParseFailure::HeadBudget,
+    ];
+
+    /// Every failure, so that each reason can be exported at zero before it happens.
+    pub fn all() -> impl Iterator<Item = ParseFailure> {
+        Self::OWN.into_iter().chain(http::HeadError::ALL.into_iter().map(ParseFailure::Head))
+    }
+
+    /// Short snake_case name, stable: used as a metric label value. A head too large for the
+    /// parser and one too large to buffer are the same fact to an operator, one label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ParseFailure::NotHttp => "not_http",
+            ParseFailure::CaptureTruncated => "capture_truncated",
+            ParseFailure::NoCapture => "no_capture",
+            ParseFailure::ClosedMidHead => "closed_mid_head",
+            ParseFailure::HeadTooLarge => "head_too_large",
+            ParseFailure::Http2FrameLost => "http2_frame_lost",
+            ParseFailure::HeadBudget => "head_budget",
+            ParseFailure::Head(e) => e.reason(),
+        }
+    }
+}
 
 /// Most bytes of unfinished request heads held across all connections. Each connection may
 /// buffer up to `MAX_HEAD_BYTES` of a head that arrives in pieces; without a shared bound,
@@ -97,8 +104,8 @@ pub trait Sink {
     fn response_bytes(&mut self, attribution: Attribution, bytes: u64);
     /// Bytes sent on a connection whose current request is unknown.
     fn unattributed_bytes(&mut self, bytes: u64);
-    /// A receive that could not be turned into a request; `reason` is a stable label value.
-    fn parse_failure(&mut self, reason: &'static str);
+    /// A receive that could not be turned into a request.
+    fn parse_failure(&mut self, failure: ParseFailure);
     /// HTTP/2 is recognised and counted per connection, not attributed to tokens (HPACK).
     fn http2(&mut self, vantage: Vantage, event: Http2Event);
     /// A TLS connection turned out to be a client's (its first plaintext in is a response):
@@ -245,8 +252,8 @@ impl Conn {
         }
     }
 
-    fn desync(&mut self, reason: &'static str, sink: &mut impl Sink) {
-        sink.parse_failure(reason);
+    fn desync(&mut self, failure: ParseFailure, sink: &mut impl Sink) {
+        sink.parse_failure(failure);
         self.phase = Phase::Desync;
         self.current = None;
     }
@@ -467,7 +474,7 @@ impl Tracker {
         if let Phase::Head(buf) = &conn.phase
             && !buf.is_empty()
         {
-            sink.parse_failure("closed_mid_head");
+            sink.parse_failure(ParseFailure::ClosedMidHead);
         }
     }
 
@@ -495,34 +502,12 @@ impl Tracker {
         others: usize,
         sink: &mut impl Sink,
     ) {
-        let over_budget = |buf: &Zeroizing<Vec<u8>>| others.saturating_add(buf.capacity()) > HEAD_BUFFER_BUDGET;
         let conn = self.table.get(key, now_ns);
-        match conn.role {
-            Role::Client => return,
-            Role::Unknown { held } => {
-                if !blind && is_client_side(data) {
-                    conn.role = Role::Client;
-                    return sink.tls_client_connection();
-                }
-                conn.role = Role::Server;
-                if held > 0 && !blind && data.starts_with(H2_PREFACE) {
-                    // An HTTP/2 server may send its SETTINGS before reading the client's preface.
-                    sink.http2(key.vantage, Http2Event::ResponseBytes(held));
-                } else if held > 0 {
-                    sink.unattributed_bytes(held);
-                }
-            }
-            Role::Server => {}
+        if !settle_role(conn, key.vantage, data, blind, sink) {
+            return;
         }
         if let Phase::Http2(frames) = &mut conn.phase {
-            let (requests, lost) = frames.walk(total, if blind { &[] } else { data });
-            for _ in 0..requests {
-                sink.http2(key.vantage, Http2Event::Request);
-            }
-            if lost {
-                sink.parse_failure("http2_frame_lost");
-            }
-            return;
+            return walk_http2(frames, key.vantage, total, if blind { &[] } else { data }, sink);
         }
         // A receive after the response started begins a new request, whatever we thought
         // the request body still held (the server may answer early, or the body was chunked).
@@ -530,18 +515,9 @@ impl Tracker {
             conn.phase = Phase::head();
         }
         if blind {
-            match &mut conn.phase {
-                Phase::Body(rest) => {
-                    *rest = rest.saturating_sub(total);
-                    if *rest == 0 {
-                        conn.phase = Phase::head();
-                    }
-                }
-                Phase::ChunkedBody | Phase::Desync | Phase::Http2(_) => {}
-                Phase::Head(_) => conn.desync("no_capture", sink),
-            }
-            return;
+            return skip_blind(conn, total, sink);
         }
+        let rx = Receive { token_key: &self.key, key, now_ns, total, data, others };
         let mut pos: u64 = 0;
         while pos < total {
             let seen = data.get(pos as usize..).unwrap_or(&[]);
@@ -562,94 +538,161 @@ impl Tracker {
                         conn.phase = Phase::head();
                     }
                 }
-                Phase::Head(buf) => {
-                    if seen.is_empty() {
-                        // The request starts in bytes the kernel did not copy.
-                        return conn.desync("capture_truncated", sink);
-                    }
-                    let uncaptured_tail = (data.len() as u64) < total;
-                    if buf.is_empty() && matches!(seen.first(), Some(b'\r' | b'\n')) {
-                        // Stray line ends between keep-alive requests (RFC 9112 §2.2).
-                        pos += 1;
-                        continue;
-                    }
-                    if buf.is_empty() && pos == 0 && seen.starts_with(H2_PREFACE) {
-                        sink.http2(key.vantage, Http2Event::Connection);
-                        let mut frames = H2Frames { skip: H2_PREFACE.len() as u64, ..H2Frames::default() };
-                        let (requests, lost) = frames.walk(total, data);
-                        for _ in 0..requests {
-                            sink.http2(key.vantage, Http2Event::Request);
-                        }
-                        if lost {
-                            sink.parse_failure("http2_frame_lost");
-                        }
-                        conn.phase = Phase::Http2(frames);
-                        return;
-                    }
-                    if buf.is_empty() {
-                        if !http::looks_like_request_start(seen) {
-                            return conn.desync("not_http", sink);
-                        }
-                        if let Some(end) = http::head_end(seen) {
-                            // The common case: a whole head in one receive, parsed in place.
-                            pos += end as u64;
-                            if let Err(reason) = start_request(&self.key, conn, key, now_ns, &seen[..end], sink) {
-                                return conn.desync(reason, sink);
-                            }
-                            continue;
-                        }
-                        if uncaptured_tail {
-                            return conn.desync("capture_truncated", sink);
-                        }
-                        buf.extend_from_slice(&seen[..seen.len().min(MAX_HEAD_BYTES)]);
-                        if over_budget(buf) {
-                            return conn.desync("head_budget", sink);
-                        }
-                        return;
-                    }
-                    let prev = buf.len();
-                    buf.extend_from_slice(&seen[..seen.len().min(MAX_HEAD_BYTES - prev.min(MAX_HEAD_BYTES))]);
-                    if !http::looks_like_request_start(buf) {
-                        return conn.desync("not_http", sink);
-                    }
-                    let Some(end) = http::head_end(buf) else {
-                        if buf.len() >= MAX_HEAD_BYTES {
-                            return conn.desync("head_too_large", sink);
-                        }
-                        if uncaptured_tail {
-                            return conn.desync("capture_truncated", sink);
-                        }
-                        if over_budget(buf) {
-                            return conn.desync("head_budget", sink);
-                        }
-                        return;
-                    };
-                    let head = std::mem::replace(buf, Zeroizing::new(Vec::new()));
-                    pos += end.saturating_sub(prev).max(1) as u64;
-                    if let Err(reason) = start_request(&self.key, conn, key, now_ns, &head[..end], sink) {
-                        return conn.desync(reason, sink);
-                    }
-                }
+                Phase::Head(_) => match read_head(&rx, conn, pos, sink) {
+                    Some(next) => pos = next,
+                    None => return,
+                },
             }
         }
     }
 }
 
-/// A complete head: attribute the connection to it and report it.
-fn start_request(
-    token_key: &TokenKey,
-    conn: &mut Conn,
+/// One receive, as the head reader needs it.
+struct Receive<'a> {
+    token_key: &'a TokenKey,
     key: ConnKey,
     now_ns: u64,
-    head: &[u8],
-    sink: &mut impl Sink,
-) -> Result<(), &'static str> {
-    let parsed = http::parse_head(head).map_err(|e| e.reason())?;
+    /// Bytes the receive moved; the first `data.len()` were captured.
+    total: u64,
+    data: &'a [u8],
+    /// Head bytes the other connections hold (`HEAD_BUFFER_BUDGET`).
+    others: usize,
+}
+
+/// Learn which end of a TLS connection the watched process is from its first plaintext in.
+/// Returns whether the receive is a server's, to be read as requests.
+fn settle_role(conn: &mut Conn, vantage: Vantage, data: &[u8], blind: bool, sink: &mut impl Sink) -> bool {
+    match conn.role {
+        Role::Client => false,
+        Role::Server => true,
+        Role::Unknown { held } => {
+            if !blind && is_client_side(data) {
+                conn.role = Role::Client;
+                sink.tls_client_connection();
+                return false;
+            }
+            conn.role = Role::Server;
+            if held > 0 && !blind && data.starts_with(H2_PREFACE) {
+                // An HTTP/2 server may send its SETTINGS before reading the client's preface.
+                sink.http2(vantage, Http2Event::ResponseBytes(held));
+            } else if held > 0 {
+                sink.unattributed_bytes(held);
+            }
+            true
+        }
+    }
+}
+
+/// Count the HTTP/2 requests that start in one receive.
+fn walk_http2(frames: &mut H2Frames, vantage: Vantage, total: u64, data: &[u8], sink: &mut impl Sink) {
+    let (requests, lost) = frames.walk(total, data);
+    for _ in 0..requests {
+        sink.http2(vantage, Http2Event::Request);
+    }
+    if lost {
+        sink.parse_failure(ParseFailure::Http2FrameLost);
+    }
+}
+
+/// A receive whose content the kernel could not copy: a body shrinks by its length, a head
+/// cannot be read.
+fn skip_blind(conn: &mut Conn, total: u64, sink: &mut impl Sink) {
+    match &mut conn.phase {
+        Phase::Body(rest) => {
+            *rest = rest.saturating_sub(total);
+            if *rest == 0 {
+                conn.phase = Phase::head();
+            }
+        }
+        Phase::ChunkedBody | Phase::Desync | Phase::Http2(_) => {}
+        Phase::Head(_) => conn.desync(ParseFailure::NoCapture, sink),
+    }
+}
+
+/// Read request-head bytes from `pos` of a receive into a connection waiting for a head.
+/// Returns where the rest of the receive starts, or `None` when nothing more of it is read
+/// (the head is unfinished, the connection desynchronised, or it turned out to be HTTP/2).
+fn read_head(rx: &Receive<'_>, conn: &mut Conn, mut pos: u64, sink: &mut impl Sink) -> Option<u64> {
+    let Phase::Head(buf) = &mut conn.phase else { return Some(pos) };
+    let seen = rx.data.get(pos as usize..).unwrap_or(&[]);
+    if seen.is_empty() {
+        // The request starts in bytes the kernel did not copy.
+        conn.desync(ParseFailure::CaptureTruncated, sink);
+        return None;
+    }
+    let over_budget = |buf: &Zeroizing<Vec<u8>>| rx.others.saturating_add(buf.capacity()) > HEAD_BUFFER_BUDGET;
+    let uncaptured_tail = (rx.data.len() as u64) < rx.total;
+    if buf.is_empty() && matches!(seen.first(), Some(b'\r' | b'\n')) {
+        // Stray line ends between keep-alive requests (RFC 9112 §2.2).
+        return Some(pos + 1);
+    }
+    if buf.is_empty() && pos == 0 && seen.starts_with(H2_PREFACE) {
+        sink.http2(rx.key.vantage, Http2Event::Connection);
+        let mut frames = H2Frames { skip: H2_PREFACE.len() as u64, ..H2Frames::default() };
+        walk_http2(&mut frames, rx.key.vantage, rx.total, rx.data, sink);
+        conn.phase = Phase::Http2(frames);
+        return None;
+    }
+    if buf.is_empty() {
+        if !http::looks_like_request_start(seen) {
+            conn.desync(ParseFailure::NotHttp, sink);
+            return None;
+        }
+        if let Some(end) = http::head_end(seen) {
+            // The common case: a whole head in one receive, parsed in place.
+            return start_request(rx, conn, &seen[..end], sink).then_some(pos + end as u64);
+        }
+        if uncaptured_tail {
+            conn.desync(ParseFailure::CaptureTruncated, sink);
+            return None;
+        }
+        buf.extend_from_slice(&seen[..seen.len().min(MAX_HEAD_BYTES)]);
+        if over_budget(buf) {
+            conn.desync(ParseFailure::HeadBudget, sink);
+        }
+        return None;
+    }
+    let prev = buf.len();
+    buf.extend_from_slice(&seen[..seen.len().min(MAX_HEAD_BYTES - prev.min(MAX_HEAD_BYTES))]);
+    if !http::looks_like_request_start(buf) {
+        conn.desync(ParseFailure::NotHttp, sink);
+        return None;
+    }
+    let Some(end) = http::head_end(buf) else {
+        let failure = if buf.len() >= MAX_HEAD_BYTES {
+            Some(ParseFailure::HeadTooLarge)
+        } else if uncaptured_tail {
+            Some(ParseFailure::CaptureTruncated)
+        } else if over_budget(buf) {
+            Some(ParseFailure::HeadBudget)
+        } else {
+            None
+        };
+        if let Some(failure) = failure {
+            conn.desync(failure, sink);
+        }
+        return None;
+    };
+    let head = std::mem::replace(buf, Zeroizing::new(Vec::new()));
+    pos += end.saturating_sub(prev).max(1) as u64;
+    start_request(rx, conn, &head[..end], sink).then_some(pos)
+}
+
+/// A complete head: attribute the connection to it and report it. Returns false when the
+/// head was refused (the connection is then desynchronised).
+fn start_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], sink: &mut impl Sink) -> bool {
+    let parsed = match http::parse_head(head) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            conn.desync(ParseFailure::Head(e), sink);
+            return false;
+        }
+    };
     let classified = endpoint::classify(parsed.method, parsed.path);
     let attribution = Attribution {
-        token: token::label_for_request(token_key, &parsed),
+        token: token::label_for_request(rx.token_key, &parsed),
         endpoint: classified.endpoint,
-        vantage: key.vantage,
+        vantage: rx.key.vantage,
     };
     // A head that arrives before the previous request was answered is pipelined: its response
     // boundary is unknown without parsing responses, so bytes may land on the later request.
@@ -665,8 +708,8 @@ fn start_request(
         _ => Phase::head(),
     };
     sink.request(&RequestSeen {
-        conn: key,
-        at_ns: now_ns,
+        conn: rx.key,
+        at_ns: rx.now_ns,
         attribution,
         method: parsed.method,
         room_id: classified.room_id.as_deref(),
@@ -674,12 +717,14 @@ fn start_request(
         user_agent: parsed.user_agent,
         forwarded_for: parsed.forwarded_for,
     });
-    Ok(())
+    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::Endpoint;
+    use crate::token::TokenLabel;
 
     #[derive(Default)]
     struct Recorder {
@@ -702,8 +747,8 @@ mod tests {
         fn unattributed_bytes(&mut self, bytes: u64) {
             self.unattributed += bytes;
         }
-        fn parse_failure(&mut self, reason: &'static str) {
-            self.failures.push(reason);
+        fn parse_failure(&mut self, failure: ParseFailure) {
+            self.failures.push(failure.reason());
         }
         fn http2(&mut self, _: Vantage, event: Http2Event) {
             self.h2.push(event);

@@ -4,9 +4,11 @@
 //! - [`http`]: request-head parsing, robust to hostile input.
 //! - [`endpoint`]: the one list of Matrix endpoint classes and the classifier.
 //! - [`token`]: access-token extraction and keyed hashing into labels; raw tokens never leave it.
+//! - [`vocab`]: the words the record path shares (`Vantage`, `ConnKey`, `Attribution`).
+//! - [`record`]: ring-buffer records decoded once into typed values.
 //! - [`conn`]: per-connection HTTP/1.1 state that turns socket events into requests and bytes.
 //! - [`aggregate`]: per-token counters with bounded cardinality (top-K plus overflow).
-//! - [`pipeline`]: decoding kernel records and feeding the tracker and aggregator.
+//! - [`pipeline`]: acting on decoded records: the tracker, the aggregator, the detector, health.
 //! - [`metrics`]: the Prometheus exposition.
 //! - [`detect`]: per-token scoring of how far a session is from normal reading.
 //! - [`config`]: the TOML file and command-line settings.
@@ -27,6 +29,8 @@ pub mod endpoint;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod record;
 pub mod resolve;
 pub mod token;
+pub mod vocab;
 pub mod web;

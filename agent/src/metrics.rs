@@ -44,10 +44,6 @@ fn class_labels(token: &str, class: Class) -> [(&'static str, &str); 3] {
     [("token", token), ("endpoint", class.endpoint.as_str()), ("vantage", class.vantage.as_str())]
 }
 
-fn gauge(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: u64) -> Result<(), std::fmt::Error> {
-    enc.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_gauge(&value)
-}
-
 impl Collector for StateCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // A poisoned lock means the pipeline panicked; still expose what is there.
@@ -118,169 +114,244 @@ impl Collector for StateCollector {
                 m.encode_family(&[("token", token.as_str()), ("window", "10m")])?.encode_gauge(&rooms)?;
             }
         }
-        let ds = det.stats();
-        gauge(&mut enc, "vigie_tokens_alerting", "Tokens whose score is 1 or more", ds.alerting as u64)?;
-        let mut m = enc.encode_descriptor(
-            "vigie_anomaly_alerts",
-            "Times a token's score rose to 1 or more",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(&mut m, ds.alerts_total)?;
-        gauge(
-            &mut enc,
-            "vigie_detector_tracked_tokens",
-            "Tokens the detector keeps features for",
-            ds.tracked_tokens as u64,
-        )?;
-        let mut m = enc.encode_descriptor(
-            "vigie_detector_tokens_evicted",
-            "Tokens the detector dropped because its table was full",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(&mut m, ds.tokens_evicted)?;
-
-        let h = &state.health;
-        let mut m =
-            enc.encode_descriptor("vigie_events", "Kernel records received, by kind", None, MetricType::Counter)?;
-        for (kind, v) in
-            [("recv", h.recv_events), ("send", h.send_events), ("close", h.close_events), ("fork", h.fork_events)]
-        {
-            labelled_counter(&mut m, &[("kind", kind)], v)?;
+        for metric in AGENT_METRICS {
+            encode_agent_metric(&mut enc, metric, &state)?;
         }
-        let mut m = enc.encode_descriptor(
-            "vigie_tls_forks_unfollowed",
-            "Forks of TLS server processes the agent could not follow at once (the next discovery attaches them)",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(&mut m, h.forks_unfollowed)?;
-        let mut m = enc.encode_descriptor(
-            "vigie_events_lost",
-            "Kernel records dropped because the ring buffer was full",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(&mut m, h.kernel[COUNTER_RINGBUF_FULL as usize])?;
-        let mut m = enc.encode_descriptor(
-            "vigie_capture_incomplete",
-            "Receives whose bytes were counted but whose content could not be captured, by reason",
-            None,
-            MetricType::Counter,
-        )?;
-        labelled_counter(&mut m, &[("reason", "read_failed")], h.kernel[COUNTER_CAPTURE_FAILED as usize])?;
-        labelled_counter(&mut m, &[("reason", "no_buffer")], h.kernel[COUNTER_NO_BUFFER as usize])?;
-        labelled_counter(&mut m, &[("reason", "ssl_call_lost")], h.kernel[COUNTER_SSL_CALL_LOST as usize])?;
-        let mut m = enc.encode_descriptor(
-            "vigie_kernel_conn_table_full",
-            "Connections the kernel could not record because its connection map was full",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(&mut m, h.kernel[COUNTER_CONNS_FULL as usize])?;
-        let mut m = enc.encode_descriptor(
-            "vigie_malformed_records",
-            "Kernel records the agent could not decode",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(&mut m, h.malformed_records)?;
-        let mut m = enc.encode_descriptor(
-            "vigie_parse_failures",
-            "Receives that could not be turned into a request, by reason",
-            None,
-            MetricType::Counter,
-        )?;
-        for (reason, v) in &h.parse_failures {
-            labelled_counter(&mut m, &[("reason", reason)], *v)?;
-        }
-        let mut m = enc.encode_descriptor(
-            "vigie_pipelined_requests",
-            "Requests sent before the previous one on the connection was answered (HTTP pipelining): counted, but their response bytes may be charged to a later request of the batch",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(&mut m, h.pipelined_requests)?;
-        let mut m = enc.encode_descriptor(
-            "vigie_unattributed_response_bytes",
-            "Bytes sent on connections whose current request was unknown (before the agent started, after unparsable input)",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(&mut m, agg.unattributed())?;
-
-        let mut m = enc.encode_descriptor(
-            "vigie_tls_records",
-            "TLS plaintext records, by how their TCP socket was known (during_call: the library did the socket I/O; before_call: the thread's previous receive, memory-BIO servers; unknown)",
-            None,
-            MetricType::Counter,
-        )?;
-        for (tie, v) in &h.tls_socket_ties {
-            labelled_counter(&mut m, &[("socket", tie)], *v)?;
-        }
-        let mut m = enc.encode_descriptor(
-            "vigie_tls_client_connections",
-            "TLS connections on which a process mapping the TLS library was the client (not counted per token)",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(&mut m, h.tls_client_connections)?;
-        for (what, name, help) in [
-            ("connections", "vigie_http2_connections", "Connections recognised as HTTP/2 (not attributed to tokens)"),
-            ("requests", "vigie_http2_requests", "HTTP/2 requests (client HEADERS frames)"),
-            ("response_bytes", "vigie_http2_response_bytes", "Bytes sent on HTTP/2 connections"),
-        ] {
-            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for ((vantage, w), v) in &h.http2 {
-                if *w == what {
-                    labelled_counter(&mut m, &[("vantage", vantage.as_str())], *v)?;
-                }
-            }
-        }
-
-        let ts = state.tracker.stats();
-        let ags = agg.stats();
-        let mut m = enc.encode_descriptor(
-            "vigie_connections_evicted",
-            "Connections dropped from the agent's table because it was full",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(&mut m, ts.evicted)?;
-        let mut m = enc.encode_descriptor(
-            "vigie_tokens_expired",
-            "Tokens forgotten after being idle",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(&mut m, ags.tokens_expired)?;
-        let mut m = enc.encode_descriptor(
-            "vigie_tokens_untracked",
-            "Requests from new tokens counted in overflow because the token table was full",
-            None,
-            MetricType::Counter,
-        )?;
-        counter(&mut m, ags.tokens_untracked)?;
-        gauge(&mut enc, "vigie_tracked_connections", "Connections the agent currently tracks", ts.connections as u64)?;
-        gauge(&mut enc, "vigie_tracked_tokens", "Tokens the agent currently tracks", ags.tracked_tokens as u64)?;
-        gauge(
-            &mut enc,
-            "vigie_exported_tokens",
-            "Tokens that currently have their own series",
-            ags.exported_tokens as u64,
-        )?;
-        gauge(&mut enc, "vigie_probes_attached", "Kernel programs attached", h.probes_attached as u64)?;
-        let mut m = enc.encode_descriptor("vigie_build_info", "vigie's version (always 1)", None, MetricType::Gauge)?;
-        m.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?.encode_gauge(&1u64)?;
-        let mut m = enc.encode_descriptor(
-            "vigie_capture_info",
-            "Where byte counts come from (always 1): source=\"sock\" (sock:sock_{recv,send}_length, Linux 6.3+) or \"syscalls\" (the fallback)",
-            None,
-            MetricType::Gauge,
-        )?;
-        m.encode_family(&[("source", h.capture_source)])?.encode_gauge(&1u64)?;
         Ok(())
+    }
+}
+
+/// Prometheus metric types the agent uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+impl Kind {
+    fn metric_type(self) -> MetricType {
+        match self {
+            Kind::Counter => MetricType::Counter,
+            Kind::Gauge => MetricType::Gauge,
+        }
+    }
+}
+
+/// How an agent metric is read from the state at scrape time.
+pub enum Read {
+    /// One value, no labels.
+    Value(fn(&State) -> u64),
+    /// One value per value of the label named here.
+    By(&'static str, fn(&State) -> Vec<(&'static str, u64)>),
+}
+
+/// One of the agent's own metrics (not per token): its name (without the `_total` the
+/// encoder appends to counters), help, type and reader. README's metric tables are checked
+/// against this list by a test.
+pub struct AgentMetric {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    pub read: Read,
+}
+
+const fn metric(name: &'static str, kind: Kind, help: &'static str, read: Read) -> AgentMetric {
+    AgentMetric { name, help, kind, read }
+}
+
+use Kind::{Counter, Gauge};
+use Read::{By, Value};
+
+/// The agent's metrics besides the per-token families, in exposition order. Adding one is a
+/// line here and a row in README's tables.
+pub const AGENT_METRICS: &[AgentMetric] = &[
+    metric(
+        "vigie_tokens_alerting",
+        Gauge,
+        "Tokens whose score is 1 or more",
+        Value(|s| s.detector.stats().alerting as u64),
+    ),
+    metric(
+        "vigie_anomaly_alerts",
+        Counter,
+        "Times a token's score rose to 1 or more",
+        Value(|s| s.detector.stats().alerts_total),
+    ),
+    metric(
+        "vigie_detector_tracked_tokens",
+        Gauge,
+        "Tokens the detector keeps features for",
+        Value(|s| s.detector.stats().tracked_tokens as u64),
+    ),
+    metric(
+        "vigie_detector_tokens_evicted",
+        Counter,
+        "Tokens the detector dropped because its table was full",
+        Value(|s| s.detector.stats().tokens_evicted),
+    ),
+    metric(
+        "vigie_events",
+        Counter,
+        "Kernel records received, by kind",
+        By("kind", |s| {
+            let h = &s.health;
+            vec![("recv", h.recv_events), ("send", h.send_events), ("close", h.close_events), ("fork", h.fork_events)]
+        }),
+    ),
+    metric(
+        "vigie_tls_forks_unfollowed",
+        Counter,
+        "Forks of TLS server processes the agent could not follow at once (the next discovery attaches them)",
+        Value(|s| s.health.forks_unfollowed),
+    ),
+    metric(
+        "vigie_events_lost",
+        Counter,
+        "Kernel records dropped because the ring buffer was full",
+        Value(|s| s.health.kernel[COUNTER_RINGBUF_FULL as usize]),
+    ),
+    metric(
+        "vigie_capture_incomplete",
+        Counter,
+        "Receives whose bytes were counted but whose content could not be captured, by reason",
+        By("reason", |s| {
+            let k = &s.health.kernel;
+            vec![
+                ("read_failed", k[COUNTER_CAPTURE_FAILED as usize]),
+                ("no_buffer", k[COUNTER_NO_BUFFER as usize]),
+                ("ssl_call_lost", k[COUNTER_SSL_CALL_LOST as usize]),
+            ]
+        }),
+    ),
+    metric(
+        "vigie_kernel_conn_table_full",
+        Counter,
+        "Connections the kernel could not record because its connection map was full",
+        Value(|s| s.health.kernel[COUNTER_CONNS_FULL as usize]),
+    ),
+    metric(
+        "vigie_malformed_records",
+        Counter,
+        "Kernel records the agent could not decode",
+        Value(|s| s.health.malformed_records),
+    ),
+    metric(
+        "vigie_parse_failures",
+        Counter,
+        "Receives that could not be turned into a request, by reason",
+        By("reason", |s| s.health.parse_failures.iter().map(|(r, v)| (*r, *v)).collect()),
+    ),
+    metric(
+        "vigie_pipelined_requests",
+        Counter,
+        "Requests sent before the previous one on the connection was answered (HTTP pipelining): counted, but their response bytes may be charged to a later request of the batch",
+        Value(|s| s.health.pipelined_requests),
+    ),
+    metric(
+        "vigie_unattributed_response_bytes",
+        Counter,
+        "Bytes sent on connections whose current request was unknown (before the agent started, after unparsable input)",
+        Value(|s| s.aggregator.unattributed()),
+    ),
+    metric(
+        "vigie_tls_records",
+        Counter,
+        "TLS plaintext records, by how their TCP socket was known (during_call: the library did the socket I/O; before_call: the thread's previous receive, memory-BIO servers; unknown)",
+        By("socket", |s| s.health.tls_socket_ties.iter().map(|(t, v)| (t.as_str(), *v)).collect()),
+    ),
+    metric(
+        "vigie_tls_client_connections",
+        Counter,
+        "TLS connections on which a process mapping the TLS library was the client (not counted per token)",
+        Value(|s| s.health.tls_client_connections),
+    ),
+    metric(
+        "vigie_http2_connections",
+        Counter,
+        "Connections recognised as HTTP/2 (not attributed to tokens)",
+        By("vantage", |s| http2(s, "connections")),
+    ),
+    metric(
+        "vigie_http2_requests",
+        Counter,
+        "HTTP/2 requests (client HEADERS frames)",
+        By("vantage", |s| http2(s, "requests")),
+    ),
+    metric(
+        "vigie_http2_response_bytes",
+        Counter,
+        "Bytes sent on HTTP/2 connections",
+        By("vantage", |s| http2(s, "response_bytes")),
+    ),
+    metric(
+        "vigie_connections_evicted",
+        Counter,
+        "Connections dropped from the agent's table because it was full",
+        Value(|s| s.tracker.stats().evicted),
+    ),
+    metric(
+        "vigie_tokens_expired",
+        Counter,
+        "Tokens forgotten after being idle",
+        Value(|s| s.aggregator.stats().tokens_expired),
+    ),
+    metric(
+        "vigie_tokens_untracked",
+        Counter,
+        "Requests from new tokens counted in overflow because the token table was full",
+        Value(|s| s.aggregator.stats().tokens_untracked),
+    ),
+    metric(
+        "vigie_tracked_connections",
+        Gauge,
+        "Connections the agent currently tracks",
+        Value(|s| s.tracker.stats().connections as u64),
+    ),
+    metric(
+        "vigie_tracked_tokens",
+        Gauge,
+        "Tokens the agent currently tracks",
+        Value(|s| s.aggregator.stats().tracked_tokens as u64),
+    ),
+    metric(
+        "vigie_exported_tokens",
+        Gauge,
+        "Tokens that currently have their own series",
+        Value(|s| s.aggregator.stats().exported_tokens as u64),
+    ),
+    metric("vigie_probes_attached", Gauge, "Kernel programs attached", Value(|s| s.health.probes_attached as u64)),
+    metric(
+        "vigie_build_info",
+        Gauge,
+        "vigie's version (always 1)",
+        By("version", |_| vec![(env!("CARGO_PKG_VERSION"), 1)]),
+    ),
+    metric(
+        "vigie_capture_info",
+        Gauge,
+        "Where byte counts come from (always 1): source=\"sock\" (sock:sock_{recv,send}_length, Linux 6.3+) or \"syscalls\" (the fallback)",
+        By("source", |s| vec![(s.health.capture_source, 1)]),
+    ),
+];
+
+fn http2(state: &State, what: &str) -> Vec<(&'static str, u64)> {
+    state.health.http2.iter().filter(|((_, w), _)| *w == what).map(|((vantage, _), v)| (vantage.as_str(), *v)).collect()
+}
+
+fn encode_agent_metric(enc: &mut DescriptorEncoder<'_>, metric: &AgentMetric, state: &State) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(metric.name, metric.help, None, metric.kind.metric_type())?;
+    let sample = |m: &mut MetricEncoder<'_>, value: u64| match metric.kind {
+        Kind::Counter => m.encode_counter::<NoLabelSet, _, u64>(&value, None),
+        Kind::Gauge => m.encode_gauge(&value),
+    };
+    match &metric.read {
+        Read::Value(read) => sample(&mut m, read(state)),
+        Read::By(label, read) => {
+            for (value_label, value) in read(state) {
+                sample(&mut m.encode_family(&[(*label, value_label)])?, value)?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -298,4 +369,81 @@ pub fn render(registry: &Registry) -> String {
         out.clear();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn exposition() -> String {
+        let state = State::new(
+            crate::token::TokenKey::from_bytes([1; 32]),
+            crate::aggregate::Limits::default(),
+            16,
+            900,
+            crate::detect::DetectConfig::default(),
+            crate::vocab::Vantage::Socket,
+        );
+        render(&registry(Arc::new(Mutex::new(state))))
+    }
+
+    /// Metric name as scraped (counters with `_total`) and type, from `# TYPE` lines.
+    fn exposed() -> BTreeMap<String, String> {
+        exposition()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(name, kind)| (name.to_string(), kind.to_string()))
+            .collect()
+    }
+
+    /// Every metric README's tables name, with its type. A row may list several names, with
+    /// one type for all or one type each.
+    fn documented() -> BTreeMap<String, String> {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"));
+        let mut out = BTreeMap::new();
+        for line in readme.lines().filter(|l| l.starts_with("| `vigie_")) {
+            let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+            let names: Vec<String> = cols[1]
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .filter(|n| n.starts_with("vigie_"))
+                .map(|n| n.split('{').next().unwrap_or(n).to_string())
+                .collect();
+            let kinds: Vec<&str> = cols[2].split(", ").collect();
+            assert!(kinds.len() == 1 || kinds.len() == names.len(), "README row with unclear types: {line}");
+            for (i, name) in names.into_iter().enumerate() {
+                let kind = kinds[if kinds.len() == 1 { 0 } else { i }];
+                assert!(out.insert(name.clone(), kind.to_string()).is_none(), "{name} is documented twice");
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn readme_documents_every_metric_the_agent_exports_with_its_type() {
+        let (exposed, documented) = (exposed(), documented());
+        assert!(exposed.len() >= AGENT_METRICS.len() + 5, "{exposed:?}");
+        for (name, kind) in &exposed {
+            assert_eq!(documented.get(name), Some(kind), "{name} ({kind}) is exported but not in README's tables");
+        }
+        for (name, kind) in &documented {
+            assert_eq!(exposed.get(name), Some(kind), "README documents {name} ({kind}), the agent does not export it");
+        }
+    }
+
+    #[test]
+    fn every_agent_metric_is_exported_once_under_its_name() {
+        let text = exposition();
+        for m in AGENT_METRICS {
+            let line = match m.kind {
+                Kind::Counter => format!("# TYPE {}_total counter\n", m.name),
+                Kind::Gauge => format!("# TYPE {} gauge\n", m.name),
+            };
+            assert_eq!(text.matches(&line).count(), 1, "{}", m.name);
+            assert!(m.name.starts_with("vigie_") && !m.name.ends_with("_total"), "{}", m.name);
+        }
+    }
 }

@@ -6,15 +6,14 @@
 
 use std::collections::BTreeMap;
 
-use vigie_common::{
-    COUNTER_COUNT, EVENT_CLOSE, EVENT_FORK, EVENT_HEADER_LEN, EVENT_RECV, EVENT_SEND, EVENT_TLS_CLOSE, EVENT_TLS_RECV,
-    EVENT_TLS_SEND, EventHeader, FLAG_NO_BUFFER, FLAG_SOCK_DURING_CALL,
-};
+use vigie_common::COUNTER_COUNT;
 
 use crate::aggregate::{Aggregator, Class, Limits};
-use crate::conn::{Attribution, ConnKey, Http2Event, RequestSeen, Sink, Tracker, Vantage};
+use crate::conn::{Http2Event, ParseFailure, RequestSeen, Sink, Tracker};
 use crate::detect::{DetectConfig, Detector};
+use crate::record::{self, Record};
 use crate::token::TokenKey;
+use crate::vocab::{Attribution, ConnKey, Vantage};
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of the kernel's timestamps.
 pub fn monotonic_ns() -> u64 {
@@ -42,8 +41,8 @@ pub struct Health {
     pub probes_attached: usize,
     /// `loader::CaptureSource::name` of the programs attached.
     pub capture_source: &'static str,
-    /// TLS records by how their socket was known: "during_call", "before_call", "unknown".
-    pub tls_socket_ties: BTreeMap<&'static str, u64>,
+    /// TLS records by how their socket was known.
+    pub tls_socket_ties: BTreeMap<record::SocketTie, u64>,
     /// Requests that arrived before the previous one on their connection was answered.
     pub pipelined_requests: u64,
     /// TLS connections on which the watched process was the client (ignored).
@@ -96,8 +95,8 @@ impl Sink for Feed<'_> {
         self.aggregator.unattributed_bytes(bytes);
     }
 
-    fn parse_failure(&mut self, reason: &'static str) {
-        *self.health.parse_failures.entry(reason).or_default() += 1;
+    fn parse_failure(&mut self, failure: ParseFailure) {
+        *self.health.parse_failures.entry(failure.reason()).or_default() += 1;
     }
 
     fn http2(&mut self, vantage: Vantage, event: Http2Event) {
@@ -138,12 +137,7 @@ impl State {
             detect_vantage,
             health: Health {
                 // Known reasons start at zero, so that dashboards and rules see the series.
-                parse_failures: crate::conn::FAILURE_REASONS
-                    .iter()
-                    .copied()
-                    .chain(crate::http::HeadError::ALL.iter().map(|e| e.reason()))
-                    .map(|r| (r, 0))
-                    .collect(),
+                parse_failures: ParseFailure::all().map(|f| (f.reason(), 0)).collect(),
                 ..Health::default()
             },
             connection_idle_ns: connection_idle_s.saturating_mul(1_000_000_000),
@@ -153,69 +147,74 @@ impl State {
     }
 
     /// Decode one ring-buffer record and account it.
-    pub fn handle_record(&mut self, record: &[u8]) {
-        let Some(head) = record.get(..EVENT_HEADER_LEN) else {
-            self.health.malformed_records += 1;
-            return;
-        };
-        // SAFETY: `head` is exactly size_of::<EventHeader>() bytes and EventHeader is plain
-        // data valid for any bit pattern; read_unaligned copes with the ring's alignment.
-        let h: EventHeader = unsafe { std::ptr::read_unaligned(head.as_ptr().cast()) };
-        let Some(data) = record.get(EVENT_HEADER_LEN..EVENT_HEADER_LEN + h.captured as usize) else {
-            self.health.malformed_records += 1;
-            return;
-        };
-        let tls = matches!(h.kind, EVENT_TLS_RECV | EVENT_TLS_SEND | EVENT_TLS_CLOSE);
-        let vantage = if tls { Vantage::Tls } else { Vantage::Socket };
-        let key = ConnKey { vantage, id: h.conn, generation: h.conn_start_ns };
-        if tls && h.kind != EVENT_TLS_CLOSE {
-            let tie = match (h.sock_hint, h.flags & FLAG_SOCK_DURING_CALL != 0) {
-                (0, _) => "unknown",
-                (_, true) => "during_call",
-                (_, false) => "before_call",
-            };
-            *self.health.tls_socket_ties.entry(tie).or_default() += 1;
+    pub fn handle_record(&mut self, bytes: &[u8]) {
+        match record::decode(bytes) {
+            Ok(record) => self.apply(record),
+            Err(_) => self.health.malformed_records += 1,
         }
-        let mut feed = Feed {
+    }
+
+    /// Account one decoded record.
+    pub fn apply(&mut self, record: Record<'_>) {
+        match record {
+            Record::Recv { rx, sent_total, recv_seq } => {
+                let (tracker, mut feed) = self.feed(rx.ts_ns);
+                feed.health.recv_events += 1;
+                // What was sent before this receive answered the request before it.
+                tracker.on_sent_total(rx.conn, rx.ts_ns, sent_total, Some(recv_seq), &mut feed);
+                tracker.on_recv(rx.conn, rx.ts_ns, rx.bytes, rx.data, rx.blind, &mut feed);
+            }
+            Record::TlsRecv { rx, tie } => {
+                let (tracker, mut feed) = self.feed(rx.ts_ns);
+                *feed.health.tls_socket_ties.entry(tie).or_default() += 1;
+                feed.health.recv_events += 1;
+                tracker.on_recv(rx.conn, rx.ts_ns, rx.bytes, rx.data, rx.blind, &mut feed);
+            }
+            Record::Send { conn, ts_ns, bytes } => {
+                let (tracker, mut feed) = self.feed(ts_ns);
+                feed.health.send_events += 1;
+                tracker.on_send(conn, ts_ns, bytes, &mut feed);
+            }
+            Record::TlsSend { conn, ts_ns, bytes, tie } => {
+                let (tracker, mut feed) = self.feed(ts_ns);
+                *feed.health.tls_socket_ties.entry(tie).or_default() += 1;
+                feed.health.send_events += 1;
+                tracker.on_send(conn, ts_ns, bytes, &mut feed);
+            }
+            Record::Close { conn, ts_ns, sent_total } => {
+                let (tracker, mut feed) = self.feed(ts_ns);
+                feed.health.close_events += 1;
+                tracker.on_sent_total(conn, ts_ns, sent_total, None, &mut feed);
+                tracker.on_close(conn, &mut feed);
+            }
+            Record::TlsClose { conn, ts_ns } => {
+                let (tracker, mut feed) = self.feed(ts_ns);
+                feed.health.close_events += 1;
+                tracker.on_close(conn, &mut feed);
+            }
+            Record::Fork { parent, child } => {
+                self.health.fork_events += 1;
+                // Bounded: the agent takes them after every drain. A fork not followed here is
+                // still found by the next discovery.
+                if self.forks.len() < 1024 {
+                    self.forks.push((parent, child));
+                } else {
+                    self.health.forks_unfollowed += 1;
+                }
+            }
+        }
+    }
+
+    /// The tracker, and the sink it reports into at `now_ns`.
+    fn feed(&mut self, now_ns: u64) -> (&mut Tracker, Feed<'_>) {
+        let feed = Feed {
             aggregator: &mut self.aggregator,
             detector: &mut self.detector,
             detect_vantage: self.detect_vantage,
             health: &mut self.health,
-            now_s: h.ts_ns as f64 / 1e9,
+            now_s: now_ns as f64 / 1e9,
         };
-        match h.kind {
-            EVENT_RECV | EVENT_TLS_RECV => {
-                feed.health.recv_events += 1;
-                if !tls {
-                    // What was sent before this receive answered the request before it.
-                    self.tracker.on_sent_total(key, h.ts_ns, h.sent_total, Some(h.recv_seq), &mut feed);
-                }
-                let blind = h.flags & FLAG_NO_BUFFER != 0;
-                self.tracker.on_recv(key, h.ts_ns, h.bytes, data, blind, &mut feed);
-            }
-            EVENT_SEND | EVENT_TLS_SEND => {
-                feed.health.send_events += 1;
-                self.tracker.on_send(key, h.ts_ns, h.bytes, &mut feed);
-            }
-            EVENT_CLOSE | EVENT_TLS_CLOSE => {
-                feed.health.close_events += 1;
-                if !tls {
-                    self.tracker.on_sent_total(key, h.ts_ns, h.sent_total, None, &mut feed);
-                }
-                self.tracker.on_close(key, &mut feed);
-            }
-            EVENT_FORK => {
-                feed.health.fork_events += 1;
-                // Bounded: the agent takes them after every drain. A fork not followed here is
-                // still found by the next discovery.
-                if self.forks.len() < 1024 {
-                    self.forks.push(((h.pid_tgid >> 32) as u32, h.bytes as u32));
-                } else {
-                    feed.health.forks_unfollowed += 1;
-                }
-            }
-            _ => feed.health.malformed_records += 1,
-        }
+        (&mut self.tracker, feed)
     }
 
     /// Every second: rescore, and give every suspect its own series at once.
@@ -237,16 +236,10 @@ impl State {
     /// Running totals read from the kernel's connection map: (socket address, kernel start
     /// time, bytes sent, receives). Stale or racing entries are skipped (`Tracker::on_polled_total`).
     pub fn apply_polled(&mut self, totals: &[(u64, u64, u64, u32)], now_ns: u64) {
-        let mut feed = Feed {
-            aggregator: &mut self.aggregator,
-            detector: &mut self.detector,
-            detect_vantage: self.detect_vantage,
-            health: &mut self.health,
-            now_s: now_ns as f64 / 1e9,
-        };
+        let (tracker, mut feed) = self.feed(now_ns);
         for &(id, generation, sent, recvs) in totals {
             let key = ConnKey { vantage: Vantage::Socket, id, generation };
-            self.tracker.on_polled_total(key, sent, recvs, &mut feed);
+            tracker.on_polled_total(key, sent, recvs, &mut feed);
         }
     }
 

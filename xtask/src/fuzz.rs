@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use crate::{NIGHTLY, root, step};
 
 /// Every fuzz target, in the order they run.
-pub const TARGETS: &[&str] = &["http_head", "endpoint", "config", "pipeline"];
+pub const TARGETS: &[&str] = &["http_head", "endpoint", "config", "record", "pipeline"];
 pub const DEFAULT_SECONDS: u64 = 20;
 
 pub fn run(args: &[String]) -> Result<()> {

@@ -21,9 +21,9 @@ use std::sync::{Arc, Mutex};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use vigie::aggregate::Limits;
-use vigie::conn::Vantage;
 use vigie::pipeline::State;
 use vigie::token::TokenKey;
+use vigie::vocab::Vantage;
 use vigie_common::{
     EVENT_CLOSE, EVENT_HEADER_LEN, EVENT_RECV, EVENT_SEND, EVENT_TLS_CLOSE, EVENT_TLS_RECV, EVENT_TLS_SEND,
     EventHeader, MAX_CAPTURE,

@@ -10,9 +10,10 @@
 
 use std::collections::HashMap;
 
-use crate::conn::{Attribution, ConnKey, RequestSeen, Vantage};
+use crate::conn::RequestSeen;
 use crate::endpoint::Endpoint;
 use crate::token::TokenLabel;
+use crate::vocab::{Attribution, ConnKey, Vantage};
 
 use super::{DetectConfig, Detector};
 
