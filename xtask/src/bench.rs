@@ -6,14 +6,18 @@
 //!    --server-port`; medians, and vigie's request count against wrk's.
 //! 2. The same over TLS, vigie attached to nginx's libssl with `--tls-discover-port` (probes in
 //!    the server's processes only).
+//!    Each nginx run alternates without vigie, the *floor* (the agent with
+//!    `VIGIE_BENCH_FLOOR`: programs that return at once on the same hooks) and with vigie.
+//! 2b. Synapse itself (`xtask/bench/synapse_seed.py`: seeded, history pages and syncs with real
+//!    users' tokens), plaintext and through its own TLS listener, without and with vigie.
 //! 3. The userspace pipeline alone (`agent/examples/pipeline_bench.rs`): records/s on one
 //!    core, and resident memory per tracked token.
 //! 4. Kernel map memory (`bpftool map show`, the agent's own maps).
 //! 5. Ring-buffer loss at the highest request rate wrk reaches here.
 //!
 //! Options: `--duration SECS` (per load run, default 10), `--runs N` (runs per mode and
-//! case, default 3), `--only plain,tls,pipeline,loss`, `--connections N` (default 64),
-//! `--loss-connections N` (default 256), `--nice N` (priority of nginx, wrk and vigie, default
+//! case, default 3), `--only plain,tls,synapse,pipeline,loss`, `--connections N` (default 64),
+//! `--loss-connections N` (default 256), `--synapse-connections N` (default 16), `--nice N` (priority of nginx, wrk and vigie, default
 //! -10: the machine may be shared), `--vigie-bin PATH` (measure another build of the agent),
 //! `--keep` (keep the temporary directory).
 //!
