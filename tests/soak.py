@@ -409,6 +409,7 @@ def main() -> int:
             driver.stop.set()
         for th in threads:
             th.join(ATTACK_MAX_S + 30)
+        problems += [f"{th.name} still running after stop" for th in threads if th.is_alive()]
         if pop is not None:
             alive = pop.stop_all()
             if alive:
@@ -506,6 +507,13 @@ def verdict(samples: list[Sample], minutes: int, warm: int) -> list[str]:
 
 def detection_verdict(driver: Driver, monitor: ScoreMonitor, vigie: Vigie, labels: dict[str, str]) -> list[str]:
     problems = []
+    # "Every attack detected, no normal token alerted" holds of nothing without attacks and
+    # new logins: both loops must have done their work.
+    ran = [a for a in driver.attacks if a.started is not None]
+    if not ran:
+        problems.append(f"no attack made a request ({len(driver.attacks)} attack runs): nothing was tested")
+    if not driver.churn_logins:
+        problems.append("no churn login happened: the token churn was not tested")
     for a in driver.attacks:
         if a.started is not None and a.detected_after is None:
             problems.append(f"attack {a.name} (token {a.token}) was not detected within {ATTACK_MAX_S:.0f} s")

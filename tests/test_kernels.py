@@ -31,6 +31,12 @@ from harness.vigie import check_binary
 
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = [k.strip() for k in os.environ.get("VIGIE_KERNELS", "5.10,6.1,6.12").split(",") if k.strip()]
+if not KERNELS:
+    # An empty parameter set would collect no test and pytest would only skip: a matrix that
+    # ran nothing must not look like one that passed (pytest.ini's empty_parameter_set_mark
+    # makes that so for every file; this says why here).
+    pytest.fail(f"VIGIE_KERNELS={os.environ.get('VIGIE_KERNELS')!r} names no kernel: unset it for all of "
+                "5.10,6.1,6.12, or name some", pytrace=False)
 GUEST_TIMEOUT = 150  # seconds of qemu per kernel before xtask kills it (a run takes 10 to 30)
 pytestmark = pytest.mark.timeout(GUEST_TIMEOUT + 200)
 

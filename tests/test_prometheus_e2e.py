@@ -11,6 +11,7 @@ import time
 from harness.dashboard import dashboard_queries, variable_queries
 from harness.matrix import MatrixClient, Recorder
 from harness.prometheus import Prometheus
+from harness.util import Actor, join_actors
 
 ROOMS = 12
 MESSAGES_PER_ROOM = 30
@@ -80,8 +81,10 @@ def test_alert_fires_for_the_scraper_only_and_the_dashboard_has_data(synapse, vi
 
     prom = Prometheus(tmp_path / "prometheus", vigie.metrics_addr)
     stop_normal, stop_attack = threading.Event(), threading.Event()
-    threads = [threading.Thread(target=normal_user, args=(c, member_rooms[tok], stop_normal, random.Random(i)),
-                                daemon=True) for i, (c, (_, tok)) in enumerate(zip(clients, normals))]
+    threads = [Actor(normal_user, c, member_rooms[tok], stop_normal, random.Random(i), name=f"user{i}")
+               for i, (c, (_, tok)) in enumerate(zip(clients, normals))]
+    attack = None
+    before = {tok: n["requests"] for tok, n in rec.totals().items()}  # the joins above
     try:
         for t in threads:
             t.start()
@@ -91,7 +94,7 @@ def test_alert_fires_for_the_scraper_only_and_the_dashboard_has_data(synapse, vi
         attacker = MatrixClient(synapse.host, synapse.port, scraper_tok, recorder=rec, name="scraper")
         for room in rooms:
             attacker.join(room)
-        attack = threading.Thread(target=scrape, args=(attacker, rooms, stop_attack), daemon=True)
+        attack = Actor(scrape, attacker, rooms, stop_attack, name="scraper")
         attack_start = time.monotonic()
         attack.start()
 
@@ -110,11 +113,24 @@ def test_alert_fires_for_the_scraper_only_and_the_dashboard_has_data(synapse, vi
                 break
             time.sleep(1)
         stop_attack.set()
-        attack.join(30)
+        problems = join_actors([attack], timeout=30)
+        # "No normal token alerted" proves nothing unless every normal user kept making its
+        # traffic all along: each loop must still be running, having raised nothing.
+        problems += [f"{t.name} stopped early" + (f":\n{t.error}" if t.error else "") for t in threads
+                     if not t.is_alive()]
         time.sleep(3)
 
+        totals = rec.totals()
+        made = {name: totals.get(tok, {}).get("requests", 0) - before.get(tok, 0)
+                for name, tok in [(t.name, tok) for t, (_, tok) in zip(threads, normals)] + [("scraper", scraper_tok)]}
         print(f"attacker {attacker_label} ({scraper_id}): {ALERT} firing after {fired_at} s "
-              f"(rule has for: 30s); normal tokens firing: {sorted(firing_normal)}")
+              f"(rule has for: 30s); normal tokens firing: {sorted(firing_normal)}; requests made: {made}")
+        assert not problems, "\n".join(problems)
+        # A normal user long-polls for 2 s at a time: over the 15 s before the attack and the
+        # attack itself, at least 8 requests each; the scraper joins, lists the members of and
+        # pages every room at least once.
+        idle = {name: n for name, n in made.items() if n < (3 * ROOMS if name == "scraper" else 8)}
+        assert not idle, f"actors that made too little traffic to prove anything: {idle} of {made}"
         score_query = 'vigie_token_anomaly_score{token="%s"}' % attacker_label
         assert fired_at is not None, f"{ALERT} never fired for the scraper; score now: {prom.query(score_query)}"
         all_firing = [a for a in prom.alerts() if a["state"] == "firing"]
@@ -141,6 +157,6 @@ def test_alert_fires_for_the_scraper_only_and_the_dashboard_has_data(synapse, vi
     finally:
         stop_attack.set()
         stop_normal.set()
-        for t in threads:
-            t.join(15)
+        stopped = join_actors(threads + ([attack] if attack is not None else []), timeout=15)
         prom.stop()
+    assert not stopped, "\n".join(stopped)

@@ -1,8 +1,8 @@
 """vigie at the TLS vantage point: plaintext read inside OpenSSL with uprobes.
 
 - the counting client over TLS counts plaintext bytes exactly (local TLS server, no agent);
-- nginx (Debian's, libssl.so.3) terminating TLS in front of Synapse: per token, requests and
-  endpoint classes exact, response bytes within 0.5 % of the plaintext the client received;
+- nginx (Debian's, libssl.so.3) terminating TLS in front of Synapse: per token and per endpoint
+  class, requests and response bytes (the plaintext the client received) exact;
 - Synapse's own TLS listener (OpenSSL linked statically in cryptography's _rust.abi3.so);
 - a TLS server started after the agent (`--tls-discover-port`, and `--tls-target` of the
   library), with a keep-alive connection that predates the attachment;
@@ -16,8 +16,6 @@ traffic in the two big scenarios, default 12).
 """
 
 from __future__ import annotations
-
-from harness.util import token_needles
 
 import os
 import random
@@ -39,7 +37,7 @@ from harness.nginx import Nginx
 from harness.scenario import DECOY_BODY, DECOY_TOKEN, ScenarioConfig
 from harness.synapse import Synapse
 from harness.tls import SYSTEM_LIBSSL, TLSScenario, make_self_signed_cert, mapped_files, maps_file
-from harness.util import HarnessError, free_port
+from harness.util import HarnessError, free_port, token_leaks
 from test_harness import ScriptedServer, _wait_log
 
 DURATION = float(os.environ.get("VIGIE_TLS_TEST_DURATION", "12"))
@@ -47,6 +45,16 @@ CRYPTOGRAPHY_RUST = "cryptography/hazmat/bindings/_rust.abi3.so"
 
 # What the TLS runs leave behind for the leak check: (name, vigie, tokens, /metrics text).
 _RUNS: list[tuple[str, object, list[str], str]] = []
+# Every directory these tests write to (nginx's logs, Synapse's, the client's request log):
+# the leak check scans them all for the runs' raw tokens.
+_ARTIFACTS: set[Path] = set()
+
+
+@pytest.fixture(autouse=True)
+def _artifact_dirs(request, tmp_path):
+    _ARTIFACTS.add(tmp_path)
+    if "synapse" in request.fixturenames:
+        _ARTIFACTS.add(Path(request.getfixturevalue("synapse").workdir))
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -96,6 +104,7 @@ def running_nginx(workdir: Path, cert, upstream_port: int, **kw):
 @contextmanager
 def running_synapse(workdir: Path, **kw):
     s = Synapse(workdir, **kw)
+    _ARTIFACTS.add(Path(workdir))
     error = None
     try:
         s.start(timeout=60)
@@ -303,79 +312,87 @@ def test_tls_server_started_after_the_agent(vigie_factory, cert, seed, tmp_path_
     print(f"agents ready with nothing on port {port}: discover agent probes={base:.0f}, "
           f"target agent probes={target.scrape().total('vigie_probes_attached'):.0f}")
 
-    with running_synapse(tmp_path_factory.mktemp("synapse-late")) as synapse, \
-            running_nginx(tmp_path / "nginx", cert, synapse.port, port=port) as nginx:
-        t_listen = time.monotonic()
-        # A keep-alive connection opened and used before the discover agent has found the
-        # library (the target agent's probes were there from the start).
-        ctx = counting_tls_context(cert[0])
+    with running_synapse(tmp_path_factory.mktemp("synapse-late")) as synapse:
         _, early_tok, _ = synapse.register("early")
-        early_pre = Recorder()
-        early = MatrixClient(nginx.host, nginx.port, early_tok, recorder=early_pre, name="early", tls=ctx)
-        early.whoami()
-        early_predates = discover.scrape().total("vigie_probes_attached") == base
-        attached = base
-        while time.monotonic() - t_listen < 25:
-            discover.assert_running()
-            attached = discover.scrape().total("vigie_probes_attached")
-            if attached > base:
-                break
-            time.sleep(0.2)
-        took = time.monotonic() - t_listen
-        print(f"discovery: vigie_probes_attached {base:.0f} -> {attached:.0f}, "
-              f"{took:.1f} s after nginx listened on {port}; early connection "
-              f"{'predates' if early_predates else 'does NOT predate (discovery was quicker)'} the attachment")
-        assert attached > base, f"--tls-discover-port {port} found nothing within {took:.0f} s\n{discover.logs(40)}"
-        early_labels = {discover.labels([early_tok])[early_tok], target.labels([early_tok])[early_tok]}
+        # The discover agent is stopped (SIGSTOP) from before nginx exists until the early
+        # connection has been opened and used: it cannot attach in between, so that connection
+        # is for certain one that predates the attachment (discovery runs every ~10 s and on
+        # SIGHUP; without the stop it could win the race and the case would not be tested).
+        os.kill(discover.proc.pid, signal.SIGSTOP)
+        try:
+            with running_nginx(tmp_path / "nginx", cert, synapse.port, port=port) as nginx:
+                ctx = counting_tls_context(cert[0])
+                early_pre = Recorder()
+                early = MatrixClient(nginx.host, nginx.port, early_tok, recorder=early_pre, name="early", tls=ctx)
+                early.whoami()
+                state = Path(f"/proc/{discover.proc.pid}/stat").read_text().split(")")[1].split()[0]
+                assert state == "T", f"the discover agent was not stopped while the early connection was used ({state})"
+                os.kill(discover.proc.pid, signal.SIGCONT)
+                t_listen = time.monotonic()
+                attached = base
+                while time.monotonic() - t_listen < 25:
+                    discover.assert_running()
+                    attached = discover.scrape().total("vigie_probes_attached")
+                    if attached > base:
+                        break
+                    time.sleep(0.2)
+                took = time.monotonic() - t_listen
+                print(f"discovery: vigie_probes_attached {base:.0f} -> {attached:.0f}, "
+                      f"{took:.1f} s after the agent was let go (SIGCONT) with nginx listening on {port}; "
+                      f"the early connection predates the attachment")
+                assert attached > base, f"--tls-discover-port {port} found nothing within {took:.0f} s\n{discover.logs(40)}"
+                early_labels = {discover.labels([early_tok])[early_tok], target.labels([early_tok])[early_tok]}
 
-        cfg = ScenarioConfig(users=5, extra_logins=1, rooms=2, prefill=8, duration=6.0, seed=seed,
-                             media_interval=(0.5, 1.5))
-        rec = Recorder()
-        sc = TLSScenario(synapse, cfg, recorder=rec, port=nginx.port, cafile=cert[0])
-        problems_d, totals, labels, _ = run_scenario_and_compare("late/discover", discover, sc, rec, tmp_path,
-                                                                 extra_labels=early_labels)
-        problems_t = []
-        # The same traffic, seen by the agent given the library path before nginx existed
-        # (its own key: its own labels).
-        t_labels = target.labels(sc.tokens)
-        m, fig, _ = poll_until_stable(VantageView(target), list(t_labels.values()),
-                                      client_figures(totals, sc.tokens, t_labels))
-        names = {s.token: f"s{s.index:02d}" for s in sc.sessions}
-        r = compare(m, fig, totals, names, t_labels, extra_labels_allowed=early_labels)
-        print("[late/target]\n" + r.report())
-        problems_t = r.problems
+                cfg = ScenarioConfig(users=5, extra_logins=1, rooms=2, prefill=8, duration=6.0, seed=seed,
+                                     media_interval=(0.5, 1.5))
+                rec = Recorder()
+                sc = TLSScenario(synapse, cfg, recorder=rec, port=nginx.port, cafile=cert[0])
+                problems_d, totals, labels, _ = run_scenario_and_compare("late/discover", discover, sc, rec, tmp_path,
+                                                                         extra_labels=early_labels)
+                problems_t = []
+                # The same traffic, seen by the agent given the library path before nginx existed
+                # (its own key: its own labels).
+                t_labels = target.labels(sc.tokens)
+                m, fig, _ = poll_until_stable(VantageView(target), list(t_labels.values()),
+                                              client_figures(totals, sc.tokens, t_labels))
+                names = {s.token: f"s{s.index:02d}" for s in sc.sessions}
+                r = compare(m, fig, totals, names, t_labels, extra_labels_allowed=early_labels)
+                print("[late/target]\n" + r.report())
+                problems_t = r.problems
 
-        # ...and the early connection, reused once the discover agent is attached.
-        early.recorder = early_post = Recorder()
-        early.conn.idle_reconnect = 600
-        for _ in range(3):
-            early.whoami()
-            early.joined_rooms()
-        assert early.conn.connects == 1, "the early connection was not kept alive"
-        early.close()
-        label = discover.labels([early_tok])[early_tok]
-        et = early_post.totals()[early_tok]
-        exp = {label: client_figures({early_tok: et}, [early_tok], {early_tok: label})[label]}
-        m, fig, _ = poll_until_stable(VantageView(discover), [label], exp)
-        print(f"[late/discover] connection opened {'before' if early_predates else 'after'} attachment: client {et['requests']} requests "
-              f"{et['bytes']} bytes after attachment (+{early_pre.totals()[early_tok]['requests']} before); "
-              f"vigie {fig[label][0]:.0f} requests {fig[label][1]:.0f} bytes {dict(fig[label][2])}")
-        early_problems = []
-        # The target agent was attached before the early connection existed: it saw all of it.
-        t_label = target.labels([early_tok])[early_tok]
-        t_all = early_pre.totals()[early_tok]["requests"] + et["requests"]
-        mt = VantageView(target).scrape()
-        t_seen = mt.sum_by(REQUESTS, "token").get(t_label, 0)
-        print(f"[late/target] early connection: vigie {t_seen:.0f} requests, client {t_all}")
-        if t_seen != t_all:
-            early_problems.append(f"target agent: early connection counted {t_seen:.0f} requests, client sent {t_all}")
-        if fig[label][0] != et["requests"] or dict(fig[label][2]) != {k: float(v) for k, v in et["by_endpoint"].items()}:
-            early_problems.append(f"connection predating attachment: vigie {fig[label][0]:.0f} requests "
-                                  f"{dict(fig[label][2])}, client {et['requests']} {et['by_endpoint']} after attachment")
-        if abs(fig[label][1] - et["bytes"]) > 0.005 * et["bytes"]:
-            early_problems.append(f"connection predating attachment: vigie {fig[label][1]:.0f} bytes, client {et['bytes']}")
-        _RUNS.append(("late/discover", discover, sc.tokens + [early_tok], discover.scrape_text()))
-        _RUNS.append(("late/target", target, sc.tokens + [early_tok], target.scrape_text()))
+                # ...and the early connection, reused once the discover agent is attached.
+                early.recorder = early_post = Recorder()
+                early.conn.idle_reconnect = 600
+                for _ in range(3):
+                    early.whoami()
+                    early.joined_rooms()
+                assert early.conn.connects == 1, "the early connection was not kept alive"
+                early.close()
+                label = discover.labels([early_tok])[early_tok]
+                et = early_post.totals()[early_tok]
+                exp = {label: client_figures({early_tok: et}, [early_tok], {early_tok: label})[label]}
+                m, fig, _ = poll_until_stable(VantageView(discover), [label], exp)
+                print(f"[late/discover] connection opened before attachment: client {et['requests']} requests "
+                      f"{et['bytes']} bytes after attachment (+{early_pre.totals()[early_tok]['requests']} before); "
+                      f"vigie {fig[label][0]:.0f} requests {fig[label][1]:.0f} bytes {dict(fig[label][2])}")
+                early_problems = []
+                # The target agent was attached before the early connection existed: it saw all of it.
+                t_label = target.labels([early_tok])[early_tok]
+                t_all = early_pre.totals()[early_tok]["requests"] + et["requests"]
+                mt = VantageView(target).scrape()
+                t_seen = mt.sum_by(REQUESTS, "token").get(t_label, 0)
+                print(f"[late/target] early connection: vigie {t_seen:.0f} requests, client {t_all}")
+                if t_seen != t_all:
+                    early_problems.append(f"target agent: early connection counted {t_seen:.0f} requests, client sent {t_all}")
+                if fig[label][0] != et["requests"] or dict(fig[label][2]) != {k: float(v) for k, v in et["by_endpoint"].items()}:
+                    early_problems.append(f"connection predating attachment: vigie {fig[label][0]:.0f} requests "
+                                          f"{dict(fig[label][2])}, client {et['requests']} {et['by_endpoint']} after attachment")
+                if fig[label][1] != et["bytes"]:
+                    early_problems.append(f"connection predating attachment: vigie {fig[label][1]:.0f} bytes, client {et['bytes']}")
+                _RUNS.append(("late/discover", discover, sc.tokens + [early_tok], discover.scrape_text()))
+                _RUNS.append(("late/target", target, sc.tokens + [early_tok], target.scrape_text()))
+        finally:
+            os.kill(discover.proc.pid, signal.SIGCONT)
     problems = ([f"discover: {p}" for p in problems_d] + [f"target: {p}" for p in problems_t] + early_problems)
     if problems:
         pytest.fail(f"{len(problems)} mismatches:\n" + "\n".join(problems[:60]), pytrace=False)
@@ -441,17 +458,17 @@ def test_http2_through_nginx_is_recognised(synapse, vigie_factory, cert, tmp_pat
     with running_nginx(tmp_path / "nginx", cert, synapse.port, http2=True) as nginx:
         vigie = vigie_factory(None, extra_args=["--tls-target", str(SYSTEM_LIBSSL)])
         m0 = vigie.scrape()
-        header_file = tmp_path / "auth.hdr"  # the token never goes on a command line
-        header_file.write_text(f"Authorization: Bearer {token}\n")
-        header_file.chmod(0o600)
         base = f"https://{nginx.host}:{nginx.port}"
         urls = ([f"{base}/_matrix/client/versions"] * 3 + [f"{base}/_matrix/client/v3/account/whoami"] * 2
                 + [f"{base}/_matrix/client/v3/joined_rooms"])
-        cmd = [curl, "--http2", "--silent", "--show-error", "--cacert", str(cert[0]), "-H", f"@{header_file}",
+        cmd = [curl, "--http2", "--silent", "--show-error", "--cacert", str(cert[0]), "--config", "-",
                "-w", "%{http_version} %{response_code} %{num_connects} %{size_header} %{size_download}\\n"]
         for u in urls:
             cmd += ["-o", "/dev/null", u]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        # The token goes to curl on stdin (as a config line): never on a command line, never
+        # in a file the test leaves behind.
+        r = subprocess.run(cmd, input=f'header = "Authorization: Bearer {token}"\n', capture_output=True,
+                           text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         lines = r.stdout.split()
         rows = [lines[i:i + 5] for i in range(0, len(lines), 5)]
@@ -578,6 +595,8 @@ def test_tls_connection_edge_cases(front, vigie_factory, cert, seed, tmp_path_fa
         totals = rec.totals()
         m, fig, waited = poll_until_stable(VantageView(vigie), [labels[t] for t in tokens],
                                            client_figures(totals, tokens, labels))
+        # Pipelined batches are among these: bytes exact per token, not per endpoint class
+        # (see test_capture_edges.test_pipelined_requests).
         result = compare(m, fig, totals, names, labels, bytes_per_endpoint=False,
                          forbidden_labels={"the token inside an uploaded body": decoy_label})
         print(f"[{front}] figures read after {waited:.1f} s")
@@ -589,8 +608,6 @@ def test_tls_connection_edge_cases(front, vigie_factory, cert, seed, tmp_path_fa
 
 
 # -- 7. no raw token on the TLS paths -----------------------------------------------------------
-
-
 
 
 def test_no_raw_token_leaks_on_tls_paths(request, cert, seed, tmp_path):
@@ -610,18 +627,20 @@ def test_no_raw_token_leaks_on_tls_paths(request, cert, seed, tmp_path):
         if vigie.running:
             metrics_text = vigie.scrape_text()
             vigie.stop()
-        blobs = {f"{name}: /metrics": metrics_text.encode()}
-        for p in Path(vigie.workdir).rglob("*"):
-            if p.is_file():
-                blobs[f"{name}: {p}"] = p.read_bytes()
-        assert any(str(vigie.stderr_path) in k for k in blobs), "the agent's stderr is missing"
-        assert any(str(vigie.state_dir) in k for k in blobs), "the agent's state dir holds no file"
+        assert vigie.stderr_path.is_file(), "the agent's stderr is missing"
+        assert [p for p in Path(vigie.state_dir).rglob("*") if p.is_file()], "the agent's state dir holds no file"
         assert "vigie_token_requests_total" in metrics_text
-        for i, token in enumerate(tokens):
-            for needle in token_needles(token):
-                for where, data in blobs.items():
-                    if needle in data:
-                        found.append(f"{name}: token #{i} ({len(needle)}-byte piece) found in {where}")
-        checked.append(f"{name}: {len(tokens)} tokens x {len(blobs)} blobs ({sum(map(len, blobs.values()))} bytes)")
+        leaks, scanned = token_leaks(tokens, {f"{name}: /metrics": metrics_text.encode()}, [vigie.workdir])
+        found += [f"{name}: {x}" for x in leaks]
+        checked.append(f"{name}: {len(tokens)} tokens x {scanned['files']} files of the agent and /metrics "
+                       f"({scanned['bytes']} bytes)")
+    # nginx's access and error logs, Synapse's logs, the clients' request logs, curl's input:
+    # whatever the tests left, against every token any run used.
+    every_token = sorted({t for _, _, tokens, _ in _RUNS for t in tokens})
+    leaks, scanned = token_leaks(every_token, dirs=sorted(_ARTIFACTS))
+    found += [f"artifacts: {x}" for x in leaks]
+    checked.append(f"artifacts: {len(every_token)} tokens x {scanned['files']} files in {len(_ARTIFACTS)} "
+                   f"directories ({scanned['bytes']} bytes)")
     print("\n".join(checked))
+    assert scanned["files"] > 0
     assert not found, "raw token material leaked:\n" + "\n".join(found)

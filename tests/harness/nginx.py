@@ -33,7 +33,11 @@ events {{
 }}
 
 http {{
-    access_log {workdir}/access.log;
+    # No $request, $request_uri or $args: a query string may carry ?access_token=, and raw
+    # tokens never reach a file, test artifacts included. $uri is the path alone.
+    log_format notoken '$remote_addr [$time_local] "$request_method $uri $server_protocol" '
+                       '$status $body_bytes_sent "$http_user_agent"';
+    access_log {workdir}/access.log notoken;
     client_body_temp_path {workdir}/tmp/body;
     proxy_temp_path {workdir}/tmp/proxy;
     fastcgi_temp_path {workdir}/tmp/fastcgi;

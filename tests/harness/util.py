@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
@@ -92,3 +95,70 @@ def token_needles(token: str) -> list[bytes]:
         if len(parts) >= 4 and len(parts[2]) >= 16:
             out.add(parts[2])
     return [n.encode() for n in out]
+
+
+class Actor(threading.Thread):
+    """A test's worker thread that keeps what it raised. A plain thread's exception only
+    reaches stderr, so a test whose workers died at once could pass on no traffic at all:
+    join actors with `join_actors` and assert on its answer."""
+
+    def __init__(self, target, *args, name: str | None = None):
+        super().__init__(name=name, daemon=True)
+        self._fn, self._args = target, args
+        self.error: str | None = None
+        self.result = None
+
+    def run(self) -> None:
+        try:
+            self.result = self._fn(*self._args)
+        except BaseException:  # noqa: BLE001 - whatever it was, the test must hear of it
+            self.error = traceback.format_exc(limit=6)
+
+
+def join_actors(actors: list[Actor], timeout: float) -> list[str]:
+    """Join every actor within `timeout` s in all; what went wrong: actors still running,
+    actors that raised (with their traceback). Empty when all ended cleanly."""
+    assert actors, "no actor to join: the test started no worker"
+    deadline = time.monotonic() + timeout
+    for a in actors:
+        a.join(max(0.1, deadline - time.monotonic()))
+    out = [f"{a.name}: still running {timeout:.0f} s after it was told to stop" for a in actors if a.is_alive()]
+    out += [f"{a.name} raised:\n{a.error}" for a in actors if a.error is not None]
+    return out
+
+
+def redacted(token: str) -> str:
+    """How a test may name a token in a message or an assertion: never the token itself."""
+    return f"{token[:4]}…({len(token)} chars)"
+
+
+# The homeserver's own database holds its access tokens by design (Synapse stores them): that
+# is Synapse's state, not something a test or vigie wrote. Everything else is scanned.
+SERVER_STATE = ("homeserver.db", "homeserver.db-wal", "homeserver.db-shm", "homeserver.db-journal")
+
+
+def token_leaks(tokens: list[str], blobs: dict[str, bytes] | None = None, dirs=(),
+                skip_names=SERVER_STATE) -> tuple[list[str], dict[str, int]]:
+    """Look for every piece of every token (`token_needles`) in `blobs` (where -> bytes) and in
+    every file under `dirs`. Returns (findings, what was scanned); findings name the token
+    by its index and the piece by its length, never the token."""
+    assert tokens, "no token to look for"
+    needles = {n: i for i, t in enumerate(tokens) for n in token_needles(t)}
+    pattern = re.compile(b"|".join(re.escape(n) for n in sorted(needles, key=len, reverse=True)))
+    found: list[str] = []
+    scanned = {"blobs": 0, "files": 0, "bytes": 0}
+
+    def scan(where: str, data: bytes) -> None:
+        scanned["bytes"] += len(data)
+        for hit in sorted({m.group(0) for m in pattern.finditer(data)}):
+            found.append(f"token #{needles[hit]} ({len(hit)}-byte piece) found in {where}")
+
+    for where, data in (blobs or {}).items():
+        scanned["blobs"] += 1
+        scan(where, data)
+    for d in dirs:
+        for p in sorted(Path(d).rglob("*")):
+            if p.is_file() and not p.is_symlink() and p.name not in skip_names:
+                scanned["files"] += 1
+                scan(str(p), p.read_bytes())
+    return found, scanned
