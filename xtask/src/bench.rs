@@ -8,12 +8,12 @@
 //!    the server's processes only).
 //!    Each nginx run alternates without vigie, the *floor* (the agent with
 //!    `VIGIE_BENCH_FLOOR`: programs that return at once on the same hooks) and with vigie.
-//! 2b. Synapse itself (`xtask/bench/synapse_seed.py`: seeded, history pages and syncs with real
+//! 3. Synapse itself (`xtask/bench/synapse_seed.py`: seeded, history pages and syncs with real
 //!    users' tokens), plaintext and through its own TLS listener, without and with vigie.
-//! 3. The userspace pipeline alone (`agent/examples/pipeline_bench.rs`): records/s on one
+//! 4. The userspace pipeline alone (`agent/examples/pipeline_bench.rs`): records/s on one
 //!    core, and resident memory per tracked token.
-//! 4. Kernel map memory (`bpftool map show`, the agent's own maps).
-//! 5. Ring-buffer loss at the highest request rate wrk reaches here.
+//! 5. Kernel map memory (`bpftool map show`, the agent's own maps).
+//! 6. Ring-buffer loss at the highest request rate wrk reaches here.
 //!
 //! Options: `--duration SECS` (per load run, default 10), `--runs N` (runs per mode and
 //! case, default 3), `--only plain,tls,synapse,pipeline,loss`, `--connections N` (default 64),
