@@ -52,6 +52,8 @@ K8S = DEPLOY / "kubernetes"
 PROM = DEPLOY / "prometheus"
 RULES = PROM / "vigie-rules.yml"
 RULES_TEST = PROM / "vigie-rules.test.yml"
+FLEET_RULES = PROM / "vigie-fleet-rules.yml"
+FLEET_RULES_TEST = PROM / "vigie-fleet-rules.test.yml"
 SCRAPE = PROM / "scrape.yml"
 GRAFANA = DEPLOY / "grafana"
 
@@ -72,6 +74,19 @@ CONTRACT_METRICS = {
     "vigie_exported_tokens",
     "vigie_probes_attached",
     "vigie_build_info",
+}
+# The per-token features that add up across hosts (agent/src/detect/tally.rs), which the
+# fleet rules sum.
+FLEET_METRICS = {
+    "vigie_token_history_pages_total",
+    "vigie_token_history_page_weight_total",
+    "vigie_token_context_page_weight_total",
+    "vigie_token_searches_total",
+    "vigie_token_media_downloads_total",
+    "vigie_token_media_response_bytes_total",
+    "vigie_token_rooms_paged_total",
+    "vigie_token_full_syncs_total",
+    "vigie_token_key_backup_reads_total",
 }
 AGENT_CAPS = {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}
 K8S_CAPS = {cap.removeprefix("CAP_") for cap in AGENT_CAPS}
@@ -657,6 +672,27 @@ def test_promtool_test_rules():
             (fired if case.get("exp_alerts") else silent).add(case["alertname"])
     assert fired >= set(ALERTS), set(ALERTS) - fired
     assert silent >= set(ALERTS), set(ALERTS) - silent
+
+
+def test_fleet_rules_check_and_their_tests_pass():
+    ok(run([promtool(), "check", "rules", FLEET_RULES]), "promtool check rules vigie-fleet-rules.yml")
+    proc = ok(run([promtool(), "test", "rules", FLEET_RULES_TEST]), "promtool test rules vigie-fleet-rules.test.yml")
+    assert "SUCCESS" in proc.stdout
+    rules = [r for g in yaml.safe_load(FLEET_RULES.read_text())["groups"] for r in g["rules"]]
+    alerts = {r["alert"]: r for r in rules if "alert" in r}
+    assert list(alerts) == ["VigieFleetTokenAnomaly"]
+    recorded = {r["record"] for r in rules if "record" in r}
+    used = set()
+    for rule in rules:
+        used |= set(re.findall(r"\bvigie_[a-z0-9_]*", rule["expr"]))
+        for name in re.findall(r"\bvigie[_:][a-z0-9_:]*", rule["expr"]):
+            assert name in CONTRACT_METRICS | FLEET_METRICS | recorded, f"unknown metric {name}"
+    assert used >= FLEET_METRICS, FLEET_METRICS - used
+    fired, silent = set(), set()
+    for test in yaml.safe_load(FLEET_RULES_TEST.read_text())["tests"]:
+        for case in test.get("alert_rule_test", []):
+            (fired if case.get("exp_alerts") else silent).add(case["alertname"])
+    assert fired == silent == {"VigieFleetTokenAnomaly"}
 
 
 def test_promtool_check_config(tmp_path):

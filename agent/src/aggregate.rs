@@ -10,6 +10,7 @@
 //!
 //! Requests that carry no token are counted per endpoint under `anonymous`.
 
+use crate::detect::Tally;
 use crate::endpoint::Endpoint;
 use crate::token::TokenLabel;
 use crate::vocab::Vantage;
@@ -28,9 +29,10 @@ pub struct Counts {
     pub bytes: u64,
 }
 
-/// Counts per class, stored sparsely: a token touches few classes.
+/// Counts per class, stored sparsely: a token touches few classes; and the detector's
+/// additive features (one vantage only), whose sums over hosts mean something.
 #[derive(Clone, Debug, Default)]
-pub struct ByEndpoint(Vec<(Class, Counts)>);
+pub struct ByEndpoint(Vec<(Class, Counts)>, Tally);
 
 impl ByEndpoint {
     fn slot(&mut self, class: Class) -> &mut Counts {
@@ -48,6 +50,15 @@ impl ByEndpoint {
         self.0.iter().copied()
     }
 
+    pub fn tally(&self) -> &Tally {
+        &self.1
+    }
+
+    /// Series this exports: requests and bytes per class, and each non-zero feature.
+    pub fn series(&self) -> usize {
+        2 * self.0.len() + self.1.series()
+    }
+
     pub fn total(&self) -> Counts {
         self.0
             .iter()
@@ -62,9 +73,28 @@ struct TokenState {
     last_seen_s: f64,
     /// Decayed request count, as of `last_seen_s`.
     activity: f64,
+    /// Classes the token used (bit `endpoint * 2 + vantage`), exported or not: what its
+    /// series would cost, for the series budget.
+    classes: u64,
+}
+
+/// Series of a token besides its per-class and feature counters: its distinct-rooms gauge.
+const TOKEN_GAUGES: usize = 1;
+
+fn class_bit(class: Class) -> u64 {
+    1u64.checked_shl(class.endpoint as u32 * 2 + class.vantage as u32).unwrap_or(0)
 }
 
 impl TokenState {
+    /// Series the token exports, or would if it had a slot: per-class requests and bytes,
+    /// its features (at most one a class, an estimate while it has no slot), its gauges.
+    fn cost(&self) -> usize {
+        match &self.exported {
+            Some(own) => own.series() + TOKEN_GAUGES,
+            None => 3 * self.classes.count_ones() as usize + TOKEN_GAUGES,
+        }
+    }
+
     fn activity_at(&self, now_s: f64, tau_s: f64) -> f64 {
         self.activity * (-(now_s - self.last_seen_s).max(0.0) / tau_s).exp()
     }
@@ -80,11 +110,27 @@ pub struct Limits {
     pub idle_s: f64,
     /// Time constant of the activity that ranks tokens for export slots.
     pub activity_tau_s: f64,
+    /// Series the agent may export in all (see [`SERIES_RESERVE`]): tokens beyond it are
+    /// folded into overflow, suspects never.
+    pub max_series: usize,
 }
+
+/// Default `max_series`: 100 agents in a Mimir tenant's default 150,000 series.
+pub const DEFAULT_MAX_SERIES: usize = 1_500;
+
+/// Series of the budget kept for what does not depend on tokens (agent health, anonymous
+/// and overflow per class); a test pins the health exposition below it.
+pub const SERIES_RESERVE: usize = 200;
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { top_k: 500, max_tokens: 1_000_000, idle_s: 3600.0, activity_tau_s: 300.0 }
+        Limits {
+            top_k: 500,
+            max_tokens: 1_000_000,
+            idle_s: 3600.0,
+            activity_tau_s: 300.0,
+            max_series: DEFAULT_MAX_SERIES,
+        }
     }
 }
 
@@ -96,6 +142,10 @@ pub struct AggregatorStats {
     pub tokens_expired: u64,
     /// New tokens not tracked because `max_tokens` was reached.
     pub tokens_untracked: u64,
+    /// Tracked tokens counted in overflow (no slot: beyond `top_k` or the series budget).
+    pub tokens_folded: usize,
+    /// Per-token series as of the latest rebalance, and since then the estimate of new slots.
+    pub token_series: usize,
 }
 
 pub struct Aggregator {
@@ -107,6 +157,9 @@ pub struct Aggregator {
     unattributed_bytes: u64,
     tokens_expired: u64,
     tokens_untracked: u64,
+    /// Per-token series (see `TokenState::cost`) of the exported tokens, plus the detector's
+    /// series given at the latest rebalance.
+    series: usize,
 }
 
 impl Aggregator {
@@ -120,7 +173,13 @@ impl Aggregator {
             unattributed_bytes: 0,
             tokens_expired: 0,
             tokens_untracked: 0,
+            series: 0,
         }
+    }
+
+    /// Series tokens may take: the budget less the reserve.
+    fn token_budget(&self) -> usize {
+        self.limits.max_series.saturating_sub(SERIES_RESERVE)
     }
 
     pub fn limits(&self) -> Limits {
@@ -144,12 +203,29 @@ impl Aggregator {
     pub fn request(&mut self, token: Option<TokenLabel>, class: Class, now_s: f64) {
         if let Some(label) = token {
             self.touch(label, now_s);
+            if let Some(t) = self.tokens.get_mut(&label) {
+                t.classes |= class_bit(class);
+            }
         }
         self.series(token).slot(class).requests += 1;
     }
 
     pub fn response_bytes(&mut self, token: Option<TokenLabel>, class: Class, bytes: u64) {
         self.series(token).slot(class).bytes += bytes;
+    }
+
+    /// What the detector counted for this token's request (see [`Tally`]), to the series the
+    /// request itself went to.
+    pub fn tally(&mut self, token: TokenLabel, tally: &Tally) {
+        if !tally.is_empty() {
+            self.series(Some(token)).1.add(tally);
+        }
+    }
+
+    /// Media bytes on the detector's vantage: a feature, next to the per-class bytes.
+    pub fn media_bytes(&mut self, token: TokenLabel, bytes: u64) {
+        let t = &mut self.series(Some(token)).1;
+        t.media_bytes = t.media_bytes.saturating_add(bytes);
     }
 
     pub fn unattributed_bytes(&mut self, bytes: u64) {
@@ -167,13 +243,16 @@ impl Aggregator {
             self.tokens_untracked += 1;
             return;
         }
-        let exported = if self.exported < self.limits.top_k {
+        // A new token costs a class or two; the next rebalance counts what it really took.
+        const NEW_TOKEN_SERIES: usize = 2 * 2 + TOKEN_GAUGES;
+        let exported = if self.exported < self.limits.top_k && self.series + NEW_TOKEN_SERIES <= self.token_budget() {
             self.exported += 1;
+            self.series += NEW_TOKEN_SERIES;
             Some(ByEndpoint::default())
         } else {
             None
         };
-        self.tokens.insert(label, TokenState { exported, last_seen_s: now_s, activity: 1.0 });
+        self.tokens.insert(label, TokenState { exported, last_seen_s: now_s, activity: 1.0, classes: 0 });
     }
 
     /// Give this token its own series now, whatever its activity: a suspect must never be
@@ -188,9 +267,11 @@ impl Aggregator {
         }
     }
 
-    /// Forget idle tokens and give export slots to the most active ones; `pinned` tokens
-    /// keep theirs.
-    pub fn rebalance(&mut self, now_s: f64, pinned: &dyn Fn(&TokenLabel) -> bool) {
+    /// Forget idle tokens and give export slots to the most active ones, within `top_k`
+    /// and the series budget; `pinned` tokens (suspects) keep theirs whatever they cost.
+    /// `other_series` are per-token series exported elsewhere (the detector's scores and
+    /// reasons), which the budget has to leave room for.
+    pub fn rebalance(&mut self, now_s: f64, pinned: &dyn Fn(&TokenLabel) -> bool, other_series: usize) {
         let idle = self.limits.idle_s;
         let before = self.tokens.len();
         self.tokens.retain(|_, t| now_s - t.last_seen_s < idle);
@@ -198,25 +279,34 @@ impl Aggregator {
 
         let k = self.limits.top_k;
         let tau = self.limits.activity_tau_s;
-        if self.tokens.len() > k {
-            let mut ranked: Vec<(f64, TokenLabel)> =
-                self.tokens.iter().map(|(l, t)| (t.activity_at(now_s, tau), *l)).collect();
-            // Highest activity first; only the boundary matters, not a full sort.
-            ranked.select_nth_unstable_by(k, |a, b| b.0.total_cmp(&a.0));
-            for (i, (_, label)) in ranked.iter().enumerate() {
-                if let Some(t) = self.tokens.get_mut(label) {
-                    match (i < k || pinned(label), t.exported.is_some()) {
-                        (true, false) => t.exported = Some(ByEndpoint::default()),
-                        (false, true) => t.exported = None,
-                        _ => {}
-                    }
-                }
+        // Candidates: suspects first, then the `k` most active, highest activity first.
+        let mut ranked: Vec<(bool, f64, TokenLabel)> =
+            self.tokens.iter().map(|(l, t)| (pinned(l), t.activity_at(now_s, tau), *l)).collect();
+        let order = |a: &(bool, f64, TokenLabel), b: &(bool, f64, TokenLabel)| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1));
+        let pinned_count = ranked.iter().filter(|r| r.0).count();
+        let candidates = (pinned_count + k).min(ranked.len());
+        if candidates < ranked.len() {
+            // Only the boundary matters for the rest, not a full sort.
+            ranked.select_nth_unstable_by(candidates, order);
+        }
+        let (head, _) = ranked.split_at_mut(candidates);
+        head.sort_unstable_by(order);
+        let budget = self.token_budget().saturating_sub(other_series);
+        let mut used = 0usize;
+        for (i, (is_pinned, _, label)) in ranked.iter().enumerate() {
+            let Some(t) = self.tokens.get_mut(label) else { continue };
+            let cost = t.cost();
+            let keep = *is_pinned || (i < candidates && used + cost <= budget);
+            if keep {
+                used += cost;
             }
-        } else {
-            for t in self.tokens.values_mut() {
-                t.exported.get_or_insert_with(ByEndpoint::default);
+            match (keep, t.exported.is_some()) {
+                (true, false) => t.exported = Some(ByEndpoint::default()),
+                (false, true) => t.exported = None,
+                _ => {}
             }
         }
+        self.series = used + other_series;
         self.exported = self.tokens.values().filter(|t| t.exported.is_some()).count();
     }
 
@@ -243,6 +333,8 @@ impl Aggregator {
             exported_tokens: self.exported,
             tokens_expired: self.tokens_expired,
             tokens_untracked: self.tokens_untracked,
+            tokens_folded: self.tokens.len() - self.exported,
+            token_series: self.series,
         }
     }
 }
@@ -305,7 +397,7 @@ mod tests {
             agg.response_bytes(label(2), c(Endpoint::Messages), 10);
         }
         assert_eq!(own(&agg, 2), None, "no free slot yet: token 2 is in overflow");
-        agg.rebalance(2.0, &|_| false);
+        agg.rebalance(2.0, &|_| false, 0);
         assert_eq!(own(&agg, 1), None);
         assert_eq!(own(&agg, 2), Some(Counts::default()), "a new series starts at zero");
         agg.request(label(2), c(Endpoint::Messages), 3.0);
@@ -322,7 +414,7 @@ mod tests {
     fn idle_tokens_are_forgotten_and_free_their_slot() {
         let mut agg = Aggregator::new(Limits { top_k: 1, idle_s: 10.0, ..Limits::default() });
         agg.request(label(1), c(Endpoint::Sync), 0.0);
-        agg.rebalance(11.0, &|_| false);
+        agg.rebalance(11.0, &|_| false, 0);
         assert_eq!(agg.stats().tracked_tokens, 0);
         assert_eq!(agg.stats().tokens_expired, 1);
         agg.request(label(2), c(Endpoint::Sync), 12.0);
@@ -351,7 +443,7 @@ mod tests {
         for _ in 0..100 {
             agg.request(label(1), c(Endpoint::Sync), 2.0);
         }
-        agg.rebalance(3.0, &|l| *l == TokenLabel([2; 8]));
+        agg.rebalance(3.0, &|l| *l == TokenLabel([2; 8]), 0);
         assert!(own(&agg, 1).is_some(), "the busiest keeps the one top-K slot");
         assert!(own(&agg, 2).is_some(), "the suspect keeps its pinned slot");
     }

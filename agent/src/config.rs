@@ -25,6 +25,7 @@ pub struct FileConfig {
     pub web_config_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub top_k: Option<usize>,
+    pub max_series: Option<usize>,
     pub max_tokens: Option<usize>,
     pub max_connections: Option<usize>,
     pub token_idle_seconds: Option<u64>,
@@ -37,6 +38,8 @@ pub struct FileConfig {
     pub capture_source: Option<String>,
     /// Detector thresholds (docs/detection.md); every key optional.
     pub detect: Option<crate::detect::DetectConfig>,
+    /// Ending flagged sessions (docs/respond.md); off unless configured.
+    pub respond: Option<crate::respond::RespondFile>,
 }
 
 impl FileConfig {
@@ -60,6 +63,7 @@ pub struct Settings {
     pub web_config_file: Option<PathBuf>,
     pub key_file: PathBuf,
     pub top_k: usize,
+    pub max_series: usize,
     pub max_tokens: usize,
     pub max_connections: usize,
     pub token_idle_seconds: u64,
@@ -67,6 +71,7 @@ pub struct Settings {
     pub detect_vantage: crate::vocab::Vantage,
     pub detect: crate::detect::DetectConfig,
     pub capture_source: crate::capture::loader::SourceChoice,
+    pub respond: crate::respond::RespondSettings,
 }
 
 /// What the command line can override: clap fills it straight from `vigie run`'s flags, and
@@ -125,6 +130,13 @@ impl Settings {
         let metrics_addr: MetricsAddr = addr.parse()?;
         let positive =
             |name: &str, v: usize| -> Result<usize> { if v == 0 { bail!("{name} must be at least 1") } else { Ok(v) } };
+        let at_least = |name: &str, v: usize, min: usize| -> Result<usize> {
+            if v <= min {
+                bail!("{name} must be more than {min} (the series the agent exports whatever the tokens)")
+            } else {
+                Ok(v)
+            }
+        };
         use crate::vocab::Vantage;
         let detect_vantage = match file.detect_vantage.as_deref().unwrap_or("auto") {
             "socket" => Vantage::Socket,
@@ -135,7 +147,11 @@ impl Settings {
         };
         let capture_source =
             flags.capture_source.or(file.capture_source).map(|s| s.parse()).transpose()?.unwrap_or_default();
+        let key_file: PathBuf = flags.key_file.or(file.key_file).unwrap_or_else(|| DEFAULT_KEY_FILE.into());
+        let state_dir = key_file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let respond = crate::respond::RespondSettings::from_file(file.respond, &state_dir)?;
         Ok(Settings {
+            respond,
             capture_source,
             detect_vantage,
             detect: file.detect.unwrap_or_default(),
@@ -144,8 +160,13 @@ impl Settings {
             tls_discover_ports,
             metrics_addr,
             web_config_file: flags.web_config_file.or(file.web_config_file),
-            key_file: flags.key_file.or(file.key_file).unwrap_or_else(|| DEFAULT_KEY_FILE.into()),
+            key_file,
             top_k: positive("top_k", file.top_k.unwrap_or(500))?,
+            max_series: at_least(
+                "max_series",
+                file.max_series.unwrap_or(crate::aggregate::DEFAULT_MAX_SERIES),
+                crate::aggregate::SERIES_RESERVE,
+            )?,
             max_tokens: positive("max_tokens", file.max_tokens.unwrap_or(1_000_000))?,
             max_connections: positive("max_connections", file.max_connections.unwrap_or(65_536))?,
             token_idle_seconds: positive("token_idle_seconds", file.token_idle_seconds.unwrap_or(3600) as usize)?

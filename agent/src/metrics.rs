@@ -78,6 +78,18 @@ impl Collector for StateCollector {
             }
         }
 
+        // The detector's additive features, on its one vantage: their sum over hosts is the
+        // fleet's (docs/fleet.md). A counter appears once non-zero, as the per-class ones do.
+        for (name, help, value) in crate::detect::TALLY_COLUMNS {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (token, counts) in &series {
+                let v = value(counts.tally());
+                if v != 0.0 {
+                    m.encode_family(&[("token", token.as_str())])?.encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+                }
+            }
+        }
+
         // Every scored token is exported here, whatever the top-K selection did.
         let det = &state.detector;
         let mut m = enc.encode_descriptor(
@@ -319,6 +331,24 @@ pub const AGENT_METRICS: &[AgentMetric] = &[
         "Tokens that currently have their own series",
         Value(|s| s.aggregator.stats().exported_tokens as u64),
     ),
+    metric(
+        "vigie_tokens_folded",
+        Gauge,
+        "Tracked tokens without their own series (beyond top_k or the series budget), counted in token=\"overflow\"",
+        Value(|s| s.aggregator.stats().tokens_folded as u64),
+    ),
+    metric(
+        "vigie_token_series",
+        Gauge,
+        "Per-token series as of the latest rebalance (counters, features, scores, reasons)",
+        Value(|s| s.aggregator.stats().token_series as u64),
+    ),
+    metric(
+        "vigie_series_budget",
+        Gauge,
+        "max_series: series the agent may export in all; suspects keep theirs beyond it",
+        Value(|s| s.aggregator.limits().max_series as u64),
+    ),
     metric("vigie_probes_attached", Gauge, "Kernel programs attached", Value(|s| s.health.probes_attached as u64)),
     metric(
         "vigie_build_info",
@@ -374,6 +404,142 @@ pub fn render(registry: &Registry) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::{Class, DEFAULT_MAX_SERIES, Limits, SERIES_RESERVE};
+    use crate::detect::{DetectConfig, Tally};
+    use crate::endpoint::Endpoint;
+    use crate::token::{TokenKey, TokenLabel};
+    use crate::vocab::Vantage;
+
+    fn state(limits: Limits) -> Arc<Mutex<State>> {
+        Arc::new(Mutex::new(State::new(
+            TokenKey::from_bytes([3; 32]),
+            limits,
+            1024,
+            900,
+            DetectConfig::default(),
+            Vantage::Socket,
+        )))
+    }
+
+    fn series(text: &str) -> usize {
+        text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count()
+    }
+
+    fn label(i: u32) -> TokenLabel {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&i.to_le_bytes());
+        TokenLabel(b)
+    }
+
+    /// A reader: syncs, pages history and downloads media, on the detector's vantage.
+    fn reader(st: &mut State, i: u32, now: f64) {
+        let t = Some(label(i));
+        for endpoint in [Endpoint::Sync, Endpoint::Messages, Endpoint::MediaDownload, Endpoint::Members] {
+            let class = Class { endpoint, vantage: Vantage::Socket };
+            st.aggregator.request(t, class, now);
+            st.aggregator.response_bytes(t, class, 1000);
+        }
+        st.aggregator.tally(label(i), &Tally { pages: 1, page_weight_16: 16, rooms_paged: 1, ..Tally::default() });
+        st.aggregator.media_bytes(label(i), 1000);
+    }
+
+    #[test]
+    fn what_does_not_depend_on_tokens_fits_in_the_reserve() {
+        let st = state(Limits::default());
+        // Anonymous and overflow requests in every class: the most they can take.
+        for &endpoint in Endpoint::ALL {
+            for vantage in [Vantage::Socket, Vantage::Tls] {
+                let class = Class { endpoint, vantage };
+                st.lock().unwrap().aggregator.request(None, class, 0.0);
+            }
+        }
+        let n = series(&render(&registry(st)));
+        println!("series with no token: {n} (reserve {SERIES_RESERVE})");
+        assert!(n <= SERIES_RESERVE, "{n} series before any token, reserve {SERIES_RESERVE}");
+    }
+
+    #[test]
+    fn at_the_defaults_an_agent_stays_within_its_series_budget() {
+        let st = state(Limits::default());
+        {
+            let mut s = st.lock().unwrap();
+            for i in 0..5_000 {
+                reader(&mut s, i, 1.0);
+            }
+            s.housekeeping(2_000_000_000);
+            // After the rebalance the exported tokens keep reading; the newcomers fold.
+            for i in 0..5_000 {
+                reader(&mut s, i, 3.0);
+            }
+        }
+        let text = render(&registry(st.clone()));
+        let n = series(&text);
+        let s = st.lock().unwrap();
+        let stats = s.aggregator.stats();
+        println!(
+            "5,000 readers: {n} series, {} tokens exported, {} folded (budget {DEFAULT_MAX_SERIES})",
+            stats.exported_tokens, stats.tokens_folded
+        );
+        assert!(n <= DEFAULT_MAX_SERIES, "{n} series");
+        assert!(stats.exported_tokens > 50, "the budget leaves room for real tokens");
+        assert_eq!(stats.tokens_folded, 5_000 - stats.exported_tokens);
+        assert!(text.contains(&format!("vigie_tokens_folded {}", stats.tokens_folded)));
+        assert!(text.contains("vigie_token_history_pages_total{token=\""));
+        assert!(text.contains("vigie_token_media_response_bytes_total{token=\""));
+    }
+
+    #[test]
+    fn the_worst_token_costs_what_docs_fleet_md_says() {
+        let st = state(Limits::default());
+        let before = series(&render(&registry(st.clone())));
+        {
+            let mut s = st.lock().unwrap();
+            for &endpoint in Endpoint::ALL {
+                for vantage in [Vantage::Socket, Vantage::Tls] {
+                    let class = Class { endpoint, vantage };
+                    s.aggregator.request(Some(label(1)), class, 0.0);
+                    s.aggregator.response_bytes(Some(label(1)), class, 1);
+                }
+            }
+            let all = Tally {
+                pages: 1,
+                page_weight_16: 1,
+                context_weight_16: 1,
+                searches: 1,
+                media_downloads_4: 1,
+                rooms_paged: 1,
+                full_sync_weight_16: 1,
+                key_reads: 1,
+                media_bytes: 1,
+            };
+            s.aggregator.tally(label(1), &all);
+        }
+        let n = series(&render(&registry(st))) - before;
+        let counters = Endpoint::ALL.len() * 2 * 2;
+        println!("worst token: {n} series ({counters} per-class counters), plus a score and up to 12 reasons");
+        // The overflow/anonymous series already existed for none of these classes: the token's
+        // own counters and features (the distinct-rooms gauge needs the detector to know it).
+        assert_eq!(n, counters + crate::detect::TALLY_COLUMNS.len());
+    }
+
+    #[test]
+    fn suspects_keep_their_series_beyond_the_budget() {
+        let limits = Limits { max_series: SERIES_RESERVE + 50, ..Limits::default() };
+        let st = state(limits);
+        let mut s = st.lock().unwrap();
+        for i in 0..100 {
+            reader(&mut s, i, 1.0);
+        }
+        // The quietest token is "suspect": pinned whatever its activity and the budget.
+        s.aggregator.request(Some(label(1000)), Class { endpoint: Endpoint::Sync, vantage: Vantage::Socket }, 0.5);
+        s.aggregator.rebalance(2.0, &|l| *l == label(1000) || *l == label(99), 0);
+        let exported: Vec<TokenLabel> = s.aggregator.exported().map(|(l, _)| l).collect();
+        assert!(exported.contains(&label(1000)) && exported.contains(&label(99)));
+        let stats = s.aggregator.stats();
+        assert!(stats.token_series <= 50 + 30, "only the suspects may exceed: {}", stats.token_series);
+        assert!(stats.tokens_folded >= 90, "{} folded", stats.tokens_folded);
+    }
+
     use std::collections::BTreeMap;
 
     fn exposition() -> String {
@@ -385,7 +551,11 @@ mod tests {
             crate::detect::DetectConfig::default(),
             crate::vocab::Vantage::Socket,
         );
-        render(&registry(Arc::new(Mutex::new(state))))
+        let state = Arc::new(Mutex::new(state));
+        let mut registry = registry(state.clone());
+        // What `[respond]` adds when it is on.
+        crate::respond::register_for_tests(&mut registry, state);
+        render(&registry)
     }
 
     /// Metric name as scraped (counters with `_total`) and type, from `# TYPE` lines.

@@ -11,6 +11,7 @@ use vigie_common::COUNTER_COUNT;
 use crate::aggregate::{Aggregator, Class, Limits};
 use crate::conn::{Http2Event, ParseFailure, RequestSeen, Sink, Tracker};
 use crate::detect::{DetectConfig, Detector};
+use crate::endpoint::Endpoint;
 use crate::record::{self, Record};
 use crate::token::TokenKey;
 use crate::vocab::{Attribution, ConnKey, Vantage};
@@ -49,6 +50,10 @@ pub struct Health {
     pub tls_client_connections: u64,
     /// HTTP/2 connections, requests and response bytes, by vantage.
     pub http2: BTreeMap<(Vantage, &'static str), u64>,
+    /// The agent's own requests to the homeserver (`respond`) and their response bytes,
+    /// kept out of every token's counts.
+    pub own_requests: u64,
+    pub own_response_bytes: u64,
 }
 
 pub struct State {
@@ -78,7 +83,10 @@ impl Sink for Feed<'_> {
         let a = request.attribution;
         self.aggregator.request(a.token, class(a), self.now_s);
         if a.vantage == self.detect_vantage {
-            self.detector.on_request(request, self.now_s);
+            let tally = self.detector.on_request(request, self.now_s);
+            if let Some(token) = a.token {
+                self.aggregator.tally(token, &tally);
+            }
         }
     }
 
@@ -88,6 +96,9 @@ impl Sink for Feed<'_> {
             && a.vantage == self.detect_vantage
         {
             self.detector.on_response_bytes(token, a.endpoint, bytes, self.now_s);
+            if matches!(a.endpoint, Endpoint::MediaDownload | Endpoint::MediaThumbnail) {
+                self.aggregator.media_bytes(token, bytes);
+            }
         }
     }
 
@@ -114,6 +125,14 @@ impl Sink for Feed<'_> {
 
     fn pipelined_request(&mut self) {
         self.health.pipelined_requests += 1;
+    }
+
+    fn own_request(&mut self) {
+        self.health.own_requests += 1;
+    }
+
+    fn own_response_bytes(&mut self, bytes: u64) {
+        self.health.own_response_bytes += bytes;
     }
 }
 
@@ -253,6 +272,6 @@ impl State {
     pub fn housekeeping(&mut self, now_ns: u64) {
         self.tracker.expire_idle(now_ns, self.connection_idle_ns);
         let detector = &self.detector;
-        self.aggregator.rebalance(now_ns as f64 / 1e9, &|t| detector.is_suspect(t));
+        self.aggregator.rebalance(now_ns as f64 / 1e9, &|t| detector.is_suspect(t), detector.series());
     }
 }

@@ -14,13 +14,16 @@ from .util import free_port
 
 REPO = Path(__file__).resolve().parent.parent.parent
 RULES = REPO / "deploy" / "prometheus" / "vigie-rules.yml"
+FLEET_RULES = REPO / "deploy" / "prometheus" / "vigie-fleet-rules.yml"
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, target: str, *, scrape_interval: str = "1s",
-                 scrape_options: dict | None = None):
-        """`scrape_options` are merged into the vigie job's scrape config (e.g. `scheme`,
-        `tls_config`, `basic_auth`)."""
+    def __init__(self, workdir: Path, target: str | list[str], *, scrape_interval: str = "1s",
+                 scrape_options: dict | None = None, rules: list[Path] | None = None):
+        """`target`: one agent's address, or several (a fleet: one `instance` each).
+        `scrape_options` are merged into the vigie job's scrape config (e.g. `scheme`,
+        `tls_config`, `basic_auth`). `rules`: the rule files (default vigie-rules.yml)."""
+        targets = [target] if isinstance(target, str) else list(target)
         binary = shutil.which("prometheus") or "/usr/bin/prometheus"
         if not Path(binary).exists():
             raise AssertionError("prometheus not installed (Debian package prometheus; cargo xtask setup installs it)")
@@ -33,8 +36,8 @@ class Prometheus:
         # JSON is YAML: no YAML library needed to write the config.
         config.write_text(json.dumps({
             "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
-            "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "vigie", "static_configs": [{"targets": [target]}],
+            "rule_files": [str(r) for r in (rules or [RULES])],
+            "scrape_configs": [{"job_name": "vigie", "static_configs": [{"targets": targets}],
                                 **(scrape_options or {})}],
         }))
         self.log = self.workdir / "prometheus.log"

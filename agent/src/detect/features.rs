@@ -9,11 +9,12 @@
 
 use crate::endpoint::Endpoint;
 
-use super::clients::{Clients, Late};
+use super::clients::{Clients, Late, MISMATCH, UNKNOWN};
 use super::config::DetectConfig;
 use super::hll::{RoomSketches, Sketch};
 use super::request::Shape;
 use super::rooms::RoomTable;
+use super::tally::Tally;
 use super::window::{Bytes, Count, QUARTERS, Ring, Rings, SIXTEENTHS, Totals};
 
 /// Granularities, in seconds, of the two room-sketch epochs.
@@ -21,6 +22,8 @@ const ROOMS_10M_EPOCH: u32 = 300;
 const ROOMS_1H_EPOCH: u32 = 1800;
 /// A room not paged for this long starts a new paging session (depth back to 1).
 const ROOM_SESSION_S: u32 = 600;
+/// `/members` or `/state` this soon after a room's latest page is "right after its history".
+const HARVEST_WITHIN_S: u32 = 30;
 
 /// Features the baseline follows, per minute: history weight (pages and `/context`), room
 /// reads, media downloads (net), megabytes sent.
@@ -166,9 +169,11 @@ impl TokenState {
         self.sketches.advance([now / ROOMS_10M_EPOCH, now / ROOMS_10M_EPOCH, now / ROOMS_1H_EPOCH], &mut self.rings);
     }
 
-    /// Count `n` of `what` now (the rings were moved to `now` by [`TokenState::advance`]).
-    fn bump(&mut self, what: Count, n: u32, _now: u32) {
+    /// Count `n` of `what` now (the rings were moved to `now` by [`TokenState::advance`]),
+    /// and tell `tally`: the exported counters are these very increments.
+    fn bump(&mut self, tally: &mut Tally, what: Count, n: u32) {
         self.rings.add(what, n);
+        tally.count(what, n);
     }
 
     fn weigh(w: f64, scale: f64) -> u32 {
@@ -176,13 +181,27 @@ impl TokenState {
         if v.is_finite() && v > 0.0 { v.min(f64::from(u32::MAX)) as u32 } else { 0 }
     }
 
-    /// Account one request.
-    pub fn record(&mut self, s: &Shape, now: u32, cfg: &DetectConfig) {
+    /// Account one request; returns what it added to the additive features. `known_agent`
+    /// says whether its user agent is a known client; it is asked only for a client the
+    /// token has not used before.
+    pub fn record(&mut self, s: &Shape, now: u32, cfg: &DetectConfig, known_agent: impl FnOnce() -> bool) -> Tally {
+        let mut tally = Tally::default();
+        let tally = &mut tally;
         self.advance(now, cfg);
         self.last_s = now;
         self.dirty = true;
         let grace = secs(cfg.client_grace_s);
+        let new_agent = s.agent != 0 && !self.agents.knows(s.agent);
         let late_agent = self.agents.see(s.agent, now, self.first_s, grace);
+        if new_agent && !known_agent() {
+            self.agents.mark(s.agent, UNKNOWN);
+        }
+        if s.mismatch {
+            self.agents.mark(s.agent, MISMATCH);
+        }
+        if !matches!(s.endpoint, Some(Endpoint::Sync | Endpoint::SlidingSync)) {
+            self.bump(tally, Count::Requests, 1);
+        }
         self.addresses.see(s.address, now, self.first_s, grace);
         if let Some(room) = s.room {
             self.sketches.insert(Sketch::Touched, now / ROOMS_10M_EPOCH, room, &mut self.rings);
@@ -194,46 +213,59 @@ impl TokenState {
                     self.last_sync_s = Stamp::at(now);
                     self.agents.mark_sync(s.agent);
                 } else {
-                    self.full_sync(s, cfg, now);
+                    self.full_sync(tally, s, cfg);
                 }
                 false
             }
-            Some(Endpoint::InitialSync) if s.room.is_some() => self.history_page(s, limit, cfg, now),
+            Some(Endpoint::InitialSync) if s.room.is_some() => self.history_page(tally, s, limit, cfg, now),
             Some(Endpoint::InitialSync) => {
-                self.full_sync(s, cfg, now);
+                self.full_sync(tally, s, cfg);
                 false
             }
-            Some(Endpoint::Messages) => self.history_page(s, limit, cfg, now),
+            Some(Endpoint::Messages) => self.history_page(tally, s, limit, cfg, now),
             Some(Endpoint::Context) => {
-                self.bump(Count::ContextWeight, Self::weigh(cfg.page_weight(limit), SIXTEENTHS), now);
+                self.bump(tally, Count::ContextWeight, Self::weigh(cfg.page_weight(limit), SIXTEENTHS));
                 if limit >= cfg.large_limit {
-                    self.bump(Count::ContextLarge, 1, now);
+                    self.bump(tally, Count::ContextLarge, 1);
                 }
                 self.room_read_for_breadth(s, now);
                 true
             }
             Some(Endpoint::Search) => {
-                self.bump(Count::Search, 1, now);
+                self.bump(tally, Count::Search, 1);
                 true
             }
-            Some(Endpoint::Members | Endpoint::State | Endpoint::Event) => {
-                self.bump(Count::RoomReads, 1, now);
+            Some(Endpoint::Members | Endpoint::State) => {
+                self.bump(tally, Count::RoomReads, 1);
+                if let Some(room) = s.room {
+                    let (harvest, finished) = self.rooms.room_read(fold(room), now, HARVEST_WITHIN_S);
+                    if harvest {
+                        self.bump(tally, Count::Harvests, 1);
+                    }
+                    if finished {
+                        self.bump(tally, Count::RoomsFinished, 1);
+                    }
+                }
+                true
+            }
+            Some(Endpoint::Event) => {
+                self.bump(tally, Count::RoomReads, 1);
                 true
             }
             Some(Endpoint::MediaDownload) => {
-                self.bump(Count::MediaDownloads, 4, now);
+                self.bump(tally, Count::MediaDownloads, 4);
                 true
             }
             Some(Endpoint::MediaThumbnail) => {
-                self.bump(Count::MediaDownloads, 1, now);
+                self.bump(tally, Count::MediaDownloads, 1);
                 false
             }
             Some(Endpoint::MediaUpload) => {
-                self.bump(Count::MediaUploads, 4, now);
+                self.bump(tally, Count::MediaUploads, 4);
                 false
             }
             Some(Endpoint::RoomKeys) if s.get && s.version => {
-                self.bump(Count::KeyReads, 1, now);
+                self.bump(tally, Count::KeyReads, 1);
                 if f64::from(now.saturating_sub(self.first_s)) < cfg.key_backup_young_s {
                     self.young_key_read_s = Stamp::at(now);
                 }
@@ -242,13 +274,14 @@ impl TokenState {
             _ => false,
         };
         if read && late_agent && self.agents.is_foreign_reader(s.agent) {
-            self.bump(Count::ForeignReads, 1, now);
+            self.bump(tally, Count::ForeignReads, 1);
         }
+        *tally
     }
 
-    fn full_sync(&mut self, s: &Shape, cfg: &DetectConfig, now: u32) {
+    fn full_sync(&mut self, tally: &mut Tally, s: &Shape, cfg: &DetectConfig) {
         let w = s.limit.map_or(1.0, |l| cfg.page_weight(l));
-        self.bump(Count::FullSyncWeight, Self::weigh(w, SIXTEENTHS), now);
+        self.bump(tally, Count::FullSyncWeight, Self::weigh(w, SIXTEENTHS));
     }
 
     fn room_read_for_breadth(&mut self, s: &Shape, now: u32) {
@@ -258,13 +291,21 @@ impl TokenState {
         }
     }
 
-    fn history_page(&mut self, s: &Shape, limit: u32, cfg: &DetectConfig, now: u32) -> bool {
-        self.bump(Count::Pages, 1, now);
-        self.bump(Count::PageWeight, Self::weigh(cfg.page_weight(limit), SIXTEENTHS), now);
+    fn history_page(&mut self, tally: &mut Tally, s: &Shape, limit: u32, cfg: &DetectConfig, now: u32) -> bool {
+        self.bump(tally, Count::Pages, 1);
+        self.bump(tally, Count::PageWeight, Self::weigh(cfg.page_weight(limit), SIXTEENTHS));
         self.room_read_for_breadth(s, now);
+        if s.from == 0 {
+            self.bump(tally, Count::FromlessPages, 1);
+        }
         if let Some(room) = s.room {
-            let fp = (room ^ (room >> 32)) as u32;
-            self.rooms.page(fp, s.from, now, ROOM_SESSION_S);
+            let fp = fold(room);
+            if !self.rooms.in_session(fp, now, ROOM_SESSION_S) {
+                tally.rooms_paged += 1;
+            }
+            if self.rooms.page(fp, s.from, now, ROOM_SESSION_S).finished {
+                self.bump(tally, Count::RoomsFinished, 1);
+            }
         }
         true
     }
@@ -274,6 +315,9 @@ impl TokenState {
         self.advance(now, cfg);
         self.dirty = true;
         let media = matches!(endpoint, Endpoint::MediaDownload | Endpoint::MediaThumbnail);
+        if endpoint == Endpoint::Messages {
+            self.rooms.page_bytes(bytes);
+        }
         self.rings.add_bytes(Bytes::All, bytes);
         if media {
             self.rings.add_bytes(Bytes::Media, bytes);
@@ -333,8 +377,20 @@ impl TokenState {
             bytes_1h: th.bytes(Bytes::All) as f64,
             agents: self.agents.distinct(),
             addresses: self.addresses.distinct(),
+            pages_10m: f64::from(t10.get(Count::Pages)),
+            requests_10m: f64::from(t10.get(Count::Requests)),
+            fromless_10m: f64::from(t10.get(Count::FromlessPages)),
+            finished_10m: f64::from(t10.get(Count::RoomsFinished)),
+            harvests_10m: f64::from(t10.get(Count::Harvests)),
+            unknown_client: self.agents.marks_since(since_10m) & UNKNOWN != 0,
+            client_mismatch: self.agents.marks_since(since_10m) & MISMATCH != 0,
         }
     }
+}
+
+/// A room hash as the room table's 32-bit fingerprint.
+fn fold(room: u64) -> u32 {
+    (room ^ (room >> 32)) as u32
 }
 
 /// A time that may not have come, in 4 bytes where `Option<u32>` takes 8: `u32::MAX` is
@@ -400,6 +456,18 @@ pub struct Features {
     pub bytes_1h: f64,
     pub agents: u8,
     pub addresses: u8,
+    /// History pages in 10 min, and requests other than syncs.
+    pub pages_10m: f64,
+    pub requests_10m: f64,
+    /// History pages without `from`, rooms read to their first event, `/members` or `/state`
+    /// right after a room's history: 10 min.
+    pub fromless_10m: f64,
+    pub finished_10m: f64,
+    pub harvests_10m: f64,
+    /// A client of the token (seen in 10 min) whose user agent is no known client, or whose
+    /// head contradicts it.
+    pub unknown_client: bool,
+    pub client_mismatch: bool,
 }
 
 impl Features {

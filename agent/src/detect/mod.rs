@@ -30,17 +30,21 @@
 mod clients;
 mod config;
 mod features;
+mod fingerprint;
 mod hll;
 mod request;
 mod rooms;
 mod score;
+mod tally;
 mod window;
 
-#[cfg(test)]
-mod sim;
+/// Simulated Matrix traffic for the tests and the benchmarks (`examples/pipeline_bench.rs`).
+#[doc(hidden)]
+pub mod sim;
 
 pub use config::{DetectConfig, Ramp};
 pub use score::{Population, REASONS, Reason};
+pub use tally::{COLUMNS as TALLY_COLUMNS, Tally};
 
 use crate::conn::RequestSeen;
 use crate::endpoint::Endpoint;
@@ -127,21 +131,24 @@ impl Detector {
 
     /// A request with a token (requests without one are ignored). `now_s` is monotonic
     /// seconds. Allocates only for a new token, or when a token's cell list, room table or
-    /// client table grows (amortised: cells grow by half).
-    pub fn on_request(&mut self, req: &RequestSeen<'_>, now_s: f64) {
+    /// client table grows (amortised: cells grow by half). Returns what the request added
+    /// to the token's additive features (for the per-token counters).
+    pub fn on_request(&mut self, req: &RequestSeen<'_>, now_s: f64) -> Tally {
         let Some(token) = req.attribution.token else {
-            return;
+            return Tally::default();
         };
         let now = self.clock(now_s);
         let shape = Shape::of(req);
+        // Looked at once per client of a token, not per request.
+        let known = || req.user_agent.is_none_or(fingerprint::known_agent);
         if let Some(t) = self.tokens.get_mut(&token) {
-            t.record(&shape, now, &self.cfg);
-            return;
+            return t.record(&shape, now, &self.cfg, known);
         }
         self.make_room();
         let mut t = Box::new(TokenState::new(now, self.prior()));
-        t.record(&shape, now, &self.cfg);
+        let tally = t.record(&shape, now, &self.cfg, known);
         self.tokens.insert(token, t);
+        tally
     }
 
     /// Response bytes for a token's request of this endpoint class. Bytes for a token not
@@ -294,6 +301,11 @@ impl Detector {
     /// tick; `features` only reads, the tick advanced the windows).
     pub fn distinct_rooms_10m(&self, token: &TokenLabel) -> Option<f64> {
         self.tokens.get(token).map(|t| t.features(self.now, &self.cfg).rooms_10m)
+    }
+
+    /// Series [`Detector::scores`] exports: a score and each reason of every scored token.
+    pub fn series(&self) -> usize {
+        self.scored.iter().map(|e| 1 + e.end.saturating_sub(e.start)).sum()
     }
 
     pub fn tracked_tokens(&self) -> usize {
