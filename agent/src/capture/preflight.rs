@@ -112,7 +112,9 @@ pub fn check(ports: &[u16], key_file: &Path, trial: bool, choice: SourceChoice) 
         Err(e) => r.push(
             Status::Warn,
             "BTF",
-            format!("{e:#}: the socket capture source does not need it, the syscall source does"),
+            format!(
+                "{e:#}: both capture sources need it (a receive's descriptor is checked against its socket with struct offsets from BTF)"
+            ),
         ),
     }
 
