@@ -99,7 +99,7 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     let web = web::WebHandle::new(web::Web::load(settings.web_config_file.as_deref(), &settings.metrics_addr)?);
     // The guard removes a Unix socket file on every way out of this function.
     let (listener, _socket_file) = web::Listener::bind(&settings.metrics_addr).await?;
-    let mut probes = loader::load(&settings.server_ports, settings.capture_source)?;
+    let mut probes = loader::load(&settings.server_ports, settings.capture_source, settings.kernel_log)?;
     let state = Arc::new(Mutex::new(State::new(
         key,
         limits(&settings),
@@ -140,6 +140,12 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     // stays open for as long as it is registered.
     let mut ring = unsafe { AsyncFd::register(probes.take_events()?) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    // Off (the default), no logger exists and this branch of the loop never fires.
+    let mut kernel_log = match probes.take_kernel_log() {
+        // SAFETY: the logger owns the log ring's fd and the AsyncFd owns the logger.
+        Some(logger) => Some(unsafe { AsyncFd::register(logger) }.context("polling the kernel log ring")?),
+        None => None,
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // The kernel adds up sends per connection; receive and close records carry the total.
     // Between them (the last response on a quiet keep-alive connection, a long download) the
@@ -175,6 +181,12 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                     drain_tick.reset();
                 }
                 attach_forks(&mut probes, &state);
+            }
+            guard = async { kernel_log.as_mut()?.readable_mut().await.ok() }, if kernel_log.is_some() => {
+                if let Some(mut guard) = guard {
+                    guard.clear_ready();
+                    guard.get_inner_mut().flush();
+                }
             }
             _ = drain_tick.tick(), if awake => {
                 if drain(ring.get_mut(), &state) == 0 {
@@ -246,6 +258,7 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     }
     server.abort();
     drop(ring);
+    drop(kernel_log);
     drop(probes);
     tracing::info!("detached, exiting");
     Ok(())

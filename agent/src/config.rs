@@ -36,6 +36,9 @@ pub struct FileConfig {
     /// Where byte counts come from: "auto" (the socket tracepoints of Linux 6.3+, else the
     /// syscall tracepoints), "sock" or "syscalls".
     pub capture_source: Option<String>,
+    /// Kernel diagnostics on rare paths (a receive head unreadable, CONNS full, the ring full),
+    /// logged at target `vigie::kernel`; read at start only [default: false].
+    pub kernel_log: Option<bool>,
     /// Detector thresholds (docs/detection.md); every key optional.
     pub detect: Option<crate::detect::DetectConfig>,
     /// Ending flagged sessions (docs/respond.md); off unless configured.
@@ -66,6 +69,7 @@ pub struct Settings {
     pub max_series: usize,
     pub max_tokens: usize,
     pub max_connections: usize,
+    pub kernel_log: bool,
     pub token_idle_seconds: u64,
     pub connection_idle_seconds: u64,
     pub detect_vantage: crate::vocab::Vantage,
@@ -169,6 +173,7 @@ impl Settings {
             )?,
             max_tokens: positive("max_tokens", file.max_tokens.unwrap_or(1_000_000))?,
             max_connections: positive("max_connections", file.max_connections.unwrap_or(65_536))?,
+            kernel_log: file.kernel_log.unwrap_or(false),
             token_idle_seconds: positive("token_idle_seconds", file.token_idle_seconds.unwrap_or(3600) as usize)?
                 as u64,
             connection_idle_seconds: positive(

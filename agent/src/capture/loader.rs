@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         TracePoint, UProbe,
@@ -295,6 +295,35 @@ pub struct Probes {
     pub floor: bool,
     /// Uprobes attached for one server process each (discovery).
     tls_process_links: Vec<ProcessLinks>,
+    /// The kernel's diagnostics, only when `kernel_log` is on.
+    kernel_log: Option<KernelLogger>,
+}
+
+/// aya-log's reader of the kernel's log ring. It must outlive the programs' loads: dropping
+/// it closes the ring's fd, which the programs refer to.
+pub type KernelLogger = aya_log::EbpfLogger<KernelLogSink>;
+
+/// Hands the kernel's log records to `tracing`, target `vigie::kernel`, so they reach the
+/// agent's log with everything else (and `VIGIE_LOG` filters them).
+pub struct KernelLogSink;
+
+impl log::Log for KernelLogSink {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        let message = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "vigie::kernel", "{message}"),
+            log::Level::Warn => tracing::warn!(target: "vigie::kernel", "{message}"),
+            log::Level::Info => tracing::info!(target: "vigie::kernel", "{message}"),
+            log::Level::Debug => tracing::debug!(target: "vigie::kernel", "{message}"),
+            log::Level::Trace => tracing::trace!(target: "vigie::kernel", "{message}"),
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 struct ProcessLinks {
@@ -304,6 +333,11 @@ struct ProcessLinks {
 }
 
 impl Probes {
+    /// The kernel's log reader (when `kernel_log` is on), handed once to whoever polls it.
+    pub fn take_kernel_log(&mut self) -> Option<KernelLogger> {
+        self.kernel_log.take()
+    }
+
     /// The ring buffer, handed once to whoever polls it.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         self.events.take().context("the ring buffer was already taken")
@@ -509,8 +543,9 @@ impl Probes {
 }
 
 /// Load the programs, tell them which ports to watch, and attach those of the chosen capture
-/// source.
-pub fn load(ports: &[u16], choice: SourceChoice) -> Result<Probes> {
+/// source. `kernel_log` turns on the kernel's diagnostics on its rare paths (off, they cost a
+/// load and a branch there, and no logger is set up).
+pub fn load(ports: &[u16], choice: SourceChoice, kernel_log: bool) -> Result<Probes> {
     ensure_tracefs()?;
     let (source, fallback) = choose_source(choice)?;
     if let Some(why) = &fallback {
@@ -518,9 +553,18 @@ pub fn load(ports: &[u16], choice: SourceChoice) -> Result<Probes> {
     }
     let layout = kernel_layout(source)?;
 
-    let mut ebpf = Ebpf::load(PROGRAMS).context(
-        "loading vigie's eBPF object into the kernel (are you root, or do you have CAP_BPF and CAP_PERFMON?)",
-    )?;
+    // KERNEL_LOG lives in the object's read-only data: the verifier sees its value, so when
+    // off the log calls are dead code it prunes.
+    let mut ebpf =
+        EbpfLoader::new().override_global("KERNEL_LOG", &u8::from(kernel_log), true).load(PROGRAMS).context(
+            "loading vigie's eBPF object into the kernel (are you root, or do you have CAP_BPF and CAP_PERFMON?)",
+        )?;
+    // Before any program is loaded: the logger takes the log ring out of `ebpf`.
+    let kernel_log = if kernel_log {
+        Some(aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLogSink).context("setting up the kernel log")?)
+    } else {
+        None
+    };
     {
         let mut watched: HashMap<_, u16, u8> = HashMap::try_from(
             ebpf.map_mut("WATCHED_PORTS").context("map WATCHED_PORTS missing from the eBPF object")?,
@@ -585,6 +629,7 @@ pub fn load(ports: &[u16], choice: SourceChoice) -> Result<Probes> {
         source,
         floor,
         tls_process_links: Vec::new(),
+        kernel_log,
     };
     probes.add_server_processes(ports)?;
     Ok(probes)

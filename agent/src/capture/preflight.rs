@@ -267,7 +267,7 @@ pub fn check(ports: &[u16], key_file: &Path, trial: bool, choice: SourceChoice) 
         if !r.can_run() {
             r.push(Status::Fail, "trial load", "skipped: fix the lines above first");
         } else {
-            match loader::load(&[u16::MAX], choice) {
+            match loader::load(&[u16::MAX], choice, false) {
                 Ok(probes) => r.push(
                     Status::Ok,
                     "trial load",

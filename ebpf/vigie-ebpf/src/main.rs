@@ -103,11 +103,50 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 #[map]
 static SCRATCH: PerCpuArray<RecvRecord> = PerCpuArray::with_max_entries(1, 0);
 
+/// This CPU's count after the bump (0 if the slot is missing).
 #[inline(always)]
-fn bump(counter: u32) {
+fn bump(counter: u32) -> u64 {
     if let Some(value) = COUNTERS.get_ptr_mut(counter) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
-        unsafe { *value += 1 };
+        unsafe {
+            *value += 1;
+            return *value;
+        }
+    }
+    0
+}
+
+/// Nonzero when the operator asked for kernel diagnostics (`kernel_log`); the agent sets it
+/// at load time. Volatile: a constant the compiler folded would make the flag useless.
+#[unsafe(no_mangle)]
+static KERNEL_LOG: u8 = 0;
+
+#[inline(always)]
+fn log_enabled() -> bool {
+    // SAFETY: a plain read of a global the agent wrote before the programs were loaded.
+    unsafe { core::ptr::read_volatile(&KERNEL_LOG) != 0 }
+}
+
+/// An operator diagnostic (aya-log, read by the agent when `kernel_log` is on). Only on rare
+/// paths: when off it costs one load and a branch there, and nothing on the hot path. Never
+/// pass captured bytes: a line must not be able to carry a token.
+macro_rules! kernel_log {
+    ($($arg:tt)+) => {
+        if $crate::log_enabled() {
+            // The context argument is unused by aya-log-ebpf 0.2 (records go to its ring).
+            aya_log_ebpf::warn!((), $($arg)+)
+        }
+    };
+}
+pub(crate) use kernel_log;
+
+/// A record the EVENTS ring had no room for: counted, and logged at the 1st, 2nd, 4th, 8th...
+/// drop on a CPU, so a burst cannot flood the log ring.
+#[inline(always)]
+fn ring_full(kind: u32) {
+    let n = bump(COUNTER_RINGBUF_FULL);
+    if n & n.wrapping_sub(1) == 0 {
+        kernel_log!("EVENTS ring buffer full: record kind {} dropped ({} drops on this cpu)", kind, n);
     }
 }
 
@@ -155,7 +194,7 @@ fn output_flags() -> u64 {
 #[inline(always)]
 fn emit_header(h: &EventHeader) {
     if EVENTS.output::<EventHeader>(h, output_flags()).is_err() {
-        bump(COUNTER_RINGBUF_FULL);
+        ring_full(h.kind);
     }
 }
 
@@ -186,6 +225,7 @@ fn capture_and_emit(header: &EventHeader, base: u64, want: u64) {
     };
     if rc != 0 {
         bump(COUNTER_CAPTURE_FAILED);
+        kernel_log!("receive head not readable from user memory: port {} len {} error {}", header.port, len, rc);
         emit_header(&record.header);
         return;
     }
@@ -197,7 +237,7 @@ fn capture_and_emit(header: &EventHeader, base: u64, want: u64) {
     // SAFETY: `total` is at most the size of the record it points into.
     let bytes = unsafe { core::slice::from_raw_parts((record as *const RecvRecord).cast::<u8>(), total as usize) };
     if EVENTS.output::<[u8]>(bytes, output_flags()).is_err() {
-        bump(COUNTER_RINGBUF_FULL);
+        ring_full(header.kind);
     }
 }
 

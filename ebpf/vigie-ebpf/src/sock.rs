@@ -72,6 +72,7 @@ fn watched_conn(sk: u64) -> Option<*mut ConnInfo> {
     let entry = CONNS.get_ptr_mut(&sk);
     if entry.is_none() {
         bump(COUNTER_CONNS_FULL);
+        crate::kernel_log!("CONNS insert failed: a connection on port {} is not tracked", port);
     }
     entry
 }
@@ -137,6 +138,11 @@ pub fn on_recv(sk: u64, bytes: u64, buffer: impl FnOnce() -> Option<(u64, u64)>)
     header.sent_total = unsafe { core::ptr::read_volatile(&conn.sent) };
     let Some((base, buf_len)) = buffer() else {
         bump(COUNTER_NO_BUFFER);
+        crate::kernel_log!(
+            "receive on port {} without a known user buffer: {} bytes counted, head not captured",
+            conn.port,
+            bytes
+        );
         header.flags = FLAG_NO_BUFFER;
         emit_header(&header);
         return;

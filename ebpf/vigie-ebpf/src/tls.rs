@@ -78,6 +78,7 @@ pub fn vigie_ssl_return(ctx: RetProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(call) = (unsafe { SSL_CALLS.get(&pid_tgid) }).copied() else {
         bump(COUNTER_SSL_CALL_LOST);
+        crate::kernel_log!("SSL call return without its entry (SSL_CALLS evicted): bytes not counted");
         return 0;
     };
     let _ = SSL_CALLS.remove(&pid_tgid);
