@@ -145,8 +145,9 @@ pub(crate) use kernel_log;
 #[inline(always)]
 fn ring_full(kind: u32) {
     let n = bump(COUNTER_RINGBUF_FULL);
-    if n & n.wrapping_sub(1) == 0 {
-        kernel_log!("EVENTS ring buffer full: record kind {} dropped ({} drops on this cpu)", kind, n);
+    // The throttle inside the flag's branch: when off, this path pays only the load and branch.
+    if log_enabled() && n & n.wrapping_sub(1) == 0 {
+        aya_log_ebpf::warn!((), "EVENTS ring buffer full: record kind {} dropped ({} drops on this cpu)", kind, n);
     }
 }
 
