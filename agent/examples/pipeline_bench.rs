@@ -18,8 +18,13 @@
 //! detector held to one token, which leaves the connection tracker and the per-token
 //! counters: the difference is what the detector costs.
 //!
-//! Machine-readable lines start with `BENCH_PIPELINE` and `BENCH_MEMORY` (`cargo xtask bench`
-//! reads them).
+//! Hot paths, each alone on one core (`BENCH_HOT`): the detector's per-request work and a
+//! tick rescoring 10,000 active tokens, the endpoint classifier, and a flood of new
+//! connections into a full connection table. These were timed unit tests once; a loaded CI
+//! machine made them flake, so they are figures here and the tests keep the behaviour.
+//!
+//! Machine-readable lines start with `BENCH_PIPELINE`, `BENCH_MEMORY` and `BENCH_HOT`
+//! (`cargo xtask bench` reads them).
 
 use std::io::Write as _;
 use std::process::Command;
@@ -333,6 +338,7 @@ fn main() {
     let requests = arg(&args, "--requests").unwrap_or(1_000_000);
     let connections = arg(&args, "--connections").unwrap_or(4_096) as usize;
     throughput(tokens, requests, connections);
+    hot_paths();
     if !args.iter().any(|a| a == "--no-memory") {
         let exe = std::env::current_exe().expect("own path");
         for (n, detector) in MEMORY_SIZES.iter().flat_map(|&n| [(n, true), (n, false)]) {
@@ -501,4 +507,106 @@ fn memory(n: u64, detector: bool) {
     );
     // Keep `state` alive until measured.
     drop(state);
+}
+
+/// A sink that only keeps the connection tracker's results from being optimised away.
+#[derive(Default)]
+struct Discard(u64);
+
+impl vigie::conn::Sink for Discard {
+    fn request(&mut self, _: &vigie::conn::RequestSeen<'_>) {
+        self.0 += 1;
+    }
+    fn response_bytes(&mut self, _: vigie::vocab::Attribution, bytes: u64) {
+        self.0 += bytes;
+    }
+    fn unattributed_bytes(&mut self, bytes: u64) {
+        self.0 += bytes;
+    }
+    fn parse_failure(&mut self, _: vigie::conn::ParseFailure) {}
+    fn http2(&mut self, _: vigie::vocab::Vantage, _: vigie::conn::Http2Event) {}
+    fn tls_client_connection(&mut self) {}
+    fn pipelined_request(&mut self) {}
+}
+
+fn hot_paths() {
+    use vigie::detect::sim::{self, Client, Rng as SimRng};
+    use vigie::detect::{DetectConfig, Detector};
+    use vigie::endpoint::{Endpoint, classify};
+    const T0: f64 = 1_000_000.0;
+
+    // The detector's work per request: 2,000 requests of twelve Element-like users and a
+    // heavy one in 25 rooms, replayed 200 times on a warm detector.
+    let mut d = Detector::new(DetectConfig::default());
+    let w = sim::world(&mut SimRng::new(4), 12, 25, T0, T0 + 600.0);
+    let reqs: Vec<_> = w.reqs.iter().take(2000).cloned().collect();
+    let seen: Vec<_> = reqs.iter().map(|r| (r, r.seen())).collect();
+    for (r, s) in &seen {
+        d.on_request(s, r.at);
+    }
+    let rounds: u32 = 200;
+    let started = Instant::now();
+    for k in 0..rounds {
+        for (r, s) in &seen {
+            d.on_request(s, r.at + f64::from(k) * 0.001);
+        }
+    }
+    let on_request_ns = started.elapsed().as_nanos() as f64 / (f64::from(rounds) * seen.len() as f64);
+
+    // A tick that rescores 10,000 tokens, all active since the previous one (the worst case).
+    let mut d = Detector::new(DetectConfig::default());
+    let room = sim::room(1);
+    for i in 0..10_000u64 {
+        let c = Client::new(sim::label(i + 1), "Element");
+        let at = T0 + (i % 60) as f64;
+        sim::feed(&mut d, &c.req(at, Endpoint::Sync, "GET", None, "since=s1".into(), 2_000));
+        sim::feed(&mut d, &c.req(at, Endpoint::Messages, "GET", Some(&room), "dir=b&limit=20".into(), 20_000));
+    }
+    d.tick(T0 + 60.0);
+    for i in 0..10_000u64 {
+        let c = Client::new(sim::label(i + 1), "Element");
+        sim::feed(&mut d, &c.req(T0 + 61.0, Endpoint::Send, "PUT", Some(&room), String::new(), 100));
+    }
+    let started = Instant::now();
+    d.tick(T0 + 70.0);
+    let tick_ms = started.elapsed().as_secs_f64() * 1e3;
+
+    // The endpoint classifier on a mix of paths.
+    let paths = [
+        "/_matrix/client/v3/sync",
+        "/_matrix/client/v3/rooms/!abc:example.org/messages",
+        "/_matrix/client/v3/rooms/%21abc%3Aexample.org/send/m.room.message/t",
+        "/_matrix/media/v3/download/example.org/abcdef",
+        "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+    ];
+    let calls = 1_000_000usize;
+    let started = Instant::now();
+    for i in 0..calls {
+        std::hint::black_box(classify("GET", std::hint::black_box(paths[i % paths.len()])));
+    }
+    let classify_ns = started.elapsed().as_nanos() as f64 / calls as f64;
+
+    // 100,000 new connections into a table of 16,384: eviction in batches of a sixteenth.
+    let (max, flood) = (16_384usize, 100_000u64);
+    let mut tracker = vigie::conn::Tracker::new(key(), max);
+    let mut sink = Discard::default();
+    let started = Instant::now();
+    for id in 0..flood {
+        let conn = vigie::vocab::ConnKey { vantage: vigie::vocab::Vantage::Socket, id, generation: 0 };
+        tracker.on_send(conn, id, 1, &mut sink);
+    }
+    let flood_ms = started.elapsed().as_secs_f64() * 1e3;
+    std::hint::black_box(sink.0);
+
+    println!("hot paths, one core:");
+    println!("  detector on_request: {on_request_ns:.0} ns a request");
+    println!("  detector tick rescoring 10,000 active tokens: {tick_ms:.1} ms");
+    println!("  endpoint classify: {classify_ns:.0} ns a call");
+    println!(
+        "  100,000 new connections into a full table of 16,384: {flood_ms:.1} ms ({:.0} ns each)",
+        flood_ms * 1e6 / flood as f64
+    );
+    println!(
+        "BENCH_HOT detector_on_request_ns={on_request_ns:.1} detector_tick_10k_ms={tick_ms:.3} classify_ns={classify_ns:.1} conn_flood_ms={flood_ms:.3}"
+    );
 }

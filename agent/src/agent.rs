@@ -62,12 +62,13 @@ fn apply_reload(old: &Settings, new: Settings, probes: &mut loader::Probes, stat
     }
     if new.max_connections != old.max_connections
         || new.connection_idle_seconds != old.connection_idle_seconds
+        || new.respond != old.respond
         || new.detect != old.detect
         || new.detect_vantage != old.detect_vantage
         || new.capture_source != old.capture_source
     {
         tracing::warn!(
-            "max_connections, connection_idle_seconds, capture_source and detector changes take effect at the next restart"
+            "max_connections, connection_idle_seconds, capture_source, detector and respond changes take effect at the next restart"
         );
     }
     probes.set_ports(&new.server_ports)?;
@@ -90,6 +91,10 @@ fn apply_reload(old: &Settings, new: Settings, probes: &mut loader::Probes, stat
 
 async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     let key = TokenKey::load_or_create(&settings.key_file)?;
+    if settings.respond.mode != crate::respond::Mode::Off {
+        // Before anything is loaded: an admin token others can read refuses the start.
+        crate::respond::config::load_admin_token(&settings.respond.admin_token_file)?;
+    }
     // Before loading any program: a broken web config or a busy address refuses the start.
     let web = web::WebHandle::new(web::Web::load(settings.web_config_file.as_deref(), &settings.metrics_addr)?);
     // The guard removes a Unix socket file on every way out of this function.
@@ -112,7 +117,14 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
         st.health.probes_attached = probes.attached;
         st.health.capture_source = probes.source.name();
     }
-    let registry = Arc::new(metrics::registry(state.clone()));
+    // Before the first record: a bad [respond] (admin token file readable by others...)
+    // refuses the start.
+    let mut respond = crate::respond::Responder::start(&settings.respond, state.clone())?;
+    let mut registry = metrics::registry(state.clone());
+    if let Some(r) = &respond {
+        r.register(&mut registry, state.clone());
+    }
+    let registry = Arc::new(registry);
     let server = tokio::spawn(web::serve(listener, web.clone(), registry));
     tracing::info!(
         ports = ?settings.server_ports,
@@ -153,6 +165,9 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
             _ = drain_tick.tick() => {
                 drain(ring.get_mut(), &state);
                 attach_forks(&mut probes, &state);
+                if let Some(r) = &mut respond {
+                    r.forward(&mut lock(&state));
+                }
             }
             _ = poll_tick.tick() => {
                 // Records first, so that a poll never runs ahead of a receive in the ring.
@@ -167,6 +182,9 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                 let mut st = lock(&state);
                 st.health.kernel = kernel;
                 st.tick(monotonic_ns());
+                if let Some(r) = &mut respond {
+                    r.tick(&mut st, monotonic_ns());
+                }
                 since_housekeeping += 1;
                 if since_housekeeping >= 10 {
                     since_housekeeping = 0;

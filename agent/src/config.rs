@@ -38,6 +38,8 @@ pub struct FileConfig {
     pub capture_source: Option<String>,
     /// Detector thresholds (docs/detection.md); every key optional.
     pub detect: Option<crate::detect::DetectConfig>,
+    /// Ending flagged sessions (docs/respond.md); off unless configured.
+    pub respond: Option<crate::respond::RespondFile>,
 }
 
 impl FileConfig {
@@ -69,6 +71,7 @@ pub struct Settings {
     pub detect_vantage: crate::vocab::Vantage,
     pub detect: crate::detect::DetectConfig,
     pub capture_source: crate::capture::loader::SourceChoice,
+    pub respond: crate::respond::RespondSettings,
 }
 
 /// What the command line can override: clap fills it straight from `vigie run`'s flags, and
@@ -144,7 +147,11 @@ impl Settings {
         };
         let capture_source =
             flags.capture_source.or(file.capture_source).map(|s| s.parse()).transpose()?.unwrap_or_default();
+        let key_file: PathBuf = flags.key_file.or(file.key_file).unwrap_or_else(|| DEFAULT_KEY_FILE.into());
+        let state_dir = key_file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let respond = crate::respond::RespondSettings::from_file(file.respond, &state_dir)?;
         Ok(Settings {
+            respond,
             capture_source,
             detect_vantage,
             detect: file.detect.unwrap_or_default(),
@@ -153,7 +160,7 @@ impl Settings {
             tls_discover_ports,
             metrics_addr,
             web_config_file: flags.web_config_file.or(file.web_config_file),
-            key_file: flags.key_file.or(file.key_file).unwrap_or_else(|| DEFAULT_KEY_FILE.into()),
+            key_file,
             top_k: positive("top_k", file.top_k.unwrap_or(500))?,
             max_series: at_least(
                 "max_series",

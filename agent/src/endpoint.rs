@@ -418,24 +418,4 @@ mod tests {
         assert_eq!(class("GET", &huge), Endpoint::Messages);
         assert_eq!(class("GET", &deep), Endpoint::Other);
     }
-
-    #[test]
-    fn classification_takes_well_under_a_microsecond() {
-        // Loose bound so debug builds on a loaded machine pass; release is ~50x faster.
-        let paths = [
-            "/_matrix/client/v3/sync",
-            "/_matrix/client/v3/rooms/!abc:example.org/messages",
-            "/_matrix/client/v3/rooms/%21abc%3Aexample.org/send/m.room.message/t",
-            "/_matrix/media/v3/download/example.org/abcdef",
-            "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
-        ];
-        let rounds = 20_000;
-        let start = std::time::Instant::now();
-        for i in 0..rounds {
-            let p = paths.get(i % paths.len()).copied().unwrap_or("/");
-            std::hint::black_box(classify("GET", std::hint::black_box(p)));
-        }
-        let per_call = start.elapsed() / rounds as u32;
-        assert!(per_call < std::time::Duration::from_micros(20), "{per_call:?}");
-    }
 }

@@ -88,6 +88,10 @@ pub struct RequestHead<'a> {
     pub connection_close: bool,
     /// `Expect: 100-continue`: the body follows only after the server's interim response.
     pub expect_continue: bool,
+    /// A `Sec-Fetch-Mode` or `Origin` header: what every browser's `fetch` sends to a
+    /// homeserver on another origin, and what a script claiming a browser's user agent
+    /// usually forgets (the detector's client fingerprint; only this bit is kept).
+    pub browser_fetch: bool,
 }
 
 impl fmt::Debug for RequestHead<'_> {
@@ -105,6 +109,7 @@ impl fmt::Debug for RequestHead<'_> {
             .field("chunked", &self.chunked)
             .field("connection_close", &self.connection_close)
             .field("expect_continue", &self.expect_continue)
+            .field("browser_fetch", &self.browser_fetch)
             .finish()
     }
 }
@@ -250,6 +255,7 @@ fn parse_with<'b>(
         chunked: false,
         connection_close: false,
         expect_continue: false,
+        browser_fetch: false,
     };
     let mut transfer_encoding = false;
     let mut keep_alive = false;
@@ -281,6 +287,8 @@ fn parse_with<'b>(
             }
         } else if is("expect") {
             out.expect_continue |= trim(h.value).eq_ignore_ascii_case(b"100-continue");
+        } else if is("sec-fetch-mode") || is("origin") {
+            out.browser_fetch = true;
         }
     }
     if transfer_encoding {

@@ -14,6 +14,7 @@
 //! - [`config`]: the TOML file and command-line settings.
 //! - [`web`]: the metrics endpoint (TLS, basic auth, Unix socket).
 //! - [`resolve`]: `vigie resolve`, labels back to users from Synapse's database.
+//! - [`respond`]: ending flagged sessions through Synapse's admin API, and `vigie respond`.
 //! - [`agent`]: the agent's life cycle (`vigie run`), tying capture to the pipeline.
 //!
 //! Kernel-facing code, which needs root and is proven by the integration tests, lives under
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod record;
 pub mod resolve;
+pub mod respond;
 pub mod token;
 pub mod vocab;
 pub mod web;

@@ -71,6 +71,23 @@ enum Command {
         all: bool,
         labels: Vec<String>,
     },
+    /// Act on a flagged session through the running agent (its `[respond]` must be on): log
+    /// the device behind LABEL out, or with `--lock` lock its account. Audited like the
+    /// agent's own decisions; in dry-run, reports what it would do.
+    Respond {
+        /// The token label (16 hex characters), as in the alert.
+        label: String,
+        /// Lock the account (every session gets 401 M_USER_LOCKED) instead of logging out
+        /// the one device.
+        #[arg(long)]
+        lock: bool,
+        /// The agent's control socket [default: respond.control_socket of --config, else
+        /// /var/lib/vigie/control.sock].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Print the label of each token read from standard input (one per line, one label per
     /// line). Tokens are never taken as arguments: they would show in `ps`.
     TokenHash {
@@ -102,6 +119,7 @@ fn main() -> std::process::ExitCode {
         Command::Check { server_ports, config, no_trial, capture_source } => {
             check(server_ports, config, !no_trial, &capture_source)
         }
+        Command::Respond { label, lock, socket, config } => respond(&label, lock, socket, config),
         Command::Resolve { key_file, sqlite, postgres, all, labels } => {
             resolve(&key_file, sqlite.as_deref(), postgres.as_deref(), all, labels)
         }
@@ -127,6 +145,33 @@ fn check(mut ports: Vec<u16>, config: Option<PathBuf>, trial: bool, source: &str
     let report = preflight::check(&ports, trial, choice);
     print!("{}", report.render());
     if report.can_run() { Ok(()) } else { anyhow::bail!("preflight failed") }
+}
+
+fn respond(label: &str, lock: bool, socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<()> {
+    let socket = match (socket, config) {
+        (Some(s), _) => s,
+        (None, Some(path)) => {
+            let file = FileConfig::load(&path)?;
+            let key = file.key_file.clone().unwrap_or_else(|| vigie::config::DEFAULT_KEY_FILE.into());
+            let dir = key.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+            vigie::respond::RespondSettings::from_file(file.respond, &dir)?.control_socket
+        }
+        (None, None) => std::path::Path::new(vigie::config::DEFAULT_KEY_FILE)
+            .with_file_name(vigie::respond::config::DEFAULT_CONTROL_SOCKET),
+    };
+    let r = vigie::respond::control::request(&socket, label, lock)?;
+    println!(
+        "{label}: {} {} (user {}, device {}){}",
+        r.action,
+        r.result,
+        r.user.as_deref().unwrap_or("-"),
+        r.device.as_deref().unwrap_or("-"),
+        r.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
+    );
+    match r.result.as_str() {
+        "acted" | "would_act" | "skipped_done" => Ok(()),
+        other => anyhow::bail!("no action taken ({other})"),
+    }
 }
 
 fn resolve(

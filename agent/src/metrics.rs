@@ -551,7 +551,11 @@ mod tests {
             crate::detect::DetectConfig::default(),
             crate::vocab::Vantage::Socket,
         );
-        render(&registry(Arc::new(Mutex::new(state))))
+        let state = Arc::new(Mutex::new(state));
+        let mut registry = registry(state.clone());
+        // What `[respond]` adds when it is on.
+        crate::respond::register_for_tests(&mut registry, state);
+        render(&registry)
     }
 
     /// Metric name as scraped (counters with `_total`) and type, from `# TYPE` lines.

@@ -50,6 +50,10 @@ pub struct Health {
     pub tls_client_connections: u64,
     /// HTTP/2 connections, requests and response bytes, by vantage.
     pub http2: BTreeMap<(Vantage, &'static str), u64>,
+    /// The agent's own requests to the homeserver (`respond`) and their response bytes,
+    /// kept out of every token's counts.
+    pub own_requests: u64,
+    pub own_response_bytes: u64,
 }
 
 pub struct State {
@@ -121,6 +125,14 @@ impl Sink for Feed<'_> {
 
     fn pipelined_request(&mut self) {
         self.health.pipelined_requests += 1;
+    }
+
+    fn own_request(&mut self) {
+        self.health.own_requests += 1;
+    }
+
+    fn own_response_bytes(&mut self, bytes: u64) {
+        self.health.own_response_bytes += bytes;
     }
 }
 

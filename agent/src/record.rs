@@ -8,12 +8,13 @@
 
 use vigie_common::{
     EVENT_CLOSE, EVENT_FORK, EVENT_HEADER_LEN, EVENT_RECV, EVENT_SEND, EVENT_TLS_CLOSE, EVENT_TLS_RECV, EVENT_TLS_SEND,
-    EventHeader, FLAG_CAPTURE_PARTIAL, FLAG_NO_BUFFER, FLAG_SOCK_DURING_CALL,
+    EventHeader, FLAG_NO_BUFFER, FLAG_SOCK_DURING_CALL,
 };
 
 use crate::vocab::{ConnKey, Vantage};
 
-/// A receive: `bytes` moved, of which the first `data.len()` were copied.
+/// A receive: `bytes` moved, of which the first `data.len()` were copied (fewer when the
+/// capture limit was reached, the data went to a second iovec, or the copy failed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Receive<'a> {
     pub conn: ConnKey,
@@ -22,8 +23,6 @@ pub struct Receive<'a> {
     pub data: &'a [u8],
     /// Nothing was copied because the kernel knew no buffer for this receive.
     pub blind: bool,
-    /// The copy holds fewer bytes than the receive moved (capture limit, second iovec).
-    pub partial: bool,
 }
 
 /// How a TLS record's TCP socket was known (`vigie_tls_records_total{socket}`). In the order
@@ -90,14 +89,7 @@ pub fn decode(record: &[u8]) -> Result<Record<'_>, Malformed> {
         .ok_or(Malformed::CaptureOverrun)?;
     let socket = ConnKey { vantage: Vantage::Socket, id: h.conn, generation: h.conn_start_ns };
     let tls = ConnKey { vantage: Vantage::Tls, ..socket };
-    let receive = |conn| Receive {
-        conn,
-        ts_ns: h.ts_ns,
-        bytes: h.bytes,
-        data,
-        blind: h.flags & FLAG_NO_BUFFER != 0,
-        partial: h.flags & FLAG_CAPTURE_PARTIAL != 0,
-    };
+    let receive = |conn| Receive { conn, ts_ns: h.ts_ns, bytes: h.bytes, data, blind: h.flags & FLAG_NO_BUFFER != 0 };
     let tie = match (h.sock_hint, h.flags & FLAG_SOCK_DURING_CALL != 0) {
         (0, _) => SocketTie::Unknown,
         (_, true) => SocketTie::DuringCall,
@@ -144,20 +136,13 @@ mod tests {
 
     #[test]
     fn a_receive_keeps_its_capture_counts_and_flags() {
-        let h = EventHeader {
-            bytes: 100,
-            captured: 3,
-            flags: FLAG_CAPTURE_PARTIAL,
-            sent_total: 55,
-            recv_seq: 9,
-            ..header(EVENT_RECV)
-        };
+        let h = EventHeader { bytes: 100, captured: 3, sent_total: 55, recv_seq: 9, ..header(EVENT_RECV) };
         let bytes = encode(&h, b"GETtrailing padding");
         let Ok(Record::Recv { rx, sent_total, recv_seq }) = decode(&bytes) else { panic!("{:?}", decode(&bytes)) };
         assert_eq!(rx.data, b"GET");
         assert_eq!((rx.bytes, sent_total, recv_seq), (100, 55, 9));
         assert_eq!(rx.conn, ConnKey { vantage: Vantage::Socket, id: 0xffff_8880_0000_1000, generation: 7 });
-        assert!(rx.partial && !rx.blind);
+        assert!(!rx.blind);
     }
 
     #[test]

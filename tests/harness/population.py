@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .matrix import MatrixClient, MatrixError, Recorder
-from .world import Account, MediaItem, World, noise_png, post_media, sentence, WORDS
+from .world import Account, MediaItem, World, browser_headers, noise_png, post_media, prev_batches, sentence, WORDS
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,11 @@ class ElementSession:
         self.address = account.address
         w = pop.world
         common = dict(user_id=account.user_id, recorder=pop.recorder, user_agent=account.user_agent)
+        headers = {**browser_headers(account.user_agent), "X-Forwarded-For": self.address}
         self.sync = MatrixClient(w.synapse.host, w.synapse.port, account.token, name=f"{account.name}-sync",
-                                 extra_headers={"X-Forwarded-For": self.address}, **common)
+                                 extra_headers=dict(headers), **common)
         self.act = MatrixClient(w.synapse.host, w.synapse.port, account.token, name=f"{account.name}-act",
-                                extra_headers={"X-Forwarded-For": self.address}, **common)
+                                extra_headers=dict(headers), **common)
         self.current = rng.choice(account.rooms)
         self.lock = threading.Lock()
         self.latest: dict[str, str] = {}  # room -> latest event id seen
@@ -104,6 +105,7 @@ class ElementSession:
     def _harvest(self, r: dict) -> None:
         by_mxc = None
         with self.lock:
+            self.a.prev_batch.update(prev_batches(r))
             for room_id, room in (r.get("rooms", {}).get("join") or {}).items():
                 events = room.get("timeline", {}).get("events", [])
                 if not events:
@@ -203,7 +205,9 @@ class ElementSession:
         if ev:
             self.pop.call(self, "receipt", lambda: c.read_receipt(room, ev))
         if rng.random() < p.scrollback_p:
-            from_token = None
+            # Element scrolls back from its timeline: the latest sync's prev_batch for the room.
+            with self.lock:
+                from_token = self.a.prev_batch.get(room)
             for _ in range(rng.randint(*p.scrollback_pages)):
                 limit = rng.randint(*p.page_limit)
                 r = self.pop.call(self, "messages", lambda: c.messages(room, dir="b", from_token=from_token,

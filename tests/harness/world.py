@@ -68,6 +68,31 @@ NAMES = (
 ).split()
 
 
+def browser_headers(user_agent: str) -> dict[str, str]:
+    """What a browser's `fetch` from Element Web (another origin than the homeserver's) adds
+    to every request, for a browser user agent; nothing for an app's."""
+    if not user_agent.startswith("Mozilla/"):
+        return {}
+    return {
+        "Accept": "application/json",
+        "Accept-Language": "en-GB,en;q=0.9",
+        "Origin": "https://app.element.io",
+        "Sec-Fetch-Site": "cross-site",
+        "Sec-Fetch-Mode": "cors",
+        "Sec-Fetch-Dest": "empty",
+    }
+
+
+def prev_batches(sync_response: dict) -> dict[str, str]:
+    """Each joined room's timeline `prev_batch` in a sync response."""
+    out = {}
+    for room_id, room in ((sync_response or {}).get("rooms", {}).get("join") or {}).items():
+        pb = (room.get("timeline") or {}).get("prev_batch")
+        if pb:
+            out[room_id] = pb
+    return out
+
+
 def sentence(rng: random.Random, lo: int = 3, hi: int = 30) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
 
@@ -96,6 +121,8 @@ class Account:
     rooms: list[str] = field(default_factory=list)
     filter_id: str | None = None
     since: str | None = None  # the Element session's latest sync position
+    # Each room's `prev_batch` from the session's syncs: where Element's scrollback starts.
+    prev_batch: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -125,6 +152,10 @@ class World:
     media: list[MediaItem]
     build_seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    # Accounts outside the population (no Element session of their own), by name: in every room.
+    extras: dict[str, Account] = field(default_factory=dict)
+    # The one large room (`big_room` messages), or None.
+    big_room: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -223,7 +254,11 @@ class _Pool:
 def build_world(synapse: Synapse, seed: int = 1, *, normal_users: int = 14, rooms: int = 20,
                 messages: tuple[int, int] = (30, 200), media_items: int = 60,
                 media_size: tuple[int, int] = (20_000, 200_000), workers: int = 8,
+                extras: tuple[str, ...] = (), big_room: int = 0,
                 log: Callable[[str], None] = print) -> World:
+    """extras: names of accounts that join every room but run no Element session (bots, bridges);
+    big_room: when > 0, one more room with that many messages, the owner, the heavy user and two
+    normal users in it (a room worth exporting)."""
     rng = random.Random(f"world-{seed}")
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -242,6 +277,13 @@ def build_world(synapse: Synapse, seed: int = 1, *, normal_users: int = 14, room
             device_id=device, user_agent=ELEMENT_USER_AGENTS[i % len(ELEMENT_USER_AGENTS)],
             address=f"10.{20 + i // 200}.{i % 200}.{rng.randint(2, 250)}",
         ))
+    extra_accounts: dict[str, Account] = {}
+    for j, name in enumerate(extras):
+        password = f"pw-{name}-{rng.randrange(1 << 32):08x}"
+        user_id, token, device = synapse.register(name, password)
+        extra_accounts[name] = Account(
+            index=len(roles) + j, name=name, role=name, user_id=user_id, password=password, token=token,
+            device_id=device, user_agent="vigie-tests/1", address=f"10.30.{j}.{rng.randint(2, 250)}")
     t = time.monotonic()
     timings["register"] = t - t0
 
@@ -264,11 +306,19 @@ def build_world(synapse: Synapse, seed: int = 1, *, normal_users: int = 14, room
     for k in range(rooms):
         while len(want[k]) < 3:
             want[k].add(rng.choice(normal).index)
-    tokens = {a.user_id: (a.token, a.user_agent) for a in accounts}
+    total_rooms = rooms + (1 if big_room > 0 else 0)
+    if big_room > 0:
+        want[rooms] = {owner.index, heavy.index} | {a.index for a in normal[:2]}
+    everyone = accounts + list(extra_accounts.values())
+    by_index = {a.index: a for a in everyone}
+    for x in extra_accounts.values():
+        for k in range(total_rooms):
+            want[k].add(x.index)
+    tokens = {a.user_id: (a.token, a.user_agent) for a in everyone}
 
     creators: dict[int, MatrixClient] = {}
     try:
-        for k in range(rooms):
+        for k in range(total_rooms):
             creator = accounts[min(want[k])]
             c = creators.get(creator.index)
             if c is None:
@@ -286,21 +336,24 @@ def build_world(synapse: Synapse, seed: int = 1, *, normal_users: int = 14, room
     pool = _Pool(synapse, tokens, workers)
     for k, room_id in enumerate(room_ids):
         for idx in sorted(want[k]):
-            a = accounts[idx]
+            a = by_index[idx]
             if room_id in a.rooms:
                 continue
             a.rooms.append(room_id)
             pool.submit(a.user_id, lambda c, r=room_id: c.join(r))
     pool.join()
-    members = {r: [accounts[i].user_id for i in sorted(want[k])] for k, r in enumerate(room_ids)}
+    members = {r: [by_index[i].user_id for i in sorted(want[k]) if i < len(accounts)]
+               for k, r in enumerate(room_ids)}
     t, timings["rooms"] = time.monotonic(), time.monotonic() - t
 
     # -- history ------------------------------------------------------------------------------
     counts: dict[str, int] = {}
     jobs: list[tuple[str, str, str]] = []
-    for room_id in room_ids:
+    for k, room_id in enumerate(room_ids):
         # Heavy-tailed, as on a real server: most rooms hold a few dozen, a few a couple hundred.
         n = int(messages[0] + (messages[1] - messages[0]) * rng.random() ** 2)
+        if k == rooms:
+            n = big_room
         counts[room_id] = n
         for i in range(n):
             sender = rng.choice(members[room_id])
@@ -326,7 +379,7 @@ def build_world(synapse: Synapse, seed: int = 1, *, normal_users: int = 14, room
     media_lock = threading.Lock()
     pool = _Pool(synapse, tokens, workers)
     for i in range(media_items):
-        room_id = rng.choice(room_ids)
+        room_id = rng.choice(room_ids[:rooms])
         sender = rng.choice(members[room_id])
         image = rng.random() < 0.5
         if image:
@@ -351,7 +404,9 @@ def build_world(synapse: Synapse, seed: int = 1, *, normal_users: int = 14, room
     # -- Element sessions: filter and first sync --------------------------------------------------
     def first_sync(c: MatrixClient, a: Account) -> None:
         a.filter_id = c.create_filter(ELEMENT_FILTER)
-        a.since = c.sync(filter_id=a.filter_id, timeout_ms=0)["next_batch"]
+        r = c.sync(filter_id=a.filter_id, timeout_ms=0)
+        a.since = r["next_batch"]
+        a.prev_batch.update(prev_batches(r))
 
     pool = _Pool(synapse, tokens, workers)
     for a in accounts:
@@ -361,7 +416,8 @@ def build_world(synapse: Synapse, seed: int = 1, *, normal_users: int = 14, room
 
     world = World(synapse=synapse, seed=seed, accounts=accounts, rooms=room_ids, room_names=room_names,
                   members=members, messages=counts, media=media,
-                  build_seconds=time.monotonic() - t0, timings=timings)
+                  build_seconds=time.monotonic() - t0, timings=timings, extras=extra_accounts,
+                  big_room=room_ids[rooms] if big_room > 0 else None)
     log(world.summary())
     return world
 

@@ -9,10 +9,13 @@
 //!   `vigie check` and a capture smoke test in each (see kernels.rs, docs/kernels.md).
 //! - `cargo xtask fuzz [--seconds N] [TARGET...]`: run the cargo-fuzz targets (see fuzz.rs).
 //! - `cargo xtask soak [--minutes N]`: the soak against a real Synapse (see soak.rs).
+//! - `cargo xtask detect [--draws N] [--seed S]`: many drawn scrapes and the legitimate heavy
+//!   readers against a real Synapse, with the distribution of times to detect (see detect.rs).
 //!
 //! Everything is installed from Debian's packages, crates.io and PyPI by name.
 
 mod bench;
+mod detect;
 mod fuzz;
 mod kernels;
 mod soak;
@@ -58,9 +61,10 @@ fn main() -> ExitCode {
         Some("kernels") => kernels::run(&args[1..]),
         Some("fuzz") => setup().and_then(|()| fuzz::run(&args[1..])),
         Some("soak") => soak::run(&args[1..]),
+        Some("detect") => detect::run(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N]"
+                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N] | detect [--draws N] [--seed S]"
             );
             return ExitCode::from(2);
         }

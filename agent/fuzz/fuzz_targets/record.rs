@@ -15,7 +15,7 @@ use vigie::record::{Malformed, Record, SocketTie, decode};
 use vigie::vocab::Vantage;
 use vigie_common::{
     EVENT_CLOSE, EVENT_FORK, EVENT_HEADER_LEN, EVENT_RECV, EVENT_SEND, EVENT_TLS_CLOSE, EVENT_TLS_RECV, EVENT_TLS_SEND,
-    EventHeader, FLAG_CAPTURE_PARTIAL, FLAG_NO_BUFFER, FLAG_SOCK_DURING_CALL,
+    EventHeader, FLAG_NO_BUFFER, FLAG_SOCK_DURING_CALL,
 };
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -60,7 +60,6 @@ fn check(input: &[u8]) {
         assert_eq!((rx.ts_ns, rx.bytes), (ts_ns, bytes));
         assert_eq!(rx.data, data);
         assert_eq!(rx.blind, flags & FLAG_NO_BUFFER != 0);
-        assert_eq!(rx.partial, flags & FLAG_CAPTURE_PARTIAL != 0);
     };
     let key = |c: vigie::vocab::ConnKey, vantage| {
         assert_eq!((c.vantage, c.id, c.generation), (vantage, conn, generation));

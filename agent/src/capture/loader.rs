@@ -184,6 +184,10 @@ pub fn source_unavailable(source: CaptureSource) -> Option<String> {
     if !missing.is_empty() {
         return Some(format!("this kernel lacks {}", missing.join(", ")));
     }
+    let moved = sock_field_mismatches(source);
+    if !moved.is_empty() {
+        return Some(format!("its sock:* records differ from what the programs read: {}", moved.join("; ")));
+    }
     if source == CaptureSource::Syscalls
         && let Err(e) =
             super::btf::Btf::from_file(Path::new(super::btf::VMLINUX)).and_then(|b| super::btf::kernel_offsets(&b))
@@ -229,6 +233,20 @@ fn kernel_layout(source: CaptureSource) -> Result<vigie_common::KernelLayout> {
     layout.fork_child_pid = tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
     layout.syscall_source = u32::from(source == CaptureSource::Syscalls);
     Ok(layout)
+}
+
+/// The `sock:*` record fields read by `source`'s programs whose offset on this kernel (its
+/// tracefs format files) is not the one compiled into them, each as a sentence.
+pub fn sock_field_mismatches(source: CaptureSource) -> Vec<String> {
+    vigie_common::SOCK_TRACEPOINT_FIELDS
+        .iter()
+        .filter(|(tp, _, _)| ATTACHMENTS.iter().any(|a| a.category == "sock" && a.name == *tp && a.used_by(source)))
+        .filter_map(|&(tp, field, want)| match tracepoint_field_offset("sock", tp, field) {
+            Ok(got) if got as usize == want => None,
+            Ok(got) => Some(format!("sock:{tp} has {field} at offset {got}, the programs read offset {want}")),
+            Err(e) => Some(format!("{e:#}")),
+        })
+        .collect()
 }
 
 /// A field's offset in a tracepoint's record, from its tracefs format file.

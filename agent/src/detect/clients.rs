@@ -31,6 +31,10 @@ struct Seen {
 const LATE: u8 = 1;
 const SYNCS: u8 = 2;
 const CONCURRENT: u8 = 4;
+/// Fingerprint marks (see `fingerprint.rs`): a user agent of no known Matrix client, and a
+/// request whose headers contradict its user agent.
+pub const UNKNOWN: u8 = 8;
+pub const MISMATCH: u8 = 16;
 
 /// Older clients are "still in use" when seen this long after the late one appeared.
 const CONCURRENCY_S: u32 = 5;
@@ -115,6 +119,23 @@ impl Clients {
             }
         }
         me.flags & LATE != 0
+    }
+
+    /// Whether client `fp` is in the table.
+    pub fn knows(&self, fp: u32) -> bool {
+        fp != 0 && self.iter().any(|s| s.fp == fp)
+    }
+
+    /// Add fingerprint marks ([`UNKNOWN`], [`MISMATCH`]) to client `fp`.
+    pub fn mark(&mut self, fp: u32, marks: u8) {
+        if let Some(s) = self.iter_mut().find(|s| fp != 0 && s.fp == fp) {
+            s.flags |= marks & (UNKNOWN | MISMATCH);
+        }
+    }
+
+    /// Fingerprint marks of the clients seen at or after `since`.
+    pub fn marks_since(&self, since: u32) -> u8 {
+        self.iter().filter(|s| s.fp != 0 && s.last_s >= since).fold(0, |m, s| m | (s.flags & (UNKNOWN | MISMATCH)))
     }
 
     /// Client `fp` made an incremental sync.

@@ -125,7 +125,41 @@ pub struct DetectConfig {
     // --- headless: reads with no incremental /sync for `live_sync_s` -----------------------
     pub live_sync_s: f64,
     pub headless_reads_1m: Ramp,
+    /// History pages in 10 min with no sync loop: no client pages for minutes without one.
+    pub headless_pages_10m: Ramp,
     pub headless_weight: f64,
+
+    // --- breadth over depth ---------------------------------------------------------------
+    /// A token whose history reads (10 min and 1 h) cover fewer rooms than this is a
+    /// *narrow* reader: one or two rooms, however deep (an export, a long scrollback).
+    pub breadth_rooms: f64,
+    /// What a narrow reader's reading can weigh at most (history_paging, rooms_breadth and
+    /// scrape_pattern together).
+    pub narrow_reading_cap: f64,
+    /// What a narrow reader's whole score can reach from its reading and from what its
+    /// client looks like (headless, client_fingerprint, baseline, population): below 1, so
+    /// that a deep read of one room is never an alert alone.
+    pub narrow_cap: f64,
+
+    // --- scrape_pattern: what a scraper must do to get the data --------------------------
+    /// History pages without `from` (10 min): Element pages from its timeline's
+    /// `prev_batch`; a script starts each room from its live end.
+    pub fromless_10m: Ramp,
+    /// Rooms read to their first event (10 min).
+    pub finished_10m: Ramp,
+    /// `/members` or `/state` right after a room's history (10 min).
+    pub harvests_10m: Ramp,
+    /// History pages as a share of the requests other than syncs (10 min), counted once
+    /// `share_min_pages` pages were made.
+    pub history_share: Ramp,
+    pub share_min_pages: f64,
+    /// Each of the four above at full strength adds this much.
+    pub pattern_weight: f64,
+
+    // --- client_fingerprint: a reading token's client is no known Matrix client -----------
+    pub unknown_client_weight: f64,
+    pub client_mismatch_weight: f64,
+    pub fingerprint_cap: f64,
 
     // --- baseline_deviation: 10-min volume against the token's own EWMA -------------------
     /// Time constant of the per-minute EWMAs. Until a token has been seen for this long
@@ -224,7 +258,23 @@ impl Default for DetectConfig {
 
             live_sync_s: 90.0,
             headless_reads_1m: Ramp::new(3.0, 15.0),
+            headless_pages_10m: Ramp::new(10.0, 30.0),
             headless_weight: 0.5,
+
+            breadth_rooms: 3.0,
+            narrow_reading_cap: 0.6,
+            narrow_cap: 0.9,
+
+            fromless_10m: Ramp::new(2.0, 6.0),
+            finished_10m: Ramp::new(3.0, 8.0),
+            harvests_10m: Ramp::new(2.0, 6.0),
+            history_share: Ramp::new(0.5, 0.9),
+            share_min_pages: 10.0,
+            pattern_weight: 0.3,
+
+            unknown_client_weight: 0.15,
+            client_mismatch_weight: 0.25,
+            fingerprint_cap: 0.3,
 
             baseline_tau_s: 3.0 * 3600.0,
             baseline_prior_minutes: 10.0,

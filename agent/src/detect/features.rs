@@ -9,7 +9,7 @@
 
 use crate::endpoint::Endpoint;
 
-use super::clients::{Clients, Late};
+use super::clients::{Clients, Late, MISMATCH, UNKNOWN};
 use super::config::DetectConfig;
 use super::hll::{RoomSketches, Sketch};
 use super::request::Shape;
@@ -22,6 +22,8 @@ const ROOMS_10M_EPOCH: u32 = 300;
 const ROOMS_1H_EPOCH: u32 = 1800;
 /// A room not paged for this long starts a new paging session (depth back to 1).
 const ROOM_SESSION_S: u32 = 600;
+/// `/members` or `/state` this soon after a room's latest page is "right after its history".
+const HARVEST_WITHIN_S: u32 = 30;
 
 /// Features the baseline follows, per minute: history weight (pages and `/context`), room
 /// reads, media downloads (net), megabytes sent.
@@ -179,15 +181,27 @@ impl TokenState {
         if v.is_finite() && v > 0.0 { v.min(f64::from(u32::MAX)) as u32 } else { 0 }
     }
 
-    /// Account one request; returns what it added to the additive features.
-    pub fn record(&mut self, s: &Shape, now: u32, cfg: &DetectConfig) -> Tally {
+    /// Account one request. `known_agent` says whether its user agent is a known client; it
+    /// is asked only for a client the token has not used before.
+    /// Returns what it added to the additive features.
+    pub fn record(&mut self, s: &Shape, now: u32, cfg: &DetectConfig, known_agent: impl FnOnce() -> bool) -> Tally {
         let mut tally = Tally::default();
         let tally = &mut tally;
         self.advance(now, cfg);
         self.last_s = now;
         self.dirty = true;
         let grace = secs(cfg.client_grace_s);
+        let new_agent = s.agent != 0 && !self.agents.knows(s.agent);
         let late_agent = self.agents.see(s.agent, now, self.first_s, grace);
+        if new_agent && !known_agent() {
+            self.agents.mark(s.agent, UNKNOWN);
+        }
+        if s.mismatch {
+            self.agents.mark(s.agent, MISMATCH);
+        }
+        if !matches!(s.endpoint, Some(Endpoint::Sync | Endpoint::SlidingSync)) {
+            self.bump(tally, Count::Requests, 1);
+        }
         self.addresses.see(s.address, now, self.first_s, grace);
         if let Some(room) = s.room {
             self.sketches.insert(Sketch::Touched, now / ROOMS_10M_EPOCH, room, &mut self.rings);
@@ -221,7 +235,20 @@ impl TokenState {
                 self.bump(tally, Count::Search, 1);
                 true
             }
-            Some(Endpoint::Members | Endpoint::State | Endpoint::Event) => {
+            Some(Endpoint::Members | Endpoint::State) => {
+                self.bump(tally, Count::RoomReads, 1);
+                if let Some(room) = s.room {
+                    let (harvest, finished) = self.rooms.room_read(fold(room), now, HARVEST_WITHIN_S);
+                    if harvest {
+                        self.bump(tally, Count::Harvests, 1);
+                    }
+                    if finished {
+                        self.bump(tally, Count::RoomsFinished, 1);
+                    }
+                }
+                true
+            }
+            Some(Endpoint::Event) => {
                 self.bump(tally, Count::RoomReads, 1);
                 true
             }
@@ -268,12 +295,16 @@ impl TokenState {
         self.bump(tally, Count::Pages, 1);
         self.bump(tally, Count::PageWeight, Self::weigh(cfg.page_weight(limit), SIXTEENTHS));
         self.room_read_for_breadth(s, now);
+        if s.from == 0 {
+            self.bump(tally, Count::FromlessPages, 1);
+        }
         if let Some(room) = s.room {
-            let fp = (room ^ (room >> 32)) as u32;
-            if !self.rooms.in_session(fp, now, ROOM_SESSION_S) {
+            if !self.rooms.in_session(fold(room), now, ROOM_SESSION_S) {
                 tally.rooms_paged += 1;
             }
-            self.rooms.page(fp, s.from, now, ROOM_SESSION_S);
+            if self.rooms.page(fold(room), s.from, now, ROOM_SESSION_S).finished {
+                self.bump(tally, Count::RoomsFinished, 1);
+            }
         }
         true
     }
@@ -283,6 +314,9 @@ impl TokenState {
         self.advance(now, cfg);
         self.dirty = true;
         let media = matches!(endpoint, Endpoint::MediaDownload | Endpoint::MediaThumbnail);
+        if endpoint == Endpoint::Messages {
+            self.rooms.page_bytes(bytes);
+        }
         self.rings.add_bytes(Bytes::All, bytes);
         if media {
             self.rings.add_bytes(Bytes::Media, bytes);
@@ -342,8 +376,20 @@ impl TokenState {
             bytes_1h: th.bytes(Bytes::All) as f64,
             agents: self.agents.distinct(),
             addresses: self.addresses.distinct(),
+            pages_10m: f64::from(t10.get(Count::Pages)),
+            requests_10m: f64::from(t10.get(Count::Requests)),
+            fromless_10m: f64::from(t10.get(Count::FromlessPages)),
+            finished_10m: f64::from(t10.get(Count::RoomsFinished)),
+            harvests_10m: f64::from(t10.get(Count::Harvests)),
+            unknown_client: self.agents.marks_since(since_10m) & UNKNOWN != 0,
+            client_mismatch: self.agents.marks_since(since_10m) & MISMATCH != 0,
         }
     }
+}
+
+/// A room hash as the room table's 32-bit fingerprint.
+fn fold(room: u64) -> u32 {
+    (room ^ (room >> 32)) as u32
 }
 
 /// A time that may not have come, in 4 bytes where `Option<u32>` takes 8: `u32::MAX` is
@@ -409,6 +455,18 @@ pub struct Features {
     pub bytes_1h: f64,
     pub agents: u8,
     pub addresses: u8,
+    /// History pages in 10 min, and requests other than syncs.
+    pub pages_10m: f64,
+    pub requests_10m: f64,
+    /// History pages without `from`, rooms read to their first event, `/members` or `/state`
+    /// right after a room's history: 10 min.
+    pub fromless_10m: f64,
+    pub finished_10m: f64,
+    pub harvests_10m: f64,
+    /// A client of the token (seen in 10 min) whose user agent is no known client, or whose
+    /// head contradicts it.
+    pub unknown_client: bool,
+    pub client_mismatch: bool,
 }
 
 impl Features {

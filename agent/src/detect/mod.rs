@@ -30,6 +30,7 @@
 mod clients;
 mod config;
 mod features;
+mod fingerprint;
 mod hll;
 mod request;
 mod rooms;
@@ -37,8 +38,9 @@ mod score;
 mod tally;
 mod window;
 
-#[cfg(test)]
-mod sim;
+/// Simulated Matrix traffic for the tests and the benchmarks (`examples/pipeline_bench.rs`).
+#[doc(hidden)]
+pub mod sim;
 
 pub use config::{DetectConfig, Ramp};
 pub use score::{Population, REASONS, Reason};
@@ -137,12 +139,14 @@ impl Detector {
         };
         let now = self.clock(now_s);
         let shape = Shape::of(req);
+        // Looked at once per client of a token, not per request.
+        let known = || req.user_agent.is_none_or(fingerprint::known_agent);
         if let Some(t) = self.tokens.get_mut(&token) {
-            return t.record(&shape, now, &self.cfg);
+            return t.record(&shape, now, &self.cfg, known);
         }
         self.make_room();
         let mut t = Box::new(TokenState::new(now, self.prior()));
-        let tally = t.record(&shape, now, &self.cfg);
+        let tally = t.record(&shape, now, &self.cfg, known);
         self.tokens.insert(token, t);
         tally
     }

@@ -11,6 +11,7 @@ use crate::conn::RequestSeen;
 use crate::endpoint::Endpoint;
 use crate::http::query_pairs;
 
+use super::fingerprint::mismatch;
 use super::hll::{fingerprint, hash64};
 
 /// Longest user agent or address hashed; a hostile header costs no more than this.
@@ -37,6 +38,8 @@ pub struct Shape {
     /// Fingerprints of the user agent and the first X-Forwarded-For address (0: none).
     pub agent: u32,
     pub address: u32,
+    /// The head contradicts its browser user agent (see `fingerprint.rs`).
+    pub mismatch: bool,
 }
 
 impl Shape {
@@ -48,6 +51,7 @@ impl Shape {
             room: req.room_id.map(|r| hash64(r.as_bytes())),
             agent: req.user_agent.map_or(0, |ua| fingerprint(cap(ua))),
             address: req.forwarded_for.map_or(0, first_address),
+            mismatch: req.user_agent.is_some_and(|ua| mismatch(ua, req.browser_fetch, req.connection_close)),
             ..Shape::default()
         };
         let wants_query = matches!(

@@ -10,8 +10,18 @@
 //! entry at a time up to [`ROOMS`] (20 bytes each) and costs nothing until the first page.
 //! Entries are never removed, only reused, so the table behaves exactly as a fixed array
 //! filled in order.
+//!
+//! What a scraper cannot help doing shows here too: it reads each room to its first event
+//! (the last page is empty, or much shorter than the room's full pages: the response bytes of
+//! each page are summed until the token's next page or room read closes it), and it often
+//! lists a room's members or state right after its history.
 
-/// A room's paging session. 20 bytes.
+/// A page whose response is smaller than this (status line, headers and an empty `chunk`
+/// take a few hundred bytes; one event is several hundred more) returned nothing: the room's
+/// start was reached.
+pub const EMPTY_PAGE_BYTES: u32 = 1024;
+
+/// A room's paging session. 24 bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Entry {
     /// Fingerprint of the room id; 0 marks a free entry.
@@ -20,22 +30,104 @@ struct Entry {
     from: u32,
     /// Consecutive pages, each from a new `from` token.
     depth: u16,
+    /// [`FINISHED`], [`HARVESTED`].
+    flags: u8,
     first_s: u32,
     last_s: u32,
+    /// Response bytes of the session's largest page so far, saturating.
+    max_bytes: u32,
 }
+
+const FINISHED: u8 = 1;
+const HARVESTED: u8 = 2;
 
 pub const ROOMS: usize = 8;
 
-#[derive(Clone, Debug, Default)]
+/// No page open.
+const NONE: u8 = u8::MAX;
+
+#[derive(Clone, Debug)]
 pub struct RoomTable {
     /// At most [`ROOMS`]; a boxed slice, not a `Vec`: no spare capacity, 8 bytes less.
     entries: Box<[Entry]>,
+    /// The entry of the latest page whose bytes are still being counted, and those bytes.
+    open: u8,
+    open_bytes: u32,
+}
+
+impl Default for RoomTable {
+    fn default() -> Self {
+        RoomTable { entries: Box::default(), open: NONE, open_bytes: 0 }
+    }
+}
+
+/// What a page told about the room.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Paged {
+    pub depth: u16,
+    /// The page before it (of this room or another) finished its room.
+    pub finished: bool,
 }
 
 impl RoomTable {
+    /// Response bytes of the open page (the token's latest history page).
+    pub fn page_bytes(&mut self, bytes: u64) {
+        if self.open != NONE {
+            self.open_bytes = self.open_bytes.saturating_add(u32::try_from(bytes).unwrap_or(u32::MAX));
+        }
+    }
+
+    /// Close the open page: returns whether it finished its room (an empty page after a
+    /// `from`, or one under half the session's largest page). Bytes never seen (0) prove
+    /// nothing.
+    fn close(&mut self) -> bool {
+        let (open, bytes) = (self.open, self.open_bytes);
+        self.open = NONE;
+        self.open_bytes = 0;
+        let Some(e) = self.entries.get_mut(usize::from(open)) else {
+            return false;
+        };
+        if bytes == 0 || e.flags & FINISHED != 0 {
+            return false;
+        }
+        let empty = bytes < EMPTY_PAGE_BYTES && e.from != 0;
+        let short = e.depth >= 2 && bytes.saturating_mul(2) < e.max_bytes;
+        e.max_bytes = e.max_bytes.max(bytes);
+        if empty || short {
+            e.flags |= FINISHED;
+        }
+        empty || short
+    }
+
+    /// A `/members` or `/state` of `room`: returns whether it follows that room's history
+    /// (paged within `within_s`) for the first time in the session. Closes the open page
+    /// when it is that room's (returned in the second value).
+    pub fn room_read(&mut self, room: u32, now: u32, within_s: u32) -> (bool, bool) {
+        let room = room.max(1);
+        let Some(i) = self.entries.iter().position(|e| e.room == room) else {
+            return (false, false);
+        };
+        let finished = usize::from(self.open) == i && self.close();
+        let Some(e) = self.entries.get_mut(i) else {
+            return (false, finished);
+        };
+        if e.flags & HARVESTED != 0 || now.saturating_sub(e.last_s) > within_s {
+            return (false, finished);
+        }
+        e.flags |= HARVESTED;
+        (true, finished)
+    }
+
     /// A page of `room` (fingerprint, non-zero) with `from` (fingerprint, 0 if none), at
-    /// `now`. A room not paged for `session_s` starts a new session. Returns the depth.
-    pub fn page(&mut self, room: u32, from: u32, now: u32, session_s: u32) -> u16 {
+    /// `now`. A room not paged for `session_s` starts a new session. Closes the previous
+    /// page (see [`Paged::finished`]) and opens this one.
+    pub fn page(&mut self, room: u32, from: u32, now: u32, session_s: u32) -> Paged {
+        let finished = self.close();
+        let depth = self.deepen(room, from, now, session_s);
+        Paged { depth, finished }
+    }
+
+    fn deepen(&mut self, room: u32, from: u32, now: u32, session_s: u32) -> u16 {
         let room = room.max(1);
         let slot = match self.entries.iter().position(|e| e.room == room) {
             Some(i) => i,
@@ -51,16 +143,17 @@ impl RoomTable {
                     (0..ROOMS).min_by_key(|&i| self.entries.get(i).map_or(0, |e| e.last_s.max(1))).unwrap_or(0)
                 };
                 if let Some(e) = self.entries.get_mut(i) {
-                    *e = Entry { room, from: 0, depth: 0, first_s: now, last_s: now };
+                    *e = Entry { room, first_s: now, last_s: now, ..Entry::default() };
                 }
                 i
             }
         };
+        self.open = u8::try_from(slot).unwrap_or(NONE);
         let Some(e) = self.entries.get_mut(slot) else {
             return 0;
         };
         if now.saturating_sub(e.last_s) > session_s {
-            *e = Entry { room, from: 0, depth: 0, first_s: now, last_s: now };
+            *e = Entry { room, first_s: now, last_s: now, ..Entry::default() };
         }
         if from == 0 {
             // From the live end again: a new scroll, not a deeper one.
@@ -103,12 +196,12 @@ mod tests {
     #[test]
     fn following_new_from_tokens_deepens_a_room_and_retries_do_not() {
         let mut t = RoomTable::default();
-        assert_eq!(t.page(7, 11, 0, 600), 1);
-        assert_eq!(t.page(7, 12, 1, 600), 2);
-        assert_eq!(t.page(7, 12, 2, 600), 2, "the same from again is a retry");
-        assert_eq!(t.page(7, 13, 3, 600), 3);
-        assert_eq!(t.page(7, 0, 4, 600), 1, "back to the live end");
-        assert_eq!(t.page(7, 14, 2000, 600), 1, "a new session after a pause");
+        assert_eq!(t.page(7, 11, 0, 600).depth, 1);
+        assert_eq!(t.page(7, 12, 1, 600).depth, 2);
+        assert_eq!(t.page(7, 12, 2, 600).depth, 2, "the same from again is a retry");
+        assert_eq!(t.page(7, 13, 3, 600).depth, 3);
+        assert_eq!(t.page(7, 0, 4, 600).depth, 1, "back to the live end");
+        assert_eq!(t.page(7, 14, 2000, 600).depth, 1, "a new session after a pause");
         assert_eq!(t.max_depth_since(0), 1);
     }
 
@@ -137,7 +230,46 @@ mod tests {
             t.page(r, 1, r, 600);
         }
         assert_eq!(t.entries.len(), ROOMS);
-        assert_eq!(std::mem::size_of::<Entry>(), 20);
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
+    }
+
+    #[test]
+    fn a_room_read_to_its_start_is_finished_and_a_scrollback_is_not() {
+        let mut t = RoomTable::default();
+        // A scraper: full pages, then the short last one, then the next room.
+        t.page(1, 0, 0, 600);
+        t.page_bytes(40_000);
+        t.page(1, 5, 1, 600);
+        t.page_bytes(40_000);
+        t.page(1, 6, 2, 600);
+        t.page_bytes(9_000);
+        assert!(t.page(2, 0, 3, 600).finished, "the short last page finished room 1");
+        t.page_bytes(30_000);
+        // A single full page, then an empty one after its `from`: the start too.
+        t.page(2, 7, 4, 600);
+        t.page_bytes(400);
+        assert!(t.page(3, 9, 5, 600).finished);
+        // A reader: two full pages of a room with more history, and no more.
+        t.page_bytes(20_000);
+        t.page(3, 10, 6, 600);
+        t.page_bytes(19_000);
+        assert!(!t.page(4, 11, 7, 600).finished);
+        // Bytes never seen prove nothing.
+        assert!(!t.page(5, 12, 8, 600).finished);
+    }
+
+    #[test]
+    fn members_right_after_a_rooms_history_is_a_harvest_once() {
+        let mut t = RoomTable::default();
+        t.page(1, 0, 100, 600);
+        t.page_bytes(30_000);
+        t.page(1, 3, 101, 600);
+        t.page_bytes(2_000);
+        assert_eq!(t.room_read(1, 102, 30), (true, true), "after the room's short last page");
+        assert_eq!(t.room_read(1, 103, 30), (false, false), "once per session");
+        assert_eq!(t.room_read(9, 103, 30), (false, false), "a room never paged");
+        t.page(2, 4, 200, 600);
+        assert_eq!(t.room_read(2, 300, 30), (false, false), "long after its history");
     }
 
     #[test]
@@ -148,7 +280,7 @@ mod tests {
         }
         t.page(1, 2, 100, 600); // room 1 is now the most recent
         t.page(99, 1, 101, 600); // evicts room 2, the least recent
-        assert_eq!(t.page(1, 3, 102, 600), 3);
-        assert_eq!(t.page(2, 5, 103, 600), 1);
+        assert_eq!(t.page(1, 3, 102, 600).depth, 3);
+        assert_eq!(t.page(2, 5, 103, 600).depth, 1);
     }
 }

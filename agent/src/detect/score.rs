@@ -29,10 +29,16 @@ pub enum Reason {
     KeyBackup,
     /// Initial or full-state syncs, or an inline filter asking for a huge timeline.
     FullSync,
+    /// What a scraper must do: rooms paged without `from` and to their first event, member
+    /// lists right after history, history as most of what the token asks for.
+    ScrapePattern,
     /// A user agent or address that appeared on an established token, next to the old one.
     NewClient,
     /// Reads with no incremental `/sync` going: a script, not an interactive client.
     Headless,
+    /// A reading token's client is no known Matrix client, or its head contradicts its
+    /// user agent.
+    ClientFingerprint,
     /// 10-minute volume far above the token's own history.
     BaselineDeviation,
     /// 10-minute volume far above the host's other active tokens.
@@ -41,7 +47,7 @@ pub enum Reason {
     HardCeiling,
 }
 
-pub const REASONS: usize = 12;
+pub const REASONS: usize = 14;
 
 impl Reason {
     pub const ALL: [Reason; REASONS] = [
@@ -52,8 +58,10 @@ impl Reason {
         Reason::SearchSweep,
         Reason::KeyBackup,
         Reason::FullSync,
+        Reason::ScrapePattern,
         Reason::NewClient,
         Reason::Headless,
+        Reason::ClientFingerprint,
         Reason::BaselineDeviation,
         Reason::PopulationOutlier,
         Reason::HardCeiling,
@@ -69,8 +77,10 @@ impl Reason {
             Reason::SearchSweep => "search_sweep",
             Reason::KeyBackup => "key_backup",
             Reason::FullSync => "full_sync",
+            Reason::ScrapePattern => "scrape_pattern",
             Reason::NewClient => "new_client",
             Reason::Headless => "headless",
+            Reason::ClientFingerprint => "client_fingerprint",
             Reason::BaselineDeviation => "baseline_deviation",
             Reason::PopulationOutlier => "population_outlier",
             Reason::HardCeiling => "hard_ceiling",
@@ -152,6 +162,21 @@ impl Evidence {
         }
     }
 
+    /// Scale `group` down so that its sum is at most `cap` (the reasons keep their
+    /// proportions, and the score stays the sum of the reasons listed).
+    fn cap_group(&mut self, group: &[Reason], cap: f64) {
+        let sum: f64 = group.iter().map(|&r| self.get(r)).sum();
+        let cap = if cap.is_finite() { cap.max(0.0) } else { 0.0 };
+        if sum > cap && sum > 0.0 {
+            let k = cap / sum;
+            for &r in group {
+                if let Some(slot) = self.0.get_mut(r as usize) {
+                    *slot *= k;
+                }
+            }
+        }
+    }
+
     /// Non-zero reasons, largest first.
     pub fn reasons(&self) -> impl Iterator<Item = (Reason, f64)> + '_ {
         let mut order = Reason::ALL;
@@ -168,6 +193,9 @@ fn max_of<const N: usize>(v: [f64; N]) -> f64 {
 pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg: &DetectConfig) -> Evidence {
     let mut e = Evidence::default();
     let c = cfg;
+    // Breadth over depth: one or two rooms read, however deeply, is what a member exporting or
+    // scrolling a room does; what it weighs is capped below (see `narrow_cap`).
+    let narrow = f.rooms_10m.max(f.rooms_1h) < c.breadth_rooms;
 
     e.set(
         Reason::HistoryPaging,
@@ -202,6 +230,19 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
     e.set(Reason::KeyBackup, young + c.key_reads_10m.eval(f.key_reads_10m), 1.0);
     e.set(Reason::FullSync, c.full_sync_10m.eval(f.full_sync_10m), 1.0);
 
+    let share = if f.pages_10m >= c.share_min_pages && f.requests_10m > 0.0 {
+        c.history_share.eval(f.pages_10m / f.requests_10m)
+    } else {
+        0.0
+    };
+    let pattern = [
+        c.fromless_10m.eval(f.fromless_10m),
+        c.finished_10m.eval(f.finished_10m),
+        c.harvests_10m.eval(f.harvests_10m),
+        share,
+    ];
+    e.set(Reason::ScrapePattern, pattern.iter().map(|p| p.min(1.0) * c.pattern_weight).sum(), 1.0);
+
     let mut new_client = 0.0;
     if let Some(late) = f.late_agent {
         let mut w = c.new_agent_weight + if late.concurrent { c.concurrent_agent_weight } else { 0.0 };
@@ -217,15 +258,32 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
     e.set(Reason::NewClient, new_client, c.new_client_cap.min(0.99));
 
     if !f.live {
-        let h = c.headless_reads_1m.eval(f.reads_1m).min(1.0) * c.headless_weight;
-        e.set(Reason::Headless, h, c.headless_weight.min(0.99));
+        let h = c.headless_reads_1m.eval(f.reads_1m).max(c.headless_pages_10m.eval(f.pages_10m)).min(1.0);
+        e.set(Reason::Headless, h * c.headless_weight, c.headless_weight.min(0.99));
+    }
+
+    if f.history_1m + f.history_10m > 0.0 || f.reads_1m > 0.0 {
+        let mut fp = 0.0;
+        if f.unknown_client {
+            fp += c.unknown_client_weight;
+        }
+        if f.client_mismatch {
+            fp += c.client_mismatch_weight;
+        }
+        e.set(Reason::ClientFingerprint, fp, c.fingerprint_cap.min(0.99));
     }
 
     let pop_values = f.population();
     let mut deviation: f64 = 0.0;
     let seasoned = f.age_s >= c.baseline_min_age_s;
+    // A narrow reader's history volume is already weighed (and capped) above.
+    let counts = |j: usize| !(narrow && (j == 0 || j == POPULATION - 1));
     for (i, rate) in baseline.iter().enumerate().filter(|_| seasoned) {
-        let x = BASELINE_IN_POPULATION.get(i).and_then(|&j| pop_values.get(j)).copied().unwrap_or(0.0);
+        let j = BASELINE_IN_POPULATION.get(i).copied().unwrap_or(usize::MAX);
+        if !counts(j) {
+            continue;
+        }
+        let x = pop_values.get(j).copied().unwrap_or(0.0);
         let floor = c.baseline_floor_10m.get(i).copied().unwrap_or(0.0);
         let expected = (10.0 * f64::from(*rate)).max(floor);
         if expected > 0.0 {
@@ -235,19 +293,22 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
     e.set(Reason::BaselineDeviation, deviation * c.baseline_weight, c.baseline_weight.min(0.99));
 
     let mut outlier: f64 = 0.0;
-    for (x, scale) in pop_values.iter().zip(pop.scale) {
-        if scale > 0.0 {
+    for (j, (x, scale)) in pop_values.iter().zip(pop.scale).enumerate() {
+        if scale > 0.0 && counts(j) {
             outlier = outlier.max(c.population_ratio.eval(x / scale).min(1.0));
         }
     }
     e.set(Reason::PopulationOutlier, outlier * c.population_weight, c.population_weight.min(0.99));
 
     let over = |x: f64, ceiling: f64| x > ceiling;
-    let ceiling = over(f.pages_1m, f64::from(c.ceil_pages_1m))
-        || over(f.history_10m, f64::from(c.ceil_history_10m))
+    // History volume in one or two rooms is depth, not breadth: no ceiling of its own.
+    let history_ceiling = !narrow
+        && (over(f.pages_1m, f64::from(c.ceil_pages_1m))
+            || over(f.history_10m, f64::from(c.ceil_history_10m))
+            || over(f.depth, f64::from(c.ceil_depth)));
+    let ceiling = history_ceiling
         || over(f.rooms_10m, f64::from(c.ceil_rooms_10m))
         || over(f.rooms_1h, f64::from(c.ceil_rooms_1h))
-        || over(f.depth, f64::from(c.ceil_depth))
         || over(f.context_large_10m, f64::from(c.ceil_context_large_10m))
         || over(f.search_10m, f64::from(c.ceil_search_10m))
         || over(f.media_10m, f64::from(c.ceil_media_10m))
@@ -256,8 +317,24 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
         || over(f.full_sync_10m, f64::from(c.ceil_full_syncs_10m))
         || over(f.bytes_1h, c.ceil_bytes_1h as f64);
     e.set(Reason::HardCeiling, if ceiling { 1.0 } else { 0.0 }, 1.0);
+    if narrow {
+        e.cap_group(&[Reason::HistoryPaging, Reason::RoomsBreadth, Reason::ScrapePattern], c.narrow_reading_cap);
+        e.cap_group(&NARROW, c.narrow_cap.min(0.99));
+    }
     e
 }
+
+/// What a narrow reader's score is made of, besides evidence of another kind (media,
+/// search, `/context`, keys, full syncs, a second client, a ceiling): together below 1.
+const NARROW: [Reason; 7] = [
+    Reason::HistoryPaging,
+    Reason::RoomsBreadth,
+    Reason::ScrapePattern,
+    Reason::Headless,
+    Reason::ClientFingerprint,
+    Reason::BaselineDeviation,
+    Reason::PopulationOutlier,
+];
 
 #[cfg(test)]
 mod tests {
@@ -325,10 +402,20 @@ mod tests {
     #[test]
     fn any_hard_ceiling_alerts_alone() {
         let c = cfg();
+        // History ceilings are breadth's: a reader of three rooms or more.
+        let broad = || Features { rooms_10m: c.breadth_rooms, ..interactive() };
+        let history = [
+            Features { pages_1m: f64::from(c.ceil_pages_1m) + 1.0, ..broad() },
+            Features { history_10m: f64::from(c.ceil_history_10m) + 1.0, ..broad() },
+            Features { depth: f64::from(c.ceil_depth) + 1.0, ..broad() },
+        ];
+        for f in history {
+            assert!(score(&f).total() >= 1.0, "{f:?}");
+            let narrow = Features { rooms_10m: 1.0, rooms_1h: 1.0, ..f };
+            assert!(score(&narrow).total() < 1.0, "one room's depth alone: {narrow:?}");
+        }
         let cases = [
-            Features { pages_1m: f64::from(c.ceil_pages_1m) + 1.0, ..interactive() },
             Features { rooms_10m: f64::from(c.ceil_rooms_10m) + 1.0, ..interactive() },
-            Features { depth: f64::from(c.ceil_depth) + 1.0, ..interactive() },
             Features { context_large_10m: f64::from(c.ceil_context_large_10m) + 1.0, ..interactive() },
             Features { search_10m: f64::from(c.ceil_search_10m) + 1.0, ..interactive() },
             Features { media_bytes_10m: c.ceil_media_bytes_10m as f64 + 1.0, ..interactive() },

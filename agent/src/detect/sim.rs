@@ -466,6 +466,9 @@ pub fn seen<'a>(
         query,
         user_agent,
         forwarded_for,
+        // The simulated browsers (Element Web) send what browsers send; scripts do not.
+        browser_fetch: user_agent.is_some_and(|u| u.starts_with(b"Mozilla/")),
+        connection_close: false,
     }
 }
 

@@ -69,7 +69,16 @@ impl Tally {
             Count::MediaDownloads => &mut self.media_downloads_4,
             Count::FullSyncWeight => &mut self.full_sync_weight_16,
             Count::KeyReads => &mut self.key_reads,
-            Count::ContextLarge | Count::RoomReads | Count::MediaUploads | Count::ForeignReads => return,
+            // Not additive in a way the fleet rules use (or per-host by nature: harvests and
+            // finished rooms follow one room's paging, which one worker serves).
+            Count::ContextLarge
+            | Count::RoomReads
+            | Count::MediaUploads
+            | Count::ForeignReads
+            | Count::Requests
+            | Count::FromlessPages
+            | Count::RoomsFinished
+            | Count::Harvests => return,
         };
         *slot = slot.saturating_add(n);
     }

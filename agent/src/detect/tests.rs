@@ -130,7 +130,8 @@ fn new_tokens_start_from_a_typical_baseline_and_do_not_score_for_being_new() {
 
 #[test]
 fn a_long_lived_token_is_judged_against_its_own_past() {
-    // Three tokens read the same burst of history (150 pages of one room in 10 minutes):
+    // Three tokens read the same burst of history (150 pages of five rooms in 10 minutes: a
+    // broad read, since one room's depth is capped and kept out of the baseline):
     // one that was quiet for two hours before, one that always paged a lot, one just born.
     let room = sim::room(1);
     let quiet = Client::new(sim::label(1), "Element");
@@ -147,12 +148,17 @@ fn a_long_lived_token_is_judged_against_its_own_past() {
         }
         for i in 0..150 {
             let at = burst_at + f64::from(i) * 4.0;
-            reqs.push(c.req(at, Endpoint::Messages, "GET", Some(&room), "dir=b&limit=50".into(), 30_000));
+            let r = sim::room(i % 5);
+            reqs.push(c.req(at, Endpoint::Messages, "GET", Some(&r), "dir=b&from=t1&limit=50".into(), 30_000));
         }
     }
     let mut t = T0;
     while t < burst_at {
+        // A page from the live end now and then, among its messages.
         reqs.push(busy.req(t, Endpoint::Messages, "GET", Some(&room), "dir=b&limit=50".into(), 30_000));
+        for k in 0..3 {
+            reqs.push(busy.req(t + f64::from(k) * 10.0, Endpoint::Send, "PUT", Some(&room), String::new(), 100));
+        }
         t += 30.0;
     }
     let (d, _) = sim::run(reqs, T0, burst_at + 599.0, cfg());
@@ -249,7 +255,7 @@ fn per_token_state_is_small_for_ordinary_tokens_and_bounded_for_any() {
     eprintln!("TokenState: {size} bytes");
     // What every tracked token pays inline; the 512-byte per-token budget also covers the
     // map slot, the counting side and what hangs off the state.
-    assert!(size <= 184, "{size} bytes");
+    assert!(size <= 192, "{size} bytes");
 
     // Element users and a heavy user for 30 minutes: what they cost, sampled every 10 s.
     let end = T0 + 1800.0;
@@ -460,32 +466,9 @@ fn a_config_with_nonsense_values_does_not_panic() {
     assert!(scores.iter().all(|s| s.score.is_finite() && s.reasons.iter().all(|(_, v)| v.is_finite())), "{scores:?}");
 }
 
+/// Its cost is a benchmark figure (`pipeline_bench`, BENCH_HOT detector_tick_10k_ms).
 #[test]
-fn on_request_is_cheap() {
-    // Measured in release builds only (CI runs `cargo test --release`).
-    let mut d = Detector::new(cfg());
-    let (_, w) = population(4, T0 + 600.0);
-    let reqs: Vec<_> = w.reqs.iter().take(2000).cloned().collect();
-    let seen: Vec<_> = reqs.iter().map(|r| (r, r.seen())).collect();
-    for (r, s) in &seen {
-        d.on_request(s, r.at);
-    }
-    let rounds: u32 = 200;
-    let started = std::time::Instant::now();
-    for k in 0..rounds {
-        for (r, s) in &seen {
-            d.on_request(s, r.at + f64::from(k) * 0.001);
-        }
-    }
-    let per = started.elapsed().as_nanos() as f64 / (f64::from(rounds) * seen.len() as f64);
-    eprintln!("on_request: {per:.0} ns");
-    if !cfg!(debug_assertions) {
-        assert!(per < 1000.0, "{per:.0} ns per request");
-    }
-}
-
-#[test]
-fn a_tick_over_ten_thousand_active_tokens_is_cheap() {
+fn a_tick_over_ten_thousand_active_tokens_rescores_them_all() {
     let mut d = Detector::new(cfg());
     let room = sim::room(1);
     for i in 0..10_000u64 {
@@ -500,12 +483,220 @@ fn a_tick_over_ten_thousand_active_tokens_is_cheap() {
         let c = Client::new(sim::label(i + 1), "Element");
         sim::feed(&mut d, &c.req(T0 + 61.0, Endpoint::Send, "PUT", Some(&room), String::new(), 100));
     }
-    let started = std::time::Instant::now();
     d.tick(T0 + 70.0);
-    let took = started.elapsed();
-    eprintln!("tick over {} tokens: {took:?}", d.tracked_tokens());
-    if !cfg!(debug_assertions) {
-        // A smoke bound (about 2 µs a token alone; CI runs tests side by side).
-        assert!(took.as_millis() < 250, "{took:?}");
+    assert_eq!(d.tracked_tokens(), 10_000, "no active token is dropped by the tick");
+    // Scores above 0 are listed; ten thousand ordinary clients raise none to an alert.
+    assert!(d.scores().all(|s| s.score.is_finite() && s.score < 1.0));
+    assert_eq!(d.stats().alerting, 0);
+}
+
+// --- issue 11: breadth over depth, and what a scraper cannot drop ---------------------------
+
+/// The reason `name`'s highest contribution to `token` over a run.
+fn peak_reason(reqs: Vec<sim::Req>, end: f64, token: TokenLabel, name: &str) -> (f64, f64) {
+    let mut sorted = reqs;
+    sorted.sort_by(|a, b| a.at.total_cmp(&b.at));
+    let mut d = Detector::new(cfg());
+    let mut next = sorted.iter().peekable();
+    let (mut peak, mut score) = (0.0f64, 0.0f64);
+    let mut now = T0;
+    while now < end {
+        now += 1.0;
+        while let Some(r) = next.next_if(|r| r.at < now) {
+            sim::feed(&mut d, r);
+        }
+        d.tick(now);
+        if let Some(s) = d.scores().find(|s| s.token == token) {
+            score = score.max(s.score);
+            peak = peak.max(s.reasons.iter().find(|(r, _)| *r == name).map_or(0.0, |(_, v)| *v));
+        }
     }
+    (peak, score)
+}
+
+/// A sync loop every `every` seconds from `T0` to `end`.
+fn syncs(c: &Client, every: f64, end: f64) -> Vec<sim::Req> {
+    let mut v = Vec::new();
+    let mut t = T0;
+    while t < end {
+        v.push(c.req(t, Endpoint::Sync, "GET", None, "since=s1&timeout=30000".into(), 1_500));
+        t += every;
+    }
+    v
+}
+
+/// Pages of `room` from `t`, `gap` apart, `pages` of them, the last one short (the room's
+/// start), starting without `from` or from a sync's `prev_batch`.
+fn read_room(c: &Client, room: &str, t: f64, gap: f64, pages: u32, fromless: bool) -> Vec<sim::Req> {
+    (0..pages)
+        .map(|p| {
+            let q = if p == 0 && fromless { "dir=b&limit=50".to_owned() } else { format!("dir=b&from=t{p}x&limit=50") };
+            let bytes = if p + 1 == pages { 3_000 } else { 40_000 };
+            c.req(t + f64::from(p) * gap, Endpoint::Messages, "GET", Some(room), q, bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn scrape_pattern_fires_on_rooms_paged_fromless_to_their_start_and_not_on_scrollback() {
+    // A scraper beside a fig-leaf sync loop: eight rooms, each from its live end to its first
+    // event at Element's page size, its members after each; a sync every 30 s.
+    let s = attacker("Mozilla/5.0 (X11; Linux x86_64) Element/1.11.89");
+    let mut reqs = syncs(&s, 30.0, T0 + 300.0);
+    for r in 0..8u32 {
+        let t = T0 + 5.0 + f64::from(r) * 30.0;
+        reqs.extend(read_room(&s, &sim::room(r), t, 6.0, 4, true));
+        reqs.push(s.req(t + 25.0, Endpoint::Members, "GET", Some(&sim::room(r)), String::new(), 8_000));
+    }
+    let (pattern, score) = peak_reason(reqs, T0 + 300.0, s.token, "scrape_pattern");
+    eprintln!("scraper beside a sync loop: scrape_pattern {pattern:.2}, score {score:.2}");
+    assert!(pattern >= 0.9, "fromless, finished, harvested, all history: {pattern:.2}");
+    assert!(score >= 1.0, "{score:.2}");
+
+    // A person in Element: scrollback from the timeline in three rooms (one of them to its
+    // start), between messages, no member list.
+    let p = Client::new(sim::label(5), "Mozilla/5.0 (X11; Linux x86_64) Element/1.11.89");
+    let mut reqs = syncs(&p, 20.0, T0 + 300.0);
+    for r in 0..3u32 {
+        let t = T0 + 10.0 + f64::from(r) * 90.0;
+        reqs.extend(read_room(&p, &sim::room(r), t, 4.0, 2 + r, false));
+        for k in 0..6 {
+            reqs.push(p.req(
+                t + 20.0 + f64::from(k) * 10.0,
+                Endpoint::Send,
+                "PUT",
+                Some(&sim::room(r)),
+                String::new(),
+                90,
+            ));
+        }
+    }
+    let (pattern, score) = peak_reason(reqs, T0 + 300.0, p.token, "scrape_pattern");
+    eprintln!("Element scrollback: scrape_pattern {pattern:.2}, score {score:.2}");
+    assert_eq!(pattern, 0.0);
+}
+
+#[test]
+fn history_share_catches_a_fig_leaf_sync_loop_and_spares_a_chatty_reader() {
+    // Fifteen pages in five rooms over 5 minutes, from prev_batch (no fromless mark), full
+    // pages only (no room finished): only the share can tell.
+    let pages = |c: &Client| {
+        (0..15u32)
+            .map(|i| {
+                let q = format!("dir=b&from=t{i}&limit=50");
+                c.req(T0 + 10.0 + f64::from(i) * 20.0, Endpoint::Messages, "GET", Some(&sim::room(i % 5)), q, 40_000)
+            })
+            .collect::<Vec<_>>()
+    };
+    let fig = attacker("Element/1.6.28 (Google Pixel 8; Android 14)");
+    let mut reqs = syncs(&fig, 30.0, T0 + 330.0);
+    reqs.extend(pages(&fig));
+    let (share, _) = peak_reason(reqs, T0 + 330.0, fig.token, "scrape_pattern");
+    let chatty = Client::new(sim::label(6), "Element/1.6.28 (Google Pixel 8; Android 14)");
+    let mut reqs = syncs(&chatty, 30.0, T0 + 330.0);
+    reqs.extend(pages(&chatty));
+    for k in 0..40u32 {
+        reqs.push(chatty.req(
+            T0 + f64::from(k) * 8.0,
+            Endpoint::Send,
+            "PUT",
+            Some(&sim::room(k % 5)),
+            String::new(),
+            90,
+        ));
+    }
+    let (chatty_share, _) = peak_reason(reqs, T0 + 330.0, chatty.token, "scrape_pattern");
+    eprintln!("history share: fig leaf {share:.2}, chatty reader {chatty_share:.2}");
+    assert!(share >= 0.29, "{share:.2}");
+    assert_eq!(chatty_share, 0.0);
+}
+
+#[test]
+fn paging_for_minutes_without_any_sync_is_headless_at_any_pace() {
+    // One page every 15 s for 10 minutes (4 reads a minute: the reads ramp barely moves).
+    let slow = |c: &Client| {
+        (0..40u32)
+            .map(|i| {
+                let q = format!("dir=b&from=t{i}&limit=20");
+                c.req(T0 + 5.0 + f64::from(i) * 15.0, Endpoint::Messages, "GET", Some(&sim::room(i / 8)), q, 20_000)
+            })
+            .collect::<Vec<_>>()
+    };
+    let script = attacker("Element/1.6.28 (Android 14)");
+    let (headless, _) = peak_reason(slow(&script), T0 + 620.0, script.token, "headless");
+    let app = Client::new(sim::label(8), "Element/1.6.28 (Android 14)");
+    let mut reqs = slow(&app);
+    reqs.extend(syncs(&app, 30.0, T0 + 620.0));
+    let (live, _) = peak_reason(reqs, T0 + 620.0, app.token, "headless");
+    eprintln!("slow paging: headless {headless:.2} without a sync loop, {live:.2} with one");
+    assert!(headless >= 0.45, "{headless:.2}");
+    assert_eq!(live, 0.0);
+}
+
+#[test]
+fn client_fingerprint_marks_scripts_and_false_browsers_only_while_they_read() {
+    let read = |c: &Client| {
+        let mut v = syncs(c, 30.0, T0 + 120.0);
+        v.extend(read_room(c, &sim::room(1), T0 + 10.0, 5.0, 3, false));
+        v
+    };
+    let peak = |c: &Client, reqs: Vec<sim::Req>| peak_reason(reqs, T0 + 120.0, c.token, "client_fingerprint").0;
+    let script = attacker("python-requests/2.32.3");
+    let bot = Client::new(sim::label(11), "Draupnir/2.0.1 matrix-bot-sdk/0.7.1");
+    let web = Client::new(sim::label(12), "Mozilla/5.0 (X11; Linux x86_64) Chrome/131.0.0.0");
+    let (s, b, w) = (peak(&script, read(&script)), peak(&bot, read(&bot)), peak(&web, read(&web)));
+    // sim::seen gives a browser's headers to every `Mozilla/` agent; a script claiming one:
+    let fake = attacker("Mozilla/5.0 (X11; Linux x86_64) Chrome/131.0.0.0");
+    let mut d = Detector::new(cfg());
+    for r in read(&fake) {
+        let mut seen = r.seen();
+        seen.browser_fetch = false;
+        d.on_request(&seen, r.at);
+        d.on_response_bytes(r.token, r.endpoint, r.bytes, r.at + 0.05);
+    }
+    d.tick(T0 + 30.0);
+    let f = d
+        .scores()
+        .find(|x| x.token == fake.token)
+        .map_or(0.0, |x| x.reasons.iter().find(|(r, _)| *r == "client_fingerprint").map_or(0.0, |(_, v)| *v));
+    let idle = attacker("curl/8.11.1");
+    let only_syncs = peak(&idle, syncs(&idle, 30.0, T0 + 120.0));
+    eprintln!(
+        "client_fingerprint: script {s:.2}, bot {b:.2}, browser {w:.2}, fake browser {f:.2}, idle script {only_syncs:.2}"
+    );
+    assert!(s > 0.1 && f > s, "script {s:.2}, fake browser {f:.2}");
+    assert_eq!((b, w, only_syncs), (0.0, 0.0, 0.0));
+}
+
+#[test]
+fn a_deep_read_of_one_room_is_explained_below_one_and_the_same_depth_across_rooms_alerts() {
+    // Element's "Export chat": the member's own syncing session pages one room of 20,000
+    // events to its start, 1,000 a page, as fast as the server answers, twice in 10 minutes.
+    let me = Client::new(sim::label(21), "Mozilla/5.0 (X11; Linux x86_64) Element/1.11.89");
+    let mut reqs = syncs(&me, 25.0, T0 + 900.0);
+    for run in 0..2u32 {
+        let t = T0 + 30.0 + f64::from(run) * 300.0;
+        for p in 0..20u32 {
+            let q = if p == 0 { "dir=b&limit=1000".to_owned() } else { format!("dir=b&from=t{run}_{p}&limit=1000") };
+            let bytes = if p == 19 { 30_000 } else { 800_000 };
+            reqs.push(me.req(t + f64::from(p) * 1.5, Endpoint::Messages, "GET", Some(&sim::room(1)), q, bytes));
+        }
+    }
+    let (paging, export) = peak_reason(reqs.clone(), T0 + 900.0, me.token, "history_paging");
+    eprintln!("one-room export: peak {export:.2} (history_paging {paging:.2})");
+    assert!(export < 1.0 && paging > 0.3, "visible, explained, not an alert: {export:.2}");
+    // The same reading spread over three rooms is a scrape.
+    let wide: Vec<sim::Req> = reqs
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            if r.endpoint == Endpoint::Messages {
+                r.room = Some(sim::room(1 + (i as u32 / 7) % 3));
+            }
+            r
+        })
+        .collect();
+    let (_, broad) = peak_reason(wide, T0 + 900.0, me.token, "history_paging");
+    eprintln!("the same depth over three rooms: peak {broad:.2}");
+    assert!(broad >= 1.0, "{broad:.2}");
 }

@@ -45,9 +45,17 @@ pub enum Count {
     FullSyncWeight,
     /// Reads by a client (user agent) that appeared late on the token and does not sync.
     ForeignReads,
+    /// Requests other than syncs: the denominator of the history share.
+    Requests,
+    /// History pages with no `from`: paging that no sync's timeline started.
+    FromlessPages,
+    /// Rooms paged to their first event (an empty or short last page).
+    RoomsFinished,
+    /// `/members` or `/state` of a room right after paging its history.
+    Harvests,
 }
 
-pub const COUNTS: usize = 11;
+pub const COUNTS: usize = 15;
 
 /// Byte counters, one `u32` per bucket each (two cells: low and high halves).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,7 +103,7 @@ impl Ring {
     /// Whether this ring keeps `slot`: only what a feature (or the baseline, which reads
     /// the 10-minute ring's minutes) reads at this span. The hour only feeds `history_1h`
     /// and `ceil_bytes_1h`; the minute never reads bytes, key-backup reads, full syncs,
-    /// foreign reads or large `/context`s.
+    /// foreign reads, large `/context`s, requests or the reading pattern's counts.
     fn keeps(self, slot: Slot) -> bool {
         match (self, slot) {
             (Ring::M10, _) => true,
@@ -136,6 +144,10 @@ impl Slot {
         Count::KeyReads,
         Count::FullSyncWeight,
         Count::ForeignReads,
+        Count::Requests,
+        Count::FromlessPages,
+        Count::RoomsFinished,
+        Count::Harvests,
     ];
 
     fn code(self) -> u16 {

@@ -45,10 +45,8 @@ pub const EVENT_TLS_CLOSE: u32 = 6;
 /// the parent's. The agent attaches the parent's probes to the child.
 pub const EVENT_FORK: u32 = 7;
 
-/// `EventHeader::flags` bits.
-/// The capture holds fewer bytes than the receive moved (capture limit, or the data went to a
-/// second iovec): the agent must not look for a request head in the part it did not see.
-pub const FLAG_CAPTURE_PARTIAL: u32 = 1;
+/// `EventHeader::flags` bits. (Bit 0 once said "the capture holds fewer bytes than the receive
+/// moved": `captured < bytes` says the same, and the agent reads that; the bit is left unused.)
 /// No buffer was known for this receive (an entry point vigie does not hook, such as io_uring
 /// or recvmmsg, or an evicted pending-read entry): bytes are exact, content is missing.
 pub const FLAG_NO_BUFFER: u32 = 2;
@@ -70,6 +68,34 @@ pub const COUNTER_COUNT: u32 = 5;
 /// `offsetof(struct sock_common, skc_num)`, the socket's local port, on every kernel since 2.6.
 /// The agent checks it against the kernel's BTF when there is one (`KernelLayout::skc_num`).
 pub const SKC_NUM_OFFSET: u64 = 14;
+
+/// Offsets of the fields the socket programs read in `sock:*` tracepoint records (unchanged
+/// since those tracepoints appeared). The agent checks each against the kernel's tracefs
+/// format file before it uses a source that attaches them (`loader::sock_field_mismatches`),
+/// and `vigie check` reports the result.
+pub const SOCK_LENGTH_SK: usize = 8;
+pub const SOCK_LENGTH_FAMILY: usize = 16;
+pub const SOCK_LENGTH_PROTOCOL: usize = 18;
+pub const SOCK_LENGTH_RET: usize = 20;
+pub const SOCK_LENGTH_FLAGS: usize = 24;
+pub const SET_STATE_SKADDR: usize = 8;
+pub const SET_STATE_NEWSTATE: usize = 20;
+
+/// (tracepoint in the `sock` category, field, offset) for every field above.
+pub const SOCK_TRACEPOINT_FIELDS: [(&str, &str, usize); 12] = [
+    ("sock_recv_length", "sk", SOCK_LENGTH_SK),
+    ("sock_recv_length", "family", SOCK_LENGTH_FAMILY),
+    ("sock_recv_length", "protocol", SOCK_LENGTH_PROTOCOL),
+    ("sock_recv_length", "ret", SOCK_LENGTH_RET),
+    ("sock_recv_length", "flags", SOCK_LENGTH_FLAGS),
+    ("sock_send_length", "sk", SOCK_LENGTH_SK),
+    ("sock_send_length", "family", SOCK_LENGTH_FAMILY),
+    ("sock_send_length", "protocol", SOCK_LENGTH_PROTOCOL),
+    ("sock_send_length", "ret", SOCK_LENGTH_RET),
+    ("sock_send_length", "flags", SOCK_LENGTH_FLAGS),
+    ("inet_sock_set_state", "skaddr", SET_STATE_SKADDR),
+    ("inet_sock_set_state", "newstate", SET_STATE_NEWSTATE),
+];
 
 /// What the programs need to know about this kernel's layouts, read by the agent from tracefs
 /// format files and BTF, and written once into the `LAYOUT` map before anything is attached.

@@ -162,7 +162,6 @@ fn capture_and_emit(header: &EventHeader, base: u64, want: u64) {
     let mut want = want;
     if want > MAX_CAPTURE as u64 {
         want = MAX_CAPTURE as u64;
-        record.header.flags |= FLAG_CAPTURE_PARTIAL;
     }
     // Re-derive a bound the verifier can follow through the helper call.
     let len = (want as u32) & (2 * MAX_CAPTURE as u32 - 1);
@@ -175,7 +174,6 @@ fn capture_and_emit(header: &EventHeader, base: u64, want: u64) {
     };
     if rc != 0 {
         bump(COUNTER_CAPTURE_FAILED);
-        record.header.flags |= FLAG_CAPTURE_PARTIAL;
         emit_header(&record.header);
         return;
     }

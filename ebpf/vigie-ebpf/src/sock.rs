@@ -25,7 +25,8 @@ const MSG_PEEK: i32 = 2;
 const TCP_CLOSE: i32 = 7;
 
 /// The fields `sock_send_length` and `sock_recv_length` share
-/// (events/sock/sock_{send,recv}_length/format).
+/// (events/sock/sock_{send,recv}_length/format; the agent checks the offsets, see
+/// `vigie_common::SOCK_TRACEPOINT_FIELDS`).
 struct SockLength {
     sk: u64,
     ret: i32,
@@ -34,11 +35,11 @@ struct SockLength {
 
 #[inline(always)]
 fn read_sock_length(ctx: &TracePointContext) -> Option<SockLength> {
-    let sk: u64 = unsafe { ctx.read_at(8) }.ok()?;
-    let family: u16 = unsafe { ctx.read_at(16) }.ok()?;
-    let protocol: u16 = unsafe { ctx.read_at(18) }.ok()?;
-    let ret: i32 = unsafe { ctx.read_at(20) }.ok()?;
-    let flags: i32 = unsafe { ctx.read_at(24) }.ok()?;
+    let sk: u64 = unsafe { ctx.read_at(SOCK_LENGTH_SK) }.ok()?;
+    let family: u16 = unsafe { ctx.read_at(SOCK_LENGTH_FAMILY) }.ok()?;
+    let protocol: u16 = unsafe { ctx.read_at(SOCK_LENGTH_PROTOCOL) }.ok()?;
+    let ret: i32 = unsafe { ctx.read_at(SOCK_LENGTH_RET) }.ok()?;
+    let flags: i32 = unsafe { ctx.read_at(SOCK_LENGTH_FLAGS) }.ok()?;
     if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) || ret <= 0 {
         return None;
     }
@@ -162,7 +163,6 @@ pub fn on_recv(sk: u64, bytes: u64, from_exit: Option<PendingRead>) {
     if buf_len < want {
         // The rest went to later iovecs, which are not copied.
         want = buf_len;
-        header.flags |= FLAG_CAPTURE_PARTIAL;
     }
     capture_and_emit(&header, base, want);
 }
@@ -180,11 +180,11 @@ pub fn vigie_sock_recv(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn vigie_sock_state(ctx: TracePointContext) -> u32 {
-    let Ok(newstate) = (unsafe { ctx.read_at::<i32>(20) }) else { return 0 };
+    let Ok(newstate) = (unsafe { ctx.read_at::<i32>(SET_STATE_NEWSTATE) }) else { return 0 };
     if newstate != TCP_CLOSE {
         return 0;
     }
-    let Ok(sk) = (unsafe { ctx.read_at::<u64>(8) }) else { return 0 };
+    let Ok(sk) = (unsafe { ctx.read_at::<u64>(SET_STATE_SKADDR) }) else { return 0 };
     let Some(conn) = (unsafe { CONNS.get(&sk) }).copied() else { return 0 };
     let _ = CONNS.remove(&sk);
     let mut header = new_header(EVENT_CLOSE, sk, conn.start_ns, conn.port, 0);

@@ -1,0 +1,249 @@
+"""Detection judged on drawn traffic (issue 11): randomized scrapes and legitimate heavy readers.
+
+One Synapse and one world for the whole module (harness/world.py with a big room of 1,500
+messages, a moderation bot and a bridge account in every room), one agent, the Element-like
+population of test_detection.py throughout. Then, concurrently (vigie scores per token):
+
+- `VIGIE_DRAWS` drawn scrapes (default 8; harness/draws.py says what is drawn and from which
+  ranges), at most `VIGIE_DRAWS_CONCURRENCY` (default: all) at a time, each on a fresh login of
+  the hijacked account, each running until its token reaches 1.0 or 300 s after its first
+  request;
+- the four legitimate heavy readers of harness/draws.py (one-room export, moderation bot,
+  key-backup restore, bridge), from the start to the end.
+
+Asserted: every draw with pace <= 3 s reaches 1.0 within 60 s of its first request, every
+draw with pace <= 10 s within 300 s; no legitimate reader and no population token ever
+reaches 1.0; every actor did its work. Printed (and left in draws_report.txt, and in
+`VIGIE_DRAWS_REPORT` when set): each draw's parameters, time to detect and reasons; the
+distribution of times to detect (median, 90th percentile, worst); each reader's and each
+population token's peak score and reasons.
+
+Environment: `VIGIE_DRAWS_SEED` (default `VIGIE_TEST_SEED`, else 1) seeds the world and the
+draws; `cargo xtask detect --draws N [--seed S]` runs this file with many draws.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness.draws import READERS, Draw, DrawnScrape, Reader, draw
+from harness.matrix import Recorder
+from harness.monitor import ALERT, ScoreMonitor
+from harness.population import Population
+from harness.synapse import Synapse
+from harness.util import HarnessError
+from harness.world import World, build_world
+
+DRAW_MAX_S = 300.0
+SEED = int(os.environ.get("VIGIE_DRAWS_SEED") or os.environ.get("VIGIE_TEST_SEED") or "1")
+DRAWS = int(os.environ.get("VIGIE_DRAWS", "8"))
+# By default every draw at once: one wave of at most 300 s keeps the CI run bounded.
+CONCURRENCY = int(os.environ.get("VIGIE_DRAWS_CONCURRENCY") or DRAWS)
+WARMUP_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def draws_world(tmp_path_factory) -> World:
+    workdir = tmp_path_factory.mktemp("synapse-draws")
+    try:
+        fast = tempfile.mkdtemp(prefix="vigie-draws-db-", dir="/dev/shm")
+    except OSError:
+        fast = None
+    db = Path(fast or workdir) / "homeserver.db"
+    server = Synapse(workdir, extra_config={"database": {"name": "sqlite3", "args": {"database": str(db)}}})
+    try:
+        try:
+            server.start(timeout=60)
+        except HarnessError as e:
+            pytest.fail(f"Synapse failed to start: {e}", pytrace=False)
+        w = build_world(server, seed=SEED, extras=("modbot", "bridge"), big_room=1500)
+        yield w
+    finally:
+        server.stop()
+        if fast:
+            shutil.rmtree(fast, ignore_errors=True)
+
+
+@dataclass
+class DrawRun:
+    params: Draw
+    attack: DrawnScrape
+    label: str = ""
+    ttd: float | None = None
+    max_score: float = 0.0
+    reasons: dict | None = None
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))
+    return xs[k]
+
+
+def _fmt_reasons(r: dict | None) -> str:
+    return ", ".join(f"{k}={v:.2f}" for k, v in sorted((r or {}).items(), key=lambda kv: -kv[1])) or "-"
+
+
+def run_draws(world: World, vigie, seed: int, n: int, concurrency: int, log=print):
+    rec = Recorder()
+    monitor = ScoreMonitor(vigie, interval=1.0)
+    pop = Population(world, seed, rec)
+    readers: list[Reader] = [cls(world, rec, seed) for cls in READERS]
+    reader_labels = {}
+    for r in readers:
+        tok = r.prepare()
+        reader_labels[r.name] = vigie.labels([tok])[tok]
+    pop_labels = vigie.labels([a.token for a in world.accounts])
+    monitor.start()
+    pop.start()
+    t0 = time.monotonic()
+    reader_stop = threading.Event()
+    reader_threads = [threading.Thread(target=r.run, args=(reader_stop,), daemon=True, name=r.name) for r in readers]
+    for t in reader_threads:
+        t.start()
+    runs: list[DrawRun] = []
+    lock = threading.Lock()
+    todo: queue.Queue = queue.Queue()
+    for i in range(n):
+        todo.put(i)
+    pop.stop.wait(WARMUP_S)
+
+    def worker(k: int) -> None:
+        # Stagger the first draws so that they do not all log in within the same second.
+        time.sleep(3.0 * k)
+        while True:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            p = draw(seed, i)
+            a = DrawnScrape(world, rec, seed, address=f"203.0.113.{10 + i % 240}", params=p)
+            tok = a.prepare()
+            run = DrawRun(p, a, vigie.labels([tok])[tok])
+            with lock:
+                runs.append(run)
+            detected = monitor.watch(run.label, since=time.monotonic())
+            th = threading.Thread(target=a.run, args=(detected, DRAW_MAX_S), daemon=True, name=a.name)
+            th.start()
+            th.join(DRAW_MAX_S + 60)
+            if a.t_first is not None:
+                detected.wait(max(0.0, a.t_first + DRAW_MAX_S - time.monotonic()))
+                s = monitor.first_at_or_above(run.label, since=a.t_first)
+                if s is not None:
+                    run.ttd = s.t1 - a.t_first
+                    run.reasons = s.reasons.get(run.label)
+                run.max_score, at = monitor.max_score(run.label, since=a.t_first)
+                if run.reasons is None and at is not None:
+                    run.reasons = at.reasons.get(run.label)
+            log(f"{a.name}: {p.describe()} -> "
+                + (f"score >= 1 after {run.ttd:5.1f} s" if run.ttd is not None else f"not detected (max {run.max_score:.2f})")
+                + f"; {a.outcome}; {a.stats.pages} pages, {a.stats.events} events, {len(a.stats.rooms)} rooms, "
+                f"{a.syncs} syncs; {_fmt_reasons(run.reasons)}")
+
+    workers = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    # The readers run at least 4 minutes, so that the export and the restore are well behind them.
+    pop.stop.wait(max(3.0, t0 + 240.0 - time.monotonic()))
+    reader_stop.set()
+    for t in reader_threads:
+        t.join(60)
+    alive = pop.stop_all()
+    monitor.scrape_now()
+    monitor.stop()
+    return runs, readers, reader_labels, pop, pop_labels, monitor, alive, time.monotonic() - t0
+
+
+def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[str, list[str]]:
+    lines = [f"==== drawn scrapes, seed {SEED}: {len(runs)} draws ===="]
+    problems: list[str] = []
+    for run in sorted(runs, key=lambda r: r.params.index):
+        ttd = f"{run.ttd:6.1f}" if run.ttd is not None else " never"
+        lines.append(f"{run.attack.name} {run.params.describe()} ttd {ttd} s (target {run.params.target_s:.0f}) "
+                     f"max {run.max_score:5.2f}  {_fmt_reasons(run.reasons)}")
+        if run.ttd is None or run.ttd > run.params.target_s:
+            problems.append(f"{run.attack.name} ({run.params.describe()}): "
+                            + (f"flagged after {run.ttd:.1f} s" if run.ttd is not None else "never flagged")
+                            + f", target {run.params.target_s:.0f} s (max {run.max_score:.2f})")
+        st = run.attack.stats
+        if run.attack.failure:
+            problems.append(f"{run.attack.name}: script failed: {run.attack.failure.strip().splitlines()[-1]}")
+        if st.pages < 1 or st.events < 1:
+            problems.append(f"{run.attack.name}: /messages returned no events ({st.pages} pages)")
+        bad = {k: v for k, v in st.statuses.items() if k != 200}
+        if bad:
+            problems.append(f"{run.attack.name}: non-200 answers {bad}: {st.errors[:2]}")
+        if run.params.sync_loop and run.attack.syncs < 1:
+            problems.append(f"{run.attack.name}: its sync loop never synced ({run.attack.sync_failure})")
+    for band, lo, hi in (("pace <= 3 s", 0.0, 3.0), ("pace 3-10 s", 3.0, 10.0), ("all", 0.0, 10.0)):
+        sel = [r for r in runs if lo <= r.params.pace <= hi] if band != "all" else runs
+        if not sel:
+            continue
+        ttds = [r.ttd if r.ttd is not None else float("inf") for r in sel]
+        missed = sum(1 for r in sel if r.ttd is None)
+        lines.append(f"time to detect, {band}: {len(sel)} draws, median {_pct(ttds, 0.5):.1f} s, "
+                     f"p90 {_pct(ttds, 0.9):.1f} s, worst {max(ttds):.1f} s"
+                     + (f" ({missed} never flagged within {DRAW_MAX_S:.0f} s)" if missed else ""))
+    lines.append("")
+    lines.append("legitimate heavy readers (peak score, reasons at the peak):")
+    for r in readers:
+        label = reader_labels[r.name]
+        best, at = monitor.max_score(label)
+        lines.append(f"  {r.name:20} {label} peak {best:5.2f}  {_fmt_reasons(at.reasons.get(label) if at else None)}"
+                     f"  [{r.stats.summary()}]")
+        if best >= ALERT:
+            problems.append(f"legitimate reader {r.name} ({label}) reached {best:.2f}: "
+                            f"{_fmt_reasons(at.reasons.get(label) if at else None)}")
+        problems += r.problems()
+    lines.append("population (peak score, reasons at the peak):")
+    worst = {}
+    for a in world.accounts:
+        label = pop_labels[a.token]
+        best, at = monitor.max_score(label)
+        worst[a.label] = best
+        if best > 0:
+            lines.append(f"  {a.label:16} {label} peak {best:5.2f}  "
+                         f"{_fmt_reasons(at.reasons.get(label) if at else None)}")
+        if best >= ALERT:
+            problems.append(f"population token {a.label} ({label}) reached {best:.2f}")
+    lines.append(f"  worst population peak {max(worst.values(), default=0):.2f} over {len(worst)} tokens")
+    return "\n".join(lines), problems
+
+
+@pytest.mark.timeout(3600)
+def test_drawn_scrapes_are_flagged_and_heavy_readers_never_are(draws_world, vigie_factory, tmp_path):
+    vigie = vigie_factory(draws_world.synapse.port)
+    t = time.monotonic()
+    runs, readers, reader_labels, pop, pop_labels, monitor, alive, took = run_draws(
+        draws_world, vigie, SEED, DRAWS, CONCURRENCY)
+    text, problems = report(runs, readers, reader_labels, pop_labels, draws_world, monitor)
+    text += f"\nrun took {time.monotonic() - t:.0f} s ({took:.0f} s of traffic); world built in " \
+            f"{draws_world.build_seconds:.0f} s"
+    print(text)
+    (tmp_path / "draws_report.txt").write_text(text + "\n")
+    if os.environ.get("VIGIE_DRAWS_REPORT"):
+        Path(os.environ["VIGIE_DRAWS_REPORT"]).write_text(text + "\n")
+    vigie.assert_running()
+    if len(runs) != DRAWS:
+        problems.append(f"{len(runs)} draws ran of {DRAWS}")
+    if alive:
+        problems.append(f"population loops still running: {alive}")
+    problems += [f"population: {f}" for f in pop.failures[:5]]
+    if monitor.errors:
+        problems.append(f"{len(monitor.errors)} scrapes failed: {monitor.errors[:2]}")
+    if problems:
+        pytest.fail(f"{len(problems)} problems:\n  " + "\n  ".join(problems) + f"\n\n{text}", pytrace=False)

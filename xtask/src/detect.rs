@@ -1,0 +1,62 @@
+//! `cargo xtask detect --draws N [--seed S] [--concurrency C]`: many drawn scrapes and the
+//! legitimate heavy readers against one real Synapse (tests/test_detection_draws.py), with the
+//! distribution of times to detect and every reader's peak score printed at the end (and left
+//! in target/detect/draws-seed{S}.txt). CI runs the same file with its default of 8 draws.
+
+use anyhow::{Context, Result, bail};
+use std::process::Command;
+
+use crate::{build_release, root, setup, sh, step};
+
+pub fn run(args: &[String]) -> Result<()> {
+    let mut draws: u32 = 20;
+    let mut seed: Option<u64> = None;
+    let mut concurrency: u32 = 7;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value")).cloned();
+        match a.as_str() {
+            "--draws" => {
+                let v = value("--draws")?;
+                draws = v.parse().with_context(|| format!("--draws {v:?} is not a number"))?;
+            }
+            "--seed" => {
+                let v = value("--seed")?;
+                seed = Some(v.parse().with_context(|| format!("--seed {v:?} is not a number"))?);
+            }
+            "--concurrency" => {
+                let v = value("--concurrency")?;
+                concurrency = v.parse().with_context(|| format!("--concurrency {v:?} is not a number"))?;
+            }
+            other => {
+                bail!("unknown option {other:?}; usage: cargo xtask detect [--draws N] [--seed S] [--concurrency C]")
+            }
+        }
+    }
+    if draws == 0 || concurrency == 0 {
+        bail!("--draws and --concurrency must be at least 1");
+    }
+    setup()?;
+    let bin = build_release()?;
+    let seed = seed.unwrap_or(1);
+    let out = root().join("target/detect");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let report = out.join(format!("draws-seed{seed}.txt"));
+    step(&format!(
+        "Detection draws: {draws} drawn scrapes ({concurrency} at a time) and the heavy readers, seed {seed} \
+         (tests/test_detection_draws.py; needs root for BPF)"
+    ));
+    let result = sh(Command::new(root().join("tests/.venv/bin/python"))
+        .current_dir(root())
+        .args(["-m", "pytest", "tests/test_detection_draws.py", "-q", "-s", "-p", "no:cacheprovider"])
+        .env("VIGIE_BIN", bin)
+        .env("VIGIE_DRAWS", draws.to_string())
+        .env("VIGIE_DRAWS_SEED", seed.to_string())
+        .env("VIGIE_DRAWS_CONCURRENCY", concurrency.to_string())
+        .env("VIGIE_DRAWS_REPORT", &report));
+    match std::fs::read_to_string(&report) {
+        Ok(text) => eprintln!("\n{text}\n(report in {})", report.display()),
+        Err(e) => eprintln!("no report at {}: {e}", report.display()),
+    }
+    result
+}
