@@ -17,6 +17,7 @@ Needs root (dpkg --root, unshare, mount), as the rest of the suite does.
 
 from __future__ import annotations
 
+import base64
 import configparser
 import copy
 import importlib.util
@@ -74,6 +75,7 @@ CONTRACT_METRICS = {
     "vigie_exported_tokens",
     "vigie_probes_attached",
     "vigie_build_info",
+    "vigie_key_info",
 }
 # The per-token features that add up across hosts (agent/src/detect/tally.rs), which the
 # fleet rules sum.
@@ -194,6 +196,24 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     root = verify_root(tmp_path / "broken", broken)
     proc = run([analyze, "verify", f"--root={root}", "--man=no", "vigie.service"])
     assert "ProtectControlGroup" in proc.stderr
+
+
+def test_systemd_fleet_key_drop_in_verifies(tmp_path):
+    """deploy/systemd/fleet-key.conf, the fleet's key handed over as a credential, on top of the
+    unit: systemd-analyze verify sees no warning, and the path it documents is the credential's."""
+    analyze = need("systemd-analyze", "systemd")
+    drop_in = DEPLOY / "systemd" / "fleet-key.conf"
+    root = verify_root(tmp_path, UNIT.read_text())
+    d = root / "etc" / "systemd" / "system" / "vigie.service.d"
+    d.mkdir(parents=True)
+    shutil.copy(drop_in, d / "fleet-key.conf")
+    proc = ok(run([analyze, "verify", f"--root={root}", "--man=no", "vigie.service"]), "systemd-analyze verify")
+    assert proc.stderr.strip() == "", f"systemd-analyze verify warned:\n{proc.stderr}"
+    directives = unit_directives(drop_in)["Service"]
+    assert directives == {"LoadCredential": ["key:/etc/vigie/key"]}
+    # The key_file the drop-in's comment tells vigie.toml to use: $CREDENTIALS_DIRECTORY/key.
+    assert 'key_file = "/run/credentials/vigie.service/key"' in drop_in.read_text()
+    assert "-m 0600 -o root -g root" in drop_in.read_text()
 
 
 def test_systemd_unit_privileges_and_sandbox(tmp_path):
@@ -559,7 +579,13 @@ def daemonset_checks(ds: dict, sys_admin: bool):
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     host = {path: volumes[m["name"]].get("hostPath", {}).get("path") for path, m in mounts.items()}
-    assert host["/var/lib/vigie"] == "/var/lib/vigie" and not mounts["/var/lib/vigie"].get("readOnly")
+    # The fleet's key: the Secret vigie-key at the key path of the ConfigMap, read-only, mode 0400
+    # (the agent refuses a key others may read); no writable volume at all.
+    key = volumes[mounts["/var/lib/vigie"]["name"]]
+    assert key["secret"]["secretName"] == "vigie-key" and not key["secret"].get("optional")
+    assert key["secret"]["defaultMode"] == 0o400 and key["secret"]["items"] == [{"key": "key", "path": "key"}]
+    assert mounts["/var/lib/vigie"]["readOnly"]
+    assert all(m.get("readOnly") for m in c["volumeMounts"]), "a writable volume"
     assert host["/sys/kernel/tracing"] == "/sys/kernel/tracing" and mounts["/sys/kernel/tracing"]["readOnly"]
     assert host["/sys/kernel/btf"] == "/sys/kernel/btf" and mounts["/sys/kernel/btf"]["readOnly"]
     assert volumes[mounts["/etc/vigie"]["name"]]["configMap"]["name"] == "vigie-config"
@@ -583,7 +609,9 @@ def test_kustomize_build_renders_valid_manifests(tmp_path):
     by_kind = {d["kind"]: d for d in base}
     ds = by_kind["DaemonSet"]
     daemonset_checks(ds, sys_admin=False)
-    assert not ds["spec"]["template"]["spec"]["containers"][0]["image"].startswith("vigie"), "images: not applied"
+    # The image `cargo xtask image` builds, at the workspace's version.
+    version = tomllib.loads((REPO_ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
+    assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == f"localhost/vigie:{version}"
 
     # The Service selects the pods and exposes the named port.
     svc = by_kind["Service"]
@@ -596,6 +624,9 @@ def test_kustomize_build_renders_valid_manifests(tmp_path):
     default = tomllib.loads(DEFAULT_CONFIG.read_text())
     assert set(config) <= set(default), set(config) - set(default)
     assert config["key_file"] == "/var/lib/vigie/key"
+    (key_mount,) = [m for m in ds["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+                    if m["name"] == "key"]
+    assert f"{key_mount['mountPath']}/key" == config["key_file"]
 
     # An overlay outside the base with both optional components.
     overlay = tmp_path / "overlay"
@@ -627,6 +658,26 @@ def test_kustomize_build_renders_valid_manifests(tmp_path):
     assert svc["metadata"]["labels"][sm["spec"]["jobLabel"]] == "vigie"
 
 
+def test_the_documented_key_secret_command_makes_a_32_byte_key(tmp_path):
+    """docs/fleet.md's command, run as written (client-side dry run): a Secret vigie-key in the
+    namespace the base uses, holding 32 random bytes under the item the DaemonSet mounts."""
+    kubectl = need("kubectl", "kubectl")
+    (command,) = [line.strip() for line in (REPO_ROOT / "docs" / "fleet.md").read_text().splitlines()
+                  if line.strip().startswith("kubectl -n vigie create secret generic vigie-key")]
+    keys = []
+    for _ in range(2):
+        proc = ok(run(["bash", "-c", f"{command} --dry-run=client -o yaml"], env={**os.environ, "PATH": (
+            f"{Path(kubectl).parent}:{os.environ['PATH']}")}), "the documented kubectl create secret")
+        (secret,) = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "vigie-key"
+        assert secret["metadata"]["namespace"] == "vigie"
+        keys.append(base64.b64decode(secret["data"]["key"]))
+        path = tmp_path / "secret.yaml"
+        path.write_text(proc.stdout)
+        assert_validated(kubernetes_validate([path]), ["secret/vigie-key"])
+    assert [len(k) for k in keys] == [32, 32] and keys[0] != keys[1], "not 32 fresh random bytes"
+
+
 # --- Prometheus ----------------------------------------------------------------------------
 
 
@@ -635,7 +686,7 @@ def promtool() -> str:
 
 
 ALERTS = ["VigieTokenAnomaly", "VigieBulkHistoryPaging", "VigieMediaSpree", "VigieEventsLost",
-          "VigieAgentDown", "VigieNoProbes"]
+          "VigieAgentDown", "VigieNoProbes", "VigieKeyMismatch"]
 
 
 def test_promtool_check_rules():
@@ -652,6 +703,8 @@ def test_promtool_check_rules():
     assert 'absent(up{job="vigie"})' in alerts["VigieAgentDown"]["expr"]
     assert "increase(vigie_events_lost_total[5m]) > 0" in alerts["VigieEventsLost"]["expr"]
     assert "vigie_probes_attached == 0" in alerts["VigieNoProbes"]["expr"]
+    assert "count by (job) (count by (job, fingerprint) (vigie_key_info)) > 1" in alerts["VigieKeyMismatch"]["expr"]
+    assert alerts["VigieKeyMismatch"].get("for"), "a key rollout makes hosts disagree for a while"
     for alert in alerts.values():
         assert alert["labels"]["severity"] in ("critical", "warning")
         assert alert["annotations"]["summary"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,6 +59,36 @@ def test_check_fails_without_the_capabilities_bpf_needs():
     assert r.returncode != 0
     assert any(l.startswith("[FAIL] capabilities") and "CAP_BPF" in l for l in r.stdout.splitlines()), r.stdout
     assert "vigie cannot run on this host" in r.stdout
+
+
+def test_check_prints_the_key_fingerprint_the_agent_exports(vigie, tmp_path):
+    """Hosts of a fleet compare keys by fingerprint: `vigie check` prints the one the running
+    agent exports as vigie_key_info, from the key file of --key-file or of the config."""
+    (series,) = vigie.scrape().series("vigie_key_info")
+    labels, value = series
+    assert value == 1 and re.fullmatch(r"[0-9a-f]{16}", labels["fingerprint"]), series
+    config = tmp_path / "vigie.toml"
+    config.write_text(f'server_ports = [1]\nkey_file = "{vigie.key_file}"\n')
+    for args in (["--key-file", str(vigie.key_file), "--server-port", "1"], ["--config", str(config)]):
+        r = run_vigie("check", "--no-trial", *args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        (line,) = [l for l in r.stdout.splitlines() if l.startswith("[") and l[7:].startswith("key:")]
+        assert line.startswith(f"[ok  ] key: {vigie.key_file}: fingerprint {labels['fingerprint']} "), line
+    # Neither the key nor anything that would let one compute a label is printed.
+    key = vigie.key_file.read_bytes()
+    assert key.hex() not in r.stdout and key.hex()[:16] not in r.stdout
+
+    # No key yet: said so, and none is made (the agent makes it); a key the agent would refuse fails.
+    missing = tmp_path / "none" / "key"
+    r = run_vigie("check", "--no-trial", "--server-port", "1", "--key-file", str(missing))
+    assert r.returncode == 0, r.stdout
+    assert f"[warn] key: no key file at {missing} yet" in r.stdout and not missing.exists()
+    loose = tmp_path / "loose-key"
+    loose.write_bytes(os.urandom(32))
+    loose.chmod(0o640)
+    r = run_vigie("check", "--no-trial", "--server-port", "1", "--key-file", str(loose))
+    assert r.returncode != 0
+    assert re.search(rf"^\[FAIL\] key: key file {re.escape(str(loose))} is readable .*chmod 600", r.stdout, re.M), r.stdout
 
 
 def test_run_refuses_garbage_config_with_a_clear_error(tmp_path):

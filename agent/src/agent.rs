@@ -115,7 +115,7 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     {
         let mut st = lock(&state);
         st.health.probes_attached = probes.attached;
-        st.health.capture_source = probes.source.name();
+        st.health.capture_source = if probes.floor { "floor" } else { probes.source.name() };
     }
     // Before the first record: a bad [respond] (admin token file readable by others...)
     // refuses the start.
@@ -146,9 +146,13 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
     // totals are read from the kernel's map.
     let mut poll_tick = tokio::time::interval(Duration::from_millis(SENT_POLL_MS));
     poll_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The kernel does not wake us per record (see vigie_common::WAKEUP_BACKLOG): drain on a timer.
+    // While records flow fast the kernel does not wake us per record (see
+    // vigie_common::WAKEUP_BACKLOG): we are awake and drain on a timer. A drain that finds
+    // nothing puts us to sleep; asleep, a record wakes us (the kernel's map starts at asleep).
     let mut drain_tick = tokio::time::interval(Duration::from_millis(vigie_common::DRAIN_INTERVAL_MS));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut awake = false;
+    let mut last_wake = std::time::Instant::now();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -158,12 +162,27 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
             guard = ring.readable_mut() => {
                 // Woken early: the kernel saw a backlog.
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                drain(guard.get_inner_mut(), &state);
                 guard.clear_ready();
+                let n = drain(guard.get_inner_mut(), &state);
+                // A few records a second are cheapest woken one by one; once they come faster
+                // than the drain timer would read them, the timer is cheaper than the wakeups.
+                let now = std::time::Instant::now();
+                let busy = n > 1 || now.duration_since(last_wake) < Duration::from_millis(vigie_common::DRAIN_INTERVAL_MS);
+                last_wake = now;
+                if !awake && busy {
+                    set_awake(&mut probes, true);
+                    awake = true;
+                    drain_tick.reset();
+                }
                 attach_forks(&mut probes, &state);
             }
-            _ = drain_tick.tick() => {
-                drain(ring.get_mut(), &state);
+            _ = drain_tick.tick(), if awake => {
+                if drain(ring.get_mut(), &state) == 0 {
+                    set_awake(&mut probes, false);
+                    awake = false;
+                    // Records queued before the kernel saw the change woke nobody: read them.
+                    drain(ring.get_mut(), &state);
+                }
                 attach_forks(&mut probes, &state);
                 if let Some(r) = &mut respond {
                     r.forward(&mut lock(&state));
@@ -178,6 +197,9 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                 lock(&state).apply_polled(&totals, monotonic_ns());
             }
             _ = tick.tick() => {
+                // A record queued without a wakeup in the instant we went to sleep waits at
+                // most until here (or the send-total poll, whichever comes first).
+                drain(ring.get_mut(), &state);
                 let kernel = probes.counters();
                 let mut st = lock(&state);
                 st.health.kernel = kernel;
@@ -276,11 +298,21 @@ fn add_server_processes(probes: &mut loader::Probes, ports: &[u16]) {
     }
 }
 
-/// Account every record waiting in the ring buffer.
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, state: &Mutex<State>) {
+/// Account every record waiting in the ring buffer; returns how many there were.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, state: &Mutex<State>) -> usize {
     let mut st = lock(state);
+    let mut n = 0;
     while let Some(record) = ring.next() {
         st.handle_record(&record);
+        n += 1;
+    }
+    n
+}
+
+/// A failure here only costs wakeups (asleep: one per record; awake: none but the timer's).
+fn set_awake(probes: &mut loader::Probes, awake: bool) {
+    if let Err(e) = probes.set_awake(awake) {
+        tracing::warn!(error = %format!("{e:#}"), "could not tell the kernel whether the agent is awake");
     }
 }
 

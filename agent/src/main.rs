@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use zeroize::Zeroizing;
 
 use vigie::capture::{loader, preflight};
-use vigie::config::{FileConfig, Overrides};
+use vigie::config::{DEFAULT_KEY_FILE, FileConfig, Overrides};
 use vigie::token::TokenKey;
 
 #[derive(Parser)]
@@ -45,6 +45,10 @@ enum Command {
         server_ports: Vec<u16>,
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// The key file whose fingerprint to show (never created here); also read from
+        /// --config [default: /var/lib/vigie/key].
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
         /// Only inspect; do not load and attach the programs for a trial.
         #[arg(long)]
         no_trial: bool,
@@ -116,8 +120,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run { config, flags } => vigie::agent::run(config, flags),
         Command::TokenHash { key_file } => token_hash(&key_file),
-        Command::Check { server_ports, config, no_trial, capture_source } => {
-            check(server_ports, config, !no_trial, &capture_source)
+        Command::Check { server_ports, config, key_file, no_trial, capture_source } => {
+            check(server_ports, config, key_file, !no_trial, &capture_source)
         }
         Command::Respond { label, lock, socket, config } => respond(&label, lock, socket, config),
         Command::Resolve { key_file, sqlite, postgres, all, labels } => {
@@ -135,14 +139,20 @@ fn fail(e: anyhow::Error) -> std::process::ExitCode {
     std::process::ExitCode::FAILURE
 }
 
-fn check(mut ports: Vec<u16>, config: Option<PathBuf>, trial: bool, source: &str) -> Result<()> {
+fn check(
+    mut ports: Vec<u16>,
+    config: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    trial: bool,
+    source: &str,
+) -> Result<()> {
     let choice: loader::SourceChoice = source.parse()?;
-    if ports.is_empty()
-        && let Some(path) = config
-    {
-        ports = FileConfig::load(&path)?.server_ports.unwrap_or_default();
+    let file = config.map(|path| FileConfig::load(&path)).transpose()?.unwrap_or_default();
+    if ports.is_empty() {
+        ports = file.server_ports.unwrap_or_default();
     }
-    let report = preflight::check(&ports, trial, choice);
+    let key_file = key_file.or(file.key_file).unwrap_or_else(|| DEFAULT_KEY_FILE.into());
+    let report = preflight::check(&ports, &key_file, trial, choice);
     print!("{}", report.render());
     if report.can_run() { Ok(()) } else { anyhow::bail!("preflight failed") }
 }

@@ -155,6 +155,8 @@ pub enum Read {
     Value(fn(&State) -> u64),
     /// One value per value of the label named here.
     By(&'static str, fn(&State) -> Vec<(&'static str, u64)>),
+    /// An info metric: always 1, its one label's value borrowed from the state.
+    Info(&'static str, fn(&State) -> &str),
 }
 
 /// One of the agent's own metrics (not per token): its name (without the `_total` the
@@ -362,6 +364,12 @@ pub const AGENT_METRICS: &[AgentMetric] = &[
         "Where byte counts come from (always 1): source=\"sock\" (sock:sock_{recv,send}_length, Linux 6.3+) or \"syscalls\" (the fallback)",
         By("source", |s| vec![(s.health.capture_source, 1)]),
     ),
+    metric(
+        "vigie_key_info",
+        Gauge,
+        "Fingerprint of the token-hash key, which reveals nothing of it (always 1): every host of a fleet must show the same one (docs/fleet.md)",
+        Read::Info("fingerprint", |s| &s.health.key_fingerprint),
+    ),
 ];
 
 fn http2(state: &State, what: &str) -> Vec<(&'static str, u64)> {
@@ -376,6 +384,7 @@ fn encode_agent_metric(enc: &mut DescriptorEncoder<'_>, metric: &AgentMetric, st
     };
     match &metric.read {
         Read::Value(read) => sample(&mut m, read(state)),
+        Read::Info(label, read) => sample(&mut m.encode_family(&[(*label, read(state))])?, 1),
         Read::By(label, read) => {
             for (value_label, value) in read(state) {
                 sample(&mut m.encode_family(&[(*label, value_label)])?, value)?;

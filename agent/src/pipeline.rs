@@ -54,6 +54,8 @@ pub struct Health {
     /// kept out of every token's counts.
     pub own_requests: u64,
     pub own_response_bytes: u64,
+    /// `TokenKey::fingerprint` of the key labels are made with.
+    pub key_fingerprint: String,
 }
 
 pub struct State {
@@ -149,6 +151,7 @@ impl State {
         detect: DetectConfig,
         detect_vantage: Vantage,
     ) -> Self {
+        let key_fingerprint = key.fingerprint().to_string();
         State {
             tracker: Tracker::new(key, max_connections),
             aggregator: Aggregator::new(limits),
@@ -157,6 +160,7 @@ impl State {
             health: Health {
                 // Known reasons start at zero, so that dashboards and rules see the series.
                 parse_failures: ParseFailure::all().map(|f| (f.reason(), 0)).collect(),
+                key_fingerprint,
                 ..Health::default()
             },
             connection_idle_ns: connection_idle_s.saturating_mul(1_000_000_000),

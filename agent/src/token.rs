@@ -19,6 +19,30 @@ use crate::http::{RequestHead, percent_decode, query_pairs};
 
 const KEY_LEN: usize = 32;
 
+/// BLAKE3 `derive_key` context of [`TokenKey::fingerprint`]: globally unique, fixed forever
+/// (a new string would give every fleet new fingerprints).
+const FINGERPRINT_CONTEXT: &str = "vigie 2026-12-01 token key fingerprint v1";
+
+/// 16 lowercase hex characters naming a key without revealing it (see [`TokenKey::fingerprint`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct KeyFingerprint([u8; 8]);
+
+impl fmt::Display for KeyFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// The fingerprint of the key file at `path` without creating one: `None` when there is no
+/// file yet; an error when the agent would refuse it (mode, size, not a file).
+pub fn fingerprint_of_file(path: &Path) -> anyhow::Result<Option<KeyFingerprint>> {
+    match load(path) {
+        Ok(key) => Ok(Some(key.fingerprint())),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// 32-byte secret key. Zeroized on drop. Debug prints "TokenKey(..)" only.
 pub struct TokenKey([u8; KEY_LEN]);
 
@@ -46,6 +70,23 @@ impl TokenKey {
 
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
         TokenKey(bytes)
+    }
+
+    /// The key's public name, exported as `vigie_key_info{fingerprint}` and printed by `vigie
+    /// check`: hosts of one fleet must show the same one, or their token labels differ.
+    ///
+    /// It is BLAKE3 in key-derivation mode (`derive_key`) with a context string of its own,
+    /// not the keyed hash that makes labels. BLAKE3 separates the two modes by domain flags
+    /// fed into every compression, so no token, chosen or guessed, hashes under the key to
+    /// anything related to the fingerprint, and knowing it computes no label: that needs the
+    /// key itself. Getting the key back means inverting BLAKE3 or searching 2^256 keys; the
+    /// 64 bits shown tell at most 64 bits about the key, and only confirm a key already held.
+    /// Two fleet keys share a fingerprint with probability 2^-64.
+    pub fn fingerprint(&self) -> KeyFingerprint {
+        let derived = Zeroizing::new(blake3::derive_key(FINGERPRINT_CONTEXT, &self.0));
+        let mut fp = [0u8; 8];
+        fp.copy_from_slice(&derived[..8]);
+        KeyFingerprint(fp)
     }
 
     /// BLAKE3 keyed hash of the raw token; the label is its first 8 bytes.
@@ -386,6 +427,41 @@ mod tests {
         }
         let random = TokenKey::from_bytes([9; 32]).label(b"t").to_string();
         assert!(random.len() == 16 && random.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    }
+
+    #[test]
+    fn the_fingerprint_is_stable_per_key_and_is_no_label() {
+        let key = TokenKey::from_bytes([7u8; KEY_LEN]);
+        let fp = key.fingerprint().to_string();
+        assert_eq!(fp.len(), 16);
+        assert!(fp.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{fp}");
+        // Fixed for a given key forever: fleets compare it across versions.
+        assert_eq!(fp, hex(&blake3::derive_key(FINGERPRINT_CONTEXT, &[7u8; KEY_LEN])[..8]));
+        assert_eq!(TokenKey::from_bytes([7u8; KEY_LEN]).fingerprint(), key.fingerprint());
+        assert_ne!(TokenKey::from_bytes([8u8; KEY_LEN]).fingerprint(), key.fingerprint());
+        // Not the keyed hash of anything obvious: the empty token, the context, the key.
+        for input in [&b""[..], FINGERPRINT_CONTEXT.as_bytes(), &[7u8; KEY_LEN]] {
+            assert_ne!(key.label(input).to_string(), fp);
+        }
+        assert!(!format!("{:?}", key.fingerprint()).contains("0707"));
+    }
+
+    #[test]
+    fn fingerprint_of_file_reads_without_creating() {
+        let dir = tmp_dir("fingerprint");
+        let path = dir.join("key");
+        assert_eq!(fingerprint_of_file(&path).unwrap(), None);
+        assert!(!path.exists(), "checking a key must not create one");
+        let key = TokenKey::load_or_create(&path).unwrap();
+        assert_eq!(fingerprint_of_file(&path).unwrap(), Some(key.fingerprint()));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = fingerprint_of_file(&path).unwrap_err();
+        assert!(format!("{err:#}").contains("chmod 600"), "{err:#}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //!   `vigie check` and a capture smoke test in each (see kernels.rs, docs/kernels.md).
 //! - `cargo xtask fuzz [--seconds N] [TARGET...]`: run the cargo-fuzz targets (see fuzz.rs).
 //! - `cargo xtask soak [--minutes N]`: the soak against a real Synapse (see soak.rs).
+//! - `cargo xtask image [--bin PATH]`: the container image of the DaemonSet, with buildah (see
+//!   image.rs); `--bin` packs an already built release binary.
 //! - `cargo xtask detect [--draws N] [--seed S]`: many drawn scrapes and the legitimate heavy
 //!   readers against a real Synapse, with the distribution of times to detect (see detect.rs).
 //!
@@ -17,6 +19,7 @@
 mod bench;
 mod detect;
 mod fuzz;
+mod image;
 mod kernels;
 mod soak;
 
@@ -43,6 +46,12 @@ const APT_PACKAGES: &[&str] = &[
     // The kernel matrix (`cargo xtask kernels`): qemu, and busybox for the guest's /init.
     "qemu-system-x86",
     "busybox-static",
+    // The container image (`cargo xtask image`): buildah builds it, objcopy strips the binary's
+    // debug info; the image test runs it with podman, on runc (crun 1.8 refuses hybrid cgroups).
+    "buildah",
+    "binutils",
+    "podman",
+    "runc",
 ];
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -62,9 +71,10 @@ fn main() -> ExitCode {
         Some("fuzz") => setup().and_then(|()| fuzz::run(&args[1..])),
         Some("soak") => soak::run(&args[1..]),
         Some("detect") => detect::run(&args[1..]),
+        Some("image") => image::run(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N] | detect [--draws N] [--seed S]"
+                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N] | detect [--draws N] [--seed S] | image [--bin PATH]"
             );
             return ExitCode::from(2);
         }

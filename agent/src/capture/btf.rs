@@ -195,6 +195,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<vigie_common::KernelLayout> {
         socket_sk: btf.offset_of("socket", "sk")?,
         skc_family: btf.offset_of("sock_common", "skc_family")?,
         skc_num: btf.offset_of("sock_common", "skc_num")?,
+        sk_socket: btf.offset_of("sock", "sk_socket")?,
+        socket_file: btf.offset_of("socket", "file")?,
         ..Default::default()
     })
 }

@@ -24,7 +24,9 @@ pub const TRACEFS: &str = "/sys/kernel/tracing";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CaptureSource {
     /// `sock:sock_{recv,send}_length` (Linux 6.3+): every socket call whatever the syscall,
-    /// sendfile and splice included; the socket is given.
+    /// sendfile and splice included; the socket is given, and a receive's buffer is read from
+    /// the receiving task's saved registers. No `syscalls:*` tracepoint, so no other task on
+    /// the host pays anything.
     Sock,
     /// `syscalls:sys_exit_*` of the receive and send calls, for older kernels: the socket is
     /// found from the file descriptor with BTF offsets; only the hooked syscalls are seen.
@@ -95,14 +97,14 @@ const fn sys(program: &'static str, name: &'static str, purpose: &'static str) -
 /// Every attachment vigie can make. Those of the chosen source, and the `Always` ones, are all
 /// required: without any of them some requests or bytes would go uncounted.
 pub const ATTACHMENTS: &[Attachment] = &[
-    always("vigie_enter_read", "syscalls", "sys_enter_read", "request heads received with read()"),
-    always("vigie_enter_recvfrom", "syscalls", "sys_enter_recvfrom", "request heads received with recv()/recvfrom()"),
-    always("vigie_enter_readv", "syscalls", "sys_enter_readv", "request heads received with readv()"),
-    always("vigie_enter_recvmsg", "syscalls", "sys_enter_recvmsg", "request heads received with recvmsg()"),
     always("vigie_sock_state", "sock", "inet_sock_set_state", "connection close"),
     always("vigie_fork", "sched", "sched_process_fork", "a server's new worker processes"),
     sock("vigie_sock_recv", "sock", "sock_recv_length", "every receive on a watched socket (Linux 6.3+)"),
     sock("vigie_sock_send", "sock", "sock_send_length", "every response byte sent on a watched socket (Linux 6.3+)"),
+    sys("vigie_enter_read", "sys_enter_read", "request heads received with read()"),
+    sys("vigie_enter_recvfrom", "sys_enter_recvfrom", "request heads received with recv()/recvfrom()"),
+    sys("vigie_enter_readv", "sys_enter_readv", "request heads received with readv()"),
+    sys("vigie_enter_recvmsg", "sys_enter_recvmsg", "request heads received with recvmsg()"),
     sys("vigie_exit_recv", "sys_exit_read", "bytes received with read()"),
     sys("vigie_exit_recv", "sys_exit_recvfrom", "bytes received with recv()/recvfrom()"),
     sys("vigie_exit_recv", "sys_exit_readv", "bytes received with readv()"),
@@ -140,6 +142,24 @@ const SSL_ENTRY_PROGRAMS: &[(&str, &str)] = &[
     ("vigie_ssl_free", "SSL_free"),
 ];
 const SSL_RETURN_PROGRAM: &str = "vigie_ssl_return";
+
+/// The bench's floor (`cargo xtask bench`, `VIGIE_BENCH_FLOOR=1`): programs that return at once
+/// take the place of every program at the same attachment points, so the bench can tell the
+/// cost of the hooks themselves from vigie's work. Nothing is counted in this mode. With
+/// `VIGIE_BENCH_FLOOR=entry` the uprobes go on function entries only (no return probes), which
+/// tells an entry trap's cost from a return's.
+pub const FLOOR_ENV: &str = "VIGIE_BENCH_FLOOR";
+const FLOOR_TRACEPOINT: &str = "vigie_floor_tp";
+const FLOOR_UPROBE: &str = "vigie_floor_up";
+const FLOOR_URETPROBE: &str = "vigie_floor_uret";
+
+fn floor_mode() -> bool {
+    std::env::var_os(FLOOR_ENV).is_some_and(|v| v == "1" || v == "entry")
+}
+
+fn floor_entries_only() -> bool {
+    std::env::var_os(FLOOR_ENV).is_some_and(|v| v == "entry")
+}
 
 /// The compiled kernel programs, embedded so the agent is one binary.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vigie"));
@@ -188,9 +208,10 @@ pub fn source_unavailable(source: CaptureSource) -> Option<String> {
     if !moved.is_empty() {
         return Some(format!("its sock:* records differ from what the programs read: {}", moved.join("; ")));
     }
-    if source == CaptureSource::Syscalls
-        && let Err(e) =
-            super::btf::Btf::from_file(Path::new(super::btf::VMLINUX)).and_then(|b| super::btf::kernel_offsets(&b))
+    // Both sources check a file descriptor against its socket (the socket source, that the
+    // registers it reads belong to a receive on that socket) with offsets from BTF.
+    if let Err(e) =
+        super::btf::Btf::from_file(Path::new(super::btf::VMLINUX)).and_then(|b| super::btf::kernel_offsets(&b))
     {
         return Some(format!("it needs the kernel's BTF to find a file descriptor's socket: {e:#}"));
     }
@@ -219,17 +240,7 @@ pub fn choose_source(choice: SourceChoice) -> Result<(CaptureSource, Option<Stri
 
 /// This kernel's layouts for the kernel programs.
 fn kernel_layout(source: CaptureSource) -> Result<vigie_common::KernelLayout> {
-    let mut layout = match super::btf::Btf::from_file(Path::new(super::btf::VMLINUX)) {
-        Ok(btf) => super::btf::kernel_offsets(&btf)?,
-        // The socket source needs no struct offsets but skc_num, whose value has not moved
-        // since 2.6.
-        Err(_) if source == CaptureSource::Sock => vigie_common::KernelLayout {
-            skc_num: vigie_common::SKC_NUM_OFFSET as u32,
-            skc_family: 16,
-            ..Default::default()
-        },
-        Err(e) => return Err(e),
-    };
+    let mut layout = super::btf::kernel_offsets(&super::btf::Btf::from_file(Path::new(super::btf::VMLINUX))?)?;
     layout.fork_child_pid = tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
     layout.syscall_source = u32::from(source == CaptureSource::Syscalls);
     Ok(layout)
@@ -277,8 +288,11 @@ pub struct Probes {
     events: Option<RingBuf<MapData>>,
     pub counters: PerCpuArray<MapData, u64>,
     conns: HashMap<MapData, u64, vigie_common::ConnInfo>,
+    awake: Array<MapData, u32>,
     pub attached: usize,
     pub source: CaptureSource,
+    /// The bench's floor: every attachment runs a program that does nothing.
+    pub floor: bool,
     /// Uprobes attached for one server process each (discovery).
     tls_process_links: Vec<ProcessLinks>,
 }
@@ -310,10 +324,15 @@ impl Probes {
         Ok(())
     }
 
-    /// Tell the kernel which processes serve `ports` now (their receives are remembered). The
-    /// kernel adds their forks and any process it sees receiving on a watched socket itself;
-    /// this scan catches servers that were running before vigie and after a port change.
+    /// Syscall source: tell the kernel which processes serve `ports` now (their receives are
+    /// remembered). The kernel adds their forks itself; this scan catches servers that were
+    /// running before vigie and after a port change.
     pub fn add_server_processes(&mut self, ports: &[u16]) -> Result<usize> {
+        // Only the syscall source filters by process; the /proc walk is not free (every
+        // process's descriptors), so the socket source does not pay it every 10 s.
+        if self.source == CaptureSource::Sock {
+            return Ok(0);
+        }
         let pids = super::listeners::server_pids(ports);
         let mut servers: HashMap<_, u32, u8> =
             HashMap::try_from(self.ebpf.map_mut("SERVER_TGIDS").context("map SERVER_TGIDS missing")?)?;
@@ -360,7 +379,13 @@ impl Probes {
             None => UProbeScope::AllProcesses,
         };
         let mut links = Vec::new();
+        let floor = self.floor;
         let mut attach = |ebpf: &mut Ebpf, program: &'static str, function: &str, offset: u64| -> Result<()> {
+            let program = match (floor, program) {
+                (false, p) => p,
+                (true, SSL_RETURN_PROGRAM) => FLOOR_URETPROBE,
+                (true, _) => FLOOR_UPROBE,
+            };
             let probe: &mut UProbe = ebpf.program_mut(program).context("uprobe program missing")?.try_into()?;
             let link =
                 probe.attach(UProbeAttachLocation::AbsoluteOffset(offset), &canonical, scope()).with_context(|| {
@@ -377,7 +402,7 @@ impl Probes {
         for (program, function) in SSL_ENTRY_PROGRAMS {
             let Some(offset) = symbols.get(function) else { continue };
             result = attach(&mut self.ebpf, program, function, offset);
-            if result.is_ok() && *function != "SSL_free" {
+            if result.is_ok() && *function != "SSL_free" && !(floor && floor_entries_only()) {
                 result = attach(&mut self.ebpf, SSL_RETURN_PROGRAM, function, offset);
             }
             if result.is_err() {
@@ -465,6 +490,12 @@ impl Probes {
             .collect()
     }
 
+    /// Tell the kernel whether the agent drains the ring on its timer (awake: no wakeups but
+    /// for a backlog) or sleeps until the next record wakes it.
+    pub fn set_awake(&mut self, awake: bool) -> Result<()> {
+        self.awake.set(0, u32::from(awake), 0).context("writing AGENT_AWAKE")
+    }
+
     /// Kernel-side counters (`vigie_common::COUNTER_*`), summed over CPUs.
     pub fn counters(&self) -> [u64; COUNTER_COUNT as usize] {
         let mut out = [0u64; COUNTER_COUNT as usize];
@@ -502,25 +533,35 @@ pub fn load(ports: &[u16], choice: SourceChoice) -> Result<Probes> {
         layout_map.set(0, layout, 0).context("writing the kernel layout into LAYOUT")?;
     }
 
+    let floor = floor_mode();
+    if floor {
+        tracing::warn!(
+            env = FLOOR_ENV,
+            "bench floor: programs that do nothing are attached in place of vigie's; nothing will be counted"
+        );
+    }
     let mut attached = 0;
     let mut loaded: Vec<&str> = Vec::new();
     for a in ATTACHMENTS.iter().filter(|a| a.used_by(source)) {
+        let name = if floor { FLOOR_TRACEPOINT } else { a.program };
         let program: &mut TracePoint = ebpf
-            .program_mut(a.program)
-            .with_context(|| format!("program {} missing from the eBPF object", a.program))?
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?
             .try_into()
-            .with_context(|| format!("program {} is not a tracepoint program", a.program))?;
-        if !loaded.contains(&a.program) {
-            program.load().with_context(|| format!("loading program {} for {}:{}", a.program, a.category, a.name))?;
-            loaded.push(a.program);
+            .with_context(|| format!("program {name} is not a tracepoint program"))?;
+        if !loaded.contains(&name) {
+            program.load().with_context(|| format!("loading program {name} for {}:{}", a.category, a.name))?;
+            loaded.push(name);
         }
         program
             .attach(a.category, a.name)
-            .with_context(|| format!("attaching program {} to {}:{}", a.program, a.category, a.name))?;
+            .with_context(|| format!("attaching program {name} to {}:{}", a.category, a.name))?;
         attached += 1;
     }
 
-    for program in SSL_ENTRY_PROGRAMS.iter().map(|(p, _)| *p).chain([SSL_RETURN_PROGRAM]) {
+    let uprobes: &[&str] = if floor { &[FLOOR_UPROBE, FLOOR_URETPROBE] } else { &[] };
+    let real = SSL_ENTRY_PROGRAMS.iter().map(|(p, _)| *p).chain([SSL_RETURN_PROGRAM]);
+    for program in uprobes.iter().copied().chain(real.filter(|_| !floor)) {
         let probe: &mut UProbe = ebpf
             .program_mut(program)
             .with_context(|| format!("program {program} missing from the eBPF object"))?
@@ -532,14 +573,17 @@ pub fn load(ports: &[u16], choice: SourceChoice) -> Result<Probes> {
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS missing")?)?;
     let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS missing")?)?;
     let conns = HashMap::try_from(ebpf.take_map("CONNS").context("map CONNS missing")?)?;
+    let awake = Array::try_from(ebpf.take_map("AGENT_AWAKE").context("map AGENT_AWAKE missing")?)?;
     let mut probes = Probes {
         ebpf,
         tls_targets: Vec::new(),
         events: Some(events),
         counters,
         conns,
+        awake,
         attached,
         source,
+        floor,
         tls_process_links: Vec::new(),
     };
     probes.add_server_processes(ports)?;

@@ -77,7 +77,7 @@ fn effective_caps() -> Option<u64> {
 
 /// Probe the host. `ports` are the configured server ports; `trial` loads and attaches the
 /// programs for real (needs privileges), which is the only proof that vigie can run.
-pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
+pub fn check(ports: &[u16], key_file: &Path, trial: bool, choice: SourceChoice) -> Report {
     let mut r = Report::default();
 
     match kernel_version() {
@@ -112,7 +112,9 @@ pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
         Err(e) => r.push(
             Status::Warn,
             "BTF",
-            format!("{e:#}: the socket capture source does not need it, the syscall source does"),
+            format!(
+                "{e:#}: both capture sources need it (a receive's descriptor is checked against its socket with struct offsets from BTF)"
+            ),
         ),
     }
 
@@ -238,6 +240,27 @@ pub fn check(ports: &[u16], trial: bool, choice: SourceChoice) -> Report {
                 "nothing listens on it yet (vigie will count it once something does)",
             );
         }
+    }
+
+    match crate::token::fingerprint_of_file(key_file) {
+        Ok(Some(fp)) => r.push(
+            Status::Ok,
+            "key",
+            format!(
+                "{}: fingerprint {fp} (vigie_key_info; every host of a fleet must show the same)",
+                key_file.display()
+            ),
+        ),
+        Ok(None) => r.push(
+            Status::Warn,
+            "key",
+            format!(
+                "no key file at {} yet: the agent creates one at its first start, which suits a single host; \
+                 hosts of a fleet share one key (docs/fleet.md)",
+                key_file.display()
+            ),
+        ),
+        Err(e) => r.push(Status::Fail, "key", format!("{e:#}: the agent would refuse to start")),
     }
 
     if trial {

@@ -181,9 +181,9 @@ impl TokenState {
         if v.is_finite() && v > 0.0 { v.min(f64::from(u32::MAX)) as u32 } else { 0 }
     }
 
-    /// Account one request. `known_agent` says whether its user agent is a known client; it
-    /// is asked only for a client the token has not used before.
-    /// Returns what it added to the additive features.
+    /// Account one request; returns what it added to the additive features. `known_agent`
+    /// says whether its user agent is a known client; it is asked only for a client the
+    /// token has not used before.
     pub fn record(&mut self, s: &Shape, now: u32, cfg: &DetectConfig, known_agent: impl FnOnce() -> bool) -> Tally {
         let mut tally = Tally::default();
         let tally = &mut tally;
@@ -299,10 +299,11 @@ impl TokenState {
             self.bump(tally, Count::FromlessPages, 1);
         }
         if let Some(room) = s.room {
-            if !self.rooms.in_session(fold(room), now, ROOM_SESSION_S) {
+            let fp = fold(room);
+            if !self.rooms.in_session(fp, now, ROOM_SESSION_S) {
                 tally.rooms_paged += 1;
             }
-            if self.rooms.page(fold(room), s.from, now, ROOM_SESSION_S).finished {
+            if self.rooms.page(fp, s.from, now, ROOM_SESSION_S).finished {
                 self.bump(tally, Count::RoomsFinished, 1);
             }
         }

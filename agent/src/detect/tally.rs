@@ -69,8 +69,6 @@ impl Tally {
             Count::MediaDownloads => &mut self.media_downloads_4,
             Count::FullSyncWeight => &mut self.full_sync_weight_16,
             Count::KeyReads => &mut self.key_reads,
-            // Not additive in a way the fleet rules use (or per-host by nature: harvests and
-            // finished rooms follow one room's paging, which one worker serves).
             Count::ContextLarge
             | Count::RoomReads
             | Count::MediaUploads

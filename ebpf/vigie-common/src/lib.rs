@@ -14,10 +14,15 @@ pub const MAX_CAPTURE: usize = 16384;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const RING_BYTES: u32 = 16 * 1024 * 1024;
 
-/// The kernel wakes the agent only past this many waiting bytes; otherwise the agent drains
-/// the ring every `DRAIN_INTERVAL_MS`. Both bound the delay of a record.
+/// While the agent is awake (traffic flowing), the kernel wakes it only past this many waiting
+/// bytes; otherwise the agent drains the ring every `DRAIN_INTERVAL_MS`. Both bound the delay
+/// of a record. A drain that finds nothing puts the agent to sleep until the next record.
 pub const WAKEUP_BACKLOG: u64 = 1024 * 1024;
-pub const DRAIN_INTERVAL_MS: u64 = 5;
+/// 50 ms: a wakeup of the agent costs tens of microseconds on a busy VM (measured 70 µs at
+/// 80 records/s), so at a few hundred records a second, wakeups and not records were most of
+/// its CPU; a record waits at most this long, far below the detector's 1 s tick, and a burst
+/// past `WAKEUP_BACKLOG` still wakes the agent at once.
+pub const DRAIN_INTERVAL_MS: u64 = 50;
 
 /// Bounds of the kernel maps. Each map says in `ebpf/vigie-ebpf/src/main.rs` what happens when
 /// it is full.
@@ -47,8 +52,9 @@ pub const EVENT_FORK: u32 = 7;
 
 /// `EventHeader::flags` bits. (Bit 0 once said "the capture holds fewer bytes than the receive
 /// moved": `captured < bytes` says the same, and the agent reads that; the bit is left unused.)
-/// No buffer was known for this receive (an entry point vigie does not hook, such as io_uring
-/// or recvmmsg, or an evicted pending-read entry): bytes are exact, content is missing.
+/// No buffer was known for this receive (a syscall vigie does not read buffers from, such as
+/// io_uring_enter, recvmmsg or a 32-bit compat call; a descriptor that is not the socket; or,
+/// with the syscall source, an evicted pending-read entry): bytes are exact, content is missing.
 pub const FLAG_NO_BUFFER: u32 = 2;
 /// TLS records: `sock_hint` is a socket the thread used *during* the SSL call (the library
 /// does its own socket I/O, as nginx's does): certain. Without it, `sock_hint` is the socket
@@ -123,9 +129,12 @@ pub struct KernelLayout {
     /// `struct sock_common.skc_family` and `skc_num`.
     pub skc_family: u32,
     pub skc_num: u32,
-    /// 1 when the syscall capture source is in use: `sys_enter_*` then also remember the calls
-    /// of TLS processes, whose sockets tie an `SSL*` to its connection.
+    /// 1 when the syscall capture source is in use.
     pub syscall_source: u32,
+    /// `struct sock.sk_socket` and `struct socket.file`: the socket source checks that the
+    /// descriptor in the receiving syscall's registers is the socket the receive is on.
+    pub sk_socket: u32,
+    pub socket_file: u32,
 }
 
 /// One record in the ring buffer. `RECV` records are followed by `captured` bytes of payload.

@@ -3,10 +3,12 @@
 //! They record facts about connections: which connection, how many bytes each socket call or
 //! SSL call moved, and the first bytes of what was received. They decide nothing about HTTP,
 //! tokens or Matrix; the agent does all of that. One module per program type:
-//! - [`syscalls`]: `syscalls:sys_enter_*`, where a thread's receive will land; and, on kernels
-//!   without `sock:sock_{recv,send}_length` (before 6.3), `sys_exit_*` as the byte source;
-//! - [`sock`]: `sock:*`, exact byte counts on watched sockets and their close;
+//! - [`sock`]: `sock:*`, exact byte counts on watched sockets and their close; the receive's
+//!   buffer comes from the receiving task's saved registers (Linux 6.3+, no syscall hook);
+//! - [`syscalls`]: on kernels without `sock:sock_{recv,send}_length` (before 6.3),
+//!   `sys_enter_*`/`sys_exit_*` of the receive and send calls as the byte source;
 //! - [`process`]: `sched:sched_process_fork`, so a server's new workers are known at once;
+//! - [`floor`]: programs that do nothing, for the bench's floor (cost of the hooks alone);
 //! - [`tls`]: uprobes on OpenSSL's `SSL_read`/`SSL_write` (and `_ex`, `SSL_free`): plaintext.
 //!
 //! Only tracepoints and uprobes: this design must not need kprobes or fentry.
@@ -19,6 +21,7 @@
 // verifier already knows, so the kernel code keeps `&key` rather than follow this lint.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod floor;
 mod process;
 mod sock;
 mod syscalls;
@@ -45,7 +48,7 @@ static WATCHED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_WATCHED_P
 #[map]
 static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
-/// Where each thread's current receive lands. LRU: a thread that exits leaves its entry to be
+/// Syscall source only: where each thread's current receive lands. LRU: a thread that exits leaves its entry to be
 /// evicted; the next `sys_enter_*` of the same thread overwrites it.
 #[map]
 static PENDING_READS: LruHashMap<u64, PendingRead> = LruHashMap::with_max_entries(MAX_PENDING_READS, 0);
@@ -55,10 +58,10 @@ static PENDING_READS: LruHashMap<u64, PendingRead> = LruHashMap::with_max_entrie
 #[map]
 static SSL_CALLS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(MAX_SSL_CALLS, 0);
 
-/// Processes that serve a watched port: only their receives are worth remembering at
-/// `sys_enter_*`, which fires for every read on the machine. Seeded by the agent from /proc,
-/// completed by the kernel (a process receiving on a watched socket, a server's fork). LRU: a
-/// process that exits ages out.
+/// Syscall source: processes that serve a watched port: only their receives are worth
+/// remembering at `sys_enter_*`, which fires for every read on the machine. Seeded by the
+/// agent from /proc, completed by the kernel at a server's fork. LRU: a process that exits
+/// ages out.
 #[map]
 static SERVER_TGIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(MAX_SERVER_PROCESSES, 0);
 
@@ -128,16 +131,25 @@ fn new_header(kind: u32, conn: u64, conn_start_ns: u64, port: u16, bytes: u64) -
     }
 }
 
-/// Wake the agent only when a backlog builds up: a wakeup per record costs more than the
-/// record (an IPI, a VM exit under a hypervisor). The agent drains the ring on a short timer
-/// (`vigie_common::DRAIN_INTERVAL_MS`) and is woken early when more than `WAKEUP_BACKLOG`
-/// bytes wait.
+/// 1 while the agent drains the ring on its timer, 0 while it sleeps (set by the agent).
+#[map]
+static AGENT_AWAKE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Wake the agent only when it needs it: a wakeup per record costs more than the record (an
+/// IPI, a VM exit under a hypervisor). While the agent is awake it drains the ring every
+/// `vigie_common::DRAIN_INTERVAL_MS` and is woken early only past `WAKEUP_BACKLOG` waiting
+/// bytes; while it sleeps, the ring's own rule applies (wake when this record is the first the
+/// agent has not read), so an idle agent sleeps until traffic comes.
 #[inline(always)]
 fn output_flags() -> u64 {
+    const BPF_RB_ADAPTIVE_WAKEUP: u64 = 0;
     const BPF_RB_NO_WAKEUP: u64 = 1;
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
     const BPF_RB_AVAIL_DATA: u64 = 0;
-    if EVENTS.query(BPF_RB_AVAIL_DATA) > WAKEUP_BACKLOG { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }
+    if EVENTS.query(BPF_RB_AVAIL_DATA) > WAKEUP_BACKLOG {
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    if AGENT_AWAKE.get(0).copied().unwrap_or(0) != 0 { BPF_RB_NO_WAKEUP } else { BPF_RB_ADAPTIVE_WAKEUP }
 }
 
 #[inline(always)]

@@ -6,7 +6,7 @@
 //! sendfile and splice), so byte accounting does not depend on which syscall a server uses.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated},
     macros::tracepoint,
     maps::LruHashMap,
     programs::TracePointContext,
@@ -14,8 +14,8 @@ use aya_ebpf::{
 use vigie_common::*;
 
 use crate::{
-    CONNS, LAST_RECV_SOCK, LAST_SEND_SOCK, PENDING_READS, SERVER_TGIDS, TLS_PROCESSES, WATCHED_PORTS, bump,
-    capture_and_emit, emit_header, is_server_process, layout, new_header,
+    CONNS, LAST_RECV_SOCK, LAST_SEND_SOCK, TLS_PROCESSES, WATCHED_PORTS, bump, capture_and_emit, emit_header, layout,
+    new_header,
 };
 
 const AF_INET: u16 = 2;
@@ -101,19 +101,20 @@ pub fn vigie_sock_send(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Start and length of the first user buffer the receive wrote into.
+/// Start and length of the first user buffer a receive wrote into, given where the syscall
+/// was told to put it.
 #[inline(always)]
-fn first_buffer(pending: &PendingRead) -> Option<(u64, u64)> {
-    match pending.shape {
-        SHAPE_BUF => Some((pending.addr, u64::MAX)),
+pub fn first_buffer(shape: u32, addr: u64) -> Option<(u64, u64)> {
+    match shape {
+        SHAPE_BUF => Some((addr, u64::MAX)),
         SHAPE_IOVEC => {
-            let base: u64 = unsafe { bpf_probe_read_user(pending.addr as *const u64) }.ok()?;
-            let len: u64 = unsafe { bpf_probe_read_user((pending.addr + 8) as *const u64) }.ok()?;
+            let base: u64 = unsafe { bpf_probe_read_user(addr as *const u64) }.ok()?;
+            let len: u64 = unsafe { bpf_probe_read_user((addr + 8) as *const u64) }.ok()?;
             Some((base, len))
         }
         SHAPE_MSGHDR => {
             // struct user_msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
-            let iov: u64 = unsafe { bpf_probe_read_user((pending.addr + 16) as *const u64) }.ok()?;
+            let iov: u64 = unsafe { bpf_probe_read_user((addr + 16) as *const u64) }.ok()?;
             let base: u64 = unsafe { bpf_probe_read_user(iov as *const u64) }.ok()?;
             let len: u64 = unsafe { bpf_probe_read_user((iov + 8) as *const u64) }.ok()?;
             Some((base, len))
@@ -122,10 +123,10 @@ fn first_buffer(pending: &PendingRead) -> Option<(u64, u64)> {
     }
 }
 
-/// A receive of `bytes` on socket `sk` (either capture source). `from_exit` is the thread's
-/// pending read when the caller already took it out of `PENDING_READS` (syscall source).
+/// A receive of `bytes` on socket `sk` (either capture source); `buffer` is the first user
+/// buffer it wrote into, when the caller could tell.
 #[inline(always)]
-pub fn on_recv(sk: u64, bytes: u64, from_exit: Option<PendingRead>) {
+pub fn on_recv(sk: u64, bytes: u64, buffer: impl FnOnce() -> Option<(u64, u64)>) {
     let Some(conn) = watched_conn(sk) else { return };
     // SAFETY: map value pointer, valid while the program runs. Receives on one socket are
     // serialised by the socket lock, so `recvs` needs no atomic.
@@ -134,26 +135,7 @@ pub fn on_recv(sk: u64, bytes: u64, from_exit: Option<PendingRead>) {
     let mut header = new_header(EVENT_RECV, sk, conn.start_ns, conn.port, bytes);
     header.recv_seq = conn.recvs;
     header.sent_total = unsafe { core::ptr::read_volatile(&conn.sent) };
-
-    let key = header.pid_tgid;
-    let pending = match from_exit {
-        Some(p) => Some(p),
-        None => {
-            let p = unsafe { PENDING_READS.get(&key) }.copied();
-            if p.is_some() {
-                let _ = PENDING_READS.remove(&key);
-            }
-            p
-        }
-    };
-    let buffer = pending.as_ref().and_then(first_buffer);
-    let Some((base, buf_len)) = buffer else {
-        // A process the agent had not yet seen serving this port: from now on its receives
-        // are remembered.
-        let tgid = (key >> 32) as u32;
-        if !is_server_process(tgid) {
-            let _ = SERVER_TGIDS.insert(&tgid, &1, 0);
-        }
+    let Some((base, buf_len)) = buffer() else {
         bump(COUNTER_NO_BUFFER);
         header.flags = FLAG_NO_BUFFER;
         emit_header(&header);
@@ -167,6 +149,54 @@ pub fn on_recv(sk: u64, bytes: u64, from_exit: Option<PendingRead>) {
     capture_and_emit(&header, base, want);
 }
 
+// x86-64 syscall numbers of the receive calls whose buffer is known. A 32-bit (compat) or x32
+// task's numbers differ (i386 read is 3, x86-64 close; x32 sets bit 30), so a compat receive
+// matches none of these and is counted as having no buffer, as is a receive from a syscall
+// that is not one of these at all (io_uring_enter, recvmmsg, or a kernel thread).
+const NR_READ: u64 = 0;
+const NR_READV: u64 = 19;
+const NR_RECVFROM: u64 = 45;
+const NR_RECVMSG: u64 = 47;
+
+/// The syscall the current task is in, from its saved user registers, as (shape, fd, address
+/// of the buffer, iovec or msghdr).
+///
+/// `sock_recv_length` fires inside the receiving task's syscall, after the data was copied to
+/// the user buffer, so the registers the task entered the kernel with still name that buffer:
+/// no `sys_enter_*` hook (which every task on the host would pay for) has to remember it.
+#[inline(always)]
+fn current_syscall() -> Option<(u32, u64, u64)> {
+    // SAFETY: helpers with no preconditions; the task pointer is the kernel's own (trusted).
+    // bpf_task_pt_regs exists since 5.15, sock_recv_length since 6.3.
+    let regs = unsafe { generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        return None;
+    }
+    // struct pt_regs (x86-64): dx at 96, si at 104, di at 112, orig_ax (the syscall number) at
+    // 120: one copy for the four.
+    let r: [u64; 4] = unsafe { bpf_probe_read_kernel((regs + 96) as *const [u64; 4]) }.ok()?;
+    let (si, di, nr) = (r[1], r[2], r[3]);
+    let shape = match nr {
+        NR_READ | NR_RECVFROM => SHAPE_BUF,
+        NR_READV => SHAPE_IOVEC,
+        NR_RECVMSG => SHAPE_MSGHDR,
+        _ => return None,
+    };
+    Some((shape, di, si))
+}
+
+/// The receive's user buffer, when the current syscall is a receive on this very socket: the
+/// file descriptor in its first argument must lead to `sk` (a task can reach `sock_recvmsg`
+/// from other paths, io_uring's task work on the way out of an unrelated `read` for one).
+#[inline(always)]
+fn recv_buffer(sk: u64) -> Option<(u64, u64)> {
+    let (shape, fd, addr) = current_syscall()?;
+    if !crate::syscalls::fd_is_sock(fd as u32, sk) {
+        return None;
+    }
+    first_buffer(shape, addr)
+}
+
 #[tracepoint]
 pub fn vigie_sock_recv(ctx: TracePointContext) -> u32 {
     let Some(s) = read_sock_length(&ctx) else { return 0 };
@@ -174,7 +204,7 @@ pub fn vigie_sock_recv(ctx: TracePointContext) -> u32 {
         return 0;
     }
     note_tls_thread(&LAST_RECV_SOCK, s.sk);
-    on_recv(s.sk, s.ret as u64, None);
+    on_recv(s.sk, s.ret as u64, || recv_buffer(s.sk));
     0
 }
 

@@ -1,14 +1,15 @@
-//! `syscalls:*` tracepoints.
+//! `syscalls:*` tracepoints: the *syscall* capture source, for kernels without
+//! `sock:sock_{recv,send}_length` (before 6.3).
 //!
-//! With either capture source, `sys_enter_*` of the receive calls remember where a server
-//! thread's receive will land, so that the program that sees the byte count can copy the
-//! request's first bytes.
+//! `sys_enter_*` of the receive and send calls remember, per server thread, where a receive
+//! will land (`PENDING_READS`); `sys_exit_*` take the byte count, find the socket behind the
+//! file descriptor by walking the current task's file table with offsets the agent read from
+//! BTF, and copy the request's first bytes. It only sees the syscalls it hooks (read,
+//! recvfrom, readv, recvmsg; write, sendto, sendmsg, writev, sendfile, splice), and enabling
+//! any syscall tracepoint puts every task on the host on the slower syscall entry path.
 //!
-//! The *socket* source (Linux 6.3+) takes the byte counts from `sock:sock_{recv,send}_length`
-//! ([`crate::sock`]). The *syscall* source, for older kernels, takes them from `sys_exit_*` of
-//! the receive and send calls, and finds the socket behind the file descriptor by walking the
-//! current task's file table with offsets the agent read from BTF. It only sees the syscalls
-//! it hooks (read, recvfrom, readv, recvmsg; write, sendto, sendmsg, writev, sendfile, splice).
+//! The *socket* source ([`crate::sock`]) attaches none of these: it reads the receive's
+//! buffer from the task's saved registers, and checks the descriptor with [`fd_is_sock`].
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
@@ -19,19 +20,15 @@ use vigie_common::*;
 
 use crate::{
     LAST_RECV_SOCK, LAST_SEND_SOCK, PENDING_READS, TLS_PROCESSES, is_server_process, layout,
-    sock::{note_tls_thread, on_recv, on_send},
+    sock::{first_buffer, note_tls_thread, on_recv, on_send},
 };
 
-/// Servers, and with the syscall source TLS processes (whose socket use ties an `SSL*` to its
-/// connection; the socket source gets that from `sock_recv_length`, which sees every socket),
-/// are the only processes whose calls matter: the rest of the machine pays one hash lookup.
+/// Servers, and TLS processes (whose socket use ties an `SSL*` to its connection), are the
+/// only processes whose calls matter: the rest of the machine pays one hash lookup.
 #[inline(always)]
 fn interesting(pid_tgid: u64) -> bool {
     let tgid = (pid_tgid >> 32) as u32;
-    if is_server_process(tgid) {
-        return true;
-    }
-    layout().is_some_and(|l| l.syscall_source != 0) && unsafe { TLS_PROCESSES.get(&tgid) }.is_some()
+    is_server_process(tgid) || unsafe { TLS_PROCESSES.get(&tgid) }.is_some()
 }
 
 const MSG_PEEK: u64 = 2;
@@ -145,6 +142,32 @@ fn sock_of_fd(fd: u32) -> Option<u64> {
     Some(sk)
 }
 
+/// Whether the current task's file descriptor `fd` is the socket `sk`: the descriptor's file
+/// must be the one the socket points back to (`sk->sk_socket->file`), which holds for a socket
+/// and for nothing else, without checking the file's type.
+#[inline(always)]
+pub fn fd_is_sock(fd: u32, sk: u64) -> bool {
+    let Some(l) = layout() else { return false };
+    if l.fd_walk == 0 {
+        return false;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let file = (|| {
+        let files: u64 = read_at(task, l.task_files)?;
+        let fdt: u64 = read_at(files, l.files_fdt)?;
+        let max_fds: u32 = read_at(fdt, l.fdt_max_fds)?;
+        if fd >= max_fds {
+            return None;
+        }
+        let array: u64 = read_at(fdt, l.fdt_fd)?;
+        read_at::<u64>(array, fd.wrapping_mul(8))
+    })();
+    let Some(file) = file else { return false };
+    let socket: Option<u64> = read_at(sk, l.sk_socket);
+    let owner: Option<u64> = socket.and_then(|s| read_at(s, l.socket_file));
+    file != 0 && owner == Some(file)
+}
+
 /// The pending call of this thread, taken out of the map, and the syscall's return value.
 #[inline(always)]
 fn finish(ctx: &TracePointContext) -> Option<(PendingRead, i64)> {
@@ -165,7 +188,7 @@ pub fn vigie_exit_recv(ctx: TracePointContext) -> u32 {
     }
     let Some(sk) = sock_of_fd(pending.fd) else { return 0 };
     note_tls_thread(&LAST_RECV_SOCK, sk);
-    on_recv(sk, ret as u64, Some(pending));
+    on_recv(sk, ret as u64, || first_buffer(pending.shape, pending.addr));
     0
 }
 

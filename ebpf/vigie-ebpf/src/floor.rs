@@ -1,0 +1,24 @@
+//! Programs that return at once, for `cargo xtask bench`'s floor mode: attached to the same
+//! tracepoints and uprobes as the real ones, they measure what the attachment points alone cost
+//! on a host (the tracepoint's or the trap's entry and exit), against which vigie's own work is
+//! judged. Never attached by a normal agent.
+
+use aya_ebpf::{
+    macros::{tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+
+#[tracepoint]
+pub fn vigie_floor_tp(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[uprobe]
+pub fn vigie_floor_up(_ctx: ProbeContext) -> u32 {
+    0
+}
+
+#[uretprobe]
+pub fn vigie_floor_uret(_ctx: RetProbeContext) -> u32 {
+    0
+}
