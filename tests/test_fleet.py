@@ -90,7 +90,7 @@ def spread_order(nginx: FleetNginx, rooms: list[str]) -> list[str]:
     for r in rooms:
         by_worker[nginx.history_worker(r).name].append(r)
     per = min(len(v) for v in by_worker.values()) if len(by_worker) == len(nginx.synapse.generic) else 0
-    assert per >= 6, f"rooms per worker {dict((k, len(v)) for k, v in by_worker.items())}: too few to spread"
+    assert per >= 4, f"rooms per worker {dict((k, len(v)) for k, v in by_worker.items())}: too few to spread"
     return [by_worker[w][i] for i in range(per) for w in sorted(by_worker)]
 
 
@@ -237,7 +237,7 @@ def test_a_scrape_spread_over_workers_is_caught_by_the_fleet_rules_only(fleet):
               f"{FLEET_ALERT} firing {took if took is None else round(took, 1)} s after its first request "
               f"(bound 60 + for {RULE_FOR_S} s)")
         assert not spread.stats.errors, spread.stats.errors[:3]
-        assert spread.stats.pages >= 15 and len(served) == 3, "the scrape read rooms of every worker"
+        assert spread.stats.pages >= 12 and len(served) == 3, "the scrape read rooms of every worker"
         # One room, one worker: nginx sent each room's /messages to the worker predicted.
         per_room = defaultdict(set)
         for line in nginx.log_lines():
