@@ -527,7 +527,11 @@ def test_agent_restarted_under_traffic(synapse, agents, tmp_path):
     time.sleep(6)
     objs = bpf_fds(agent_a.proc.pid)
     pid_a = agent_a.proc.pid
-    assert len(objs["prog"]) >= 7 and len(objs["link"]) >= 7, objs
+    # The socket source attaches four tracepoints (sock_recv_length, sock_send_length,
+    # inet_sock_set_state, sched_process_fork), each one link; it loads more programs than it
+    # attaches (the TLS uprobes wait for a target).
+    attached = agent_a.scrape().total("vigie_probes_attached")
+    assert len(objs["prog"]) >= 7 and len(objs["link"]) >= attached >= 4, (objs, attached)
     view = kernel_view()
     assert objs["prog"] <= set(view["progs"]) and objs["link"] <= set(view["links"])
     assert all(view["progs"][p].startswith("vigie_") for p in objs["prog"]), "programs are named vigie_*"
@@ -907,7 +911,10 @@ def test_maps_fill_connections_and_tokens(nginx_factory, agents, tmp_path):
     rebalances = int(phase_s // 10) + 2
     assert recv - 500 * rebalances <= new_reqs <= recv, (new_reqs, recv, rebalances)
     assert det_tracked <= 100_000 and det_evicted >= new_reqs - 100_000 - 100_000 // 8, (det_tracked, det_evicted)
-    assert exported <= 500 and len(token_values) <= 500 + 2, (exported, len(token_values))
+    # top_k slots, plus suspects (every one of them has a score series), which are pinned
+    # beyond top_k by design: a suspect is never hidden in overflow (aggregate.rs `pin`).
+    assert exported <= 500 + score_series and len(token_values) <= 500 + score_series + 2, (
+        exported, score_series, len(token_values))
     assert "overflow" in token_values
     # Every other per-token family is bounded too: scores only for tokens scoring above 0
     # (at most the detector's 100,000; here none of these one-request tokens scores), and the
