@@ -231,6 +231,15 @@ impl Phase {
     fn head() -> Self {
         Phase::Head(Zeroizing::new(Vec::new()))
     }
+
+    /// What follows a request head on the connection: its body, or the next head.
+    fn after_head(parsed: &http::RequestHead<'_>) -> Self {
+        match (parsed.chunked, parsed.content_length) {
+            (true, _) => Phase::ChunkedBody,
+            (false, Some(n)) if n > 0 => Phase::Body(n),
+            _ => Phase::head(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -720,11 +729,7 @@ fn start_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], sink: &mut impl
         conn.current = None;
         conn.answering = false;
         conn.expect_continue = parsed.expect_continue;
-        conn.phase = match (parsed.chunked, parsed.content_length) {
-            (true, _) => Phase::ChunkedBody,
-            (false, Some(n)) if n > 0 => Phase::Body(n),
-            _ => Phase::head(),
-        };
+        conn.phase = Phase::after_head(&parsed);
         sink.own_request();
         return true;
     }
@@ -745,11 +750,7 @@ fn start_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], sink: &mut impl
     conn.current = Some(attribution);
     conn.answering = false;
     conn.expect_continue = parsed.expect_continue;
-    conn.phase = match (parsed.chunked, parsed.content_length) {
-        (true, _) => Phase::ChunkedBody,
-        (false, Some(n)) if n > 0 => Phase::Body(n),
-        _ => Phase::head(),
-    };
+    conn.phase = Phase::after_head(&parsed);
     sink.request(&RequestSeen {
         conn: rx.key,
         at_ns: rx.now_ns,

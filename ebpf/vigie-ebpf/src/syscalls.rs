@@ -109,12 +109,10 @@ fn read_at<T: Copy>(base: u64, offset: u32) -> Option<T> {
 }
 
 /// The `struct sock *` behind the current task's file descriptor, if it is a TCP socket.
+/// The current task's `struct file *` for descriptor `fd`, through its file table; the one
+/// walk both the syscall source and the socket source's descriptor check use.
 #[inline(always)]
-fn sock_of_fd(fd: u32) -> Option<u64> {
-    let l = layout()?;
-    if l.fd_walk == 0 {
-        return None;
-    }
+fn file_of_fd(l: &KernelLayout, fd: u32) -> Option<u64> {
     let task = unsafe { bpf_get_current_task() };
     let files: u64 = read_at(task, l.task_files)?;
     let fdt: u64 = read_at(files, l.files_fdt)?;
@@ -123,7 +121,16 @@ fn sock_of_fd(fd: u32) -> Option<u64> {
         return None;
     }
     let array: u64 = read_at(fdt, l.fdt_fd)?;
-    let file: u64 = read_at(array, fd.wrapping_mul(8))?;
+    read_at(array, fd.wrapping_mul(8))
+}
+
+#[inline(always)]
+fn sock_of_fd(fd: u32) -> Option<u64> {
+    let l = layout()?;
+    if l.fd_walk == 0 {
+        return None;
+    }
+    let file = file_of_fd(l, fd)?;
     let inode: u64 = read_at(file, l.file_inode)?;
     let mode: u16 = read_at(inode, l.inode_mode)?;
     if mode & S_IFMT != S_IFSOCK {
@@ -151,18 +158,7 @@ pub fn fd_is_sock(fd: u32, sk: u64) -> bool {
     if l.fd_walk == 0 {
         return false;
     }
-    let task = unsafe { bpf_get_current_task() };
-    let file = (|| {
-        let files: u64 = read_at(task, l.task_files)?;
-        let fdt: u64 = read_at(files, l.files_fdt)?;
-        let max_fds: u32 = read_at(fdt, l.fdt_max_fds)?;
-        if fd >= max_fds {
-            return None;
-        }
-        let array: u64 = read_at(fdt, l.fdt_fd)?;
-        read_at::<u64>(array, fd.wrapping_mul(8))
-    })();
-    let Some(file) = file else { return false };
+    let Some(file) = file_of_fd(l, fd) else { return false };
     let socket: Option<u64> = read_at(sk, l.sk_socket);
     let owner: Option<u64> = socket.and_then(|s| read_at(s, l.socket_file));
     file != 0 && owner == Some(file)
