@@ -141,13 +141,53 @@ fn answer(stream: &UnixStream, jobs: &SyncSender<Job>) -> Result<Reply> {
 /// `vigie respond`: ask the running agent, print its answer; success when it acted (or
 /// would have, in dry-run), or the session had already been acted on.
 pub fn request(socket: &Path, label: &str, lock: bool) -> Result<Reply> {
-    let mut s = UnixStream::connect(socket)
+    let s = UnixStream::connect(socket)
         .with_context(|| format!("connecting to the agent's control socket {}", socket.display()))?;
+    exchange(s, label, lock)
+}
+
+/// One request, one answer, on a connected control socket.
+fn exchange(mut s: UnixStream, label: &str, lock: bool) -> Result<Reply> {
     s.set_read_timeout(Some(REPLY_WAIT + Duration::from_secs(5)))?;
     let mut req = serde_json::to_string(&Request { label: label.to_string(), lock })?;
     req.push('\n');
-    s.write_all(req.as_bytes()).context("sending the request")?;
+    // The agent answers a refused peer before reading its request, then closes: the write can
+    // then fail (EPIPE) while the refusal already waits in our receive queue. Read it either way.
+    let sent = s.write_all(req.as_bytes());
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).context("reading the agent's answer")?;
-    serde_json::from_str(line.trim()).context("the agent's answer is not JSON")
+    let read = BufReader::new(&s).read_line(&mut line);
+    match (sent, read) {
+        (_, Ok(n)) if n > 0 => serde_json::from_str(line.trim()).context("the agent's answer is not JSON"),
+        (Err(e), _) => Err(e).context("sending the request"),
+        (Ok(()), Err(e)) => Err(e).context("reading the agent's answer"),
+        (Ok(()), Ok(_)) => bail!("the agent closed the control socket without answering"),
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refused peer must see the refusal even when the agent answered and closed before the
+    /// request was written: the write then fails with EPIPE (it did once in CI).
+    #[test]
+    fn a_refusal_sent_before_the_request_still_reaches_the_caller() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let mut out = serde_json::to_string(&Reply::error("permission denied: only root or uid 0 may act")).unwrap();
+        out.push('\n');
+        (&server).write_all(out.as_bytes()).unwrap();
+        drop(server);
+        let reply = exchange(client, "0123456789abcdef", false).expect("the refusal, not a broken pipe");
+        assert_eq!(reply.result, "error");
+        assert!(reply.detail.unwrap().contains("only root or uid 0"));
+    }
+
+    #[test]
+    fn a_peer_that_closes_without_answering_is_an_error_that_says_so() {
+        let (client, server) = UnixStream::pair().unwrap();
+        drop(server);
+        let e = format!("{:#}", exchange(client, "0123456789abcdef", false).unwrap_err());
+        assert!(e.contains("sending the request") || e.contains("without answering"), "{e}");
+    }
 }
