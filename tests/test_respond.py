@@ -27,7 +27,11 @@ Synapse's own `register_new_matrix_user -a`; its token goes into a 0600 file.
 Both runs also check that no raw token (users', attackers', the admin's) is in the agent's
 logs, /metrics, the audit file, the state directory or `vigie respond`'s output.
 
-Environment: VIGIE_RESPOND_WARMUP (seconds of normal traffic before the attacks, default 45).
+The owner (the account the password-login attacks hijack) is also in ARCHIVE_ROOMS rooms of
+past history, which no Element session opens: the breadth of a long-lived account.
+
+Environment: VIGIE_RESPOND_WARMUP (seconds of normal traffic before the attacks, default 45),
+VIGIE_RESPOND_ARCHIVE (the owner's archive rooms, default 100; 0 for the small world).
 """
 
 from __future__ import annotations
@@ -57,6 +61,12 @@ from harness.world import build_world
 WORLD_SEED = 1
 ATTACK_SEED = 1
 WARMUP_S = float(os.environ.get("VIGIE_RESPOND_WARMUP", "45"))
+# The hijacked account's breadth: the owner is in ~18 live rooms and this many rooms of past
+# history (harness/world.py). A long-lived account is in a hundred rooms or more (the Tchap
+# account: 876); with the live rooms alone a fast scrape has the whole history in 2 s, and the
+# haul share measures the world's size rather than vigie. VIGIE_RESPOND_ARCHIVE=0 runs that
+# small world.
+ARCHIVE_ROOMS = int(os.environ.get("VIGIE_RESPOND_ARCHIVE", "100"))
 ATTACK_MAX_S = 60.0
 FAST_CUT_S = 10.0  # issue 12: the fast scrape cut within 10 s of its first request
 EVERY_CUT_S = 60.0  # and every style within 60 s
@@ -80,7 +90,7 @@ def world(tmp_path_factory):
             server.start(timeout=60)
         except HarnessError as e:
             pytest.fail(f"Synapse failed to start: {e}", pytrace=False)
-        w = build_world(server, seed=WORLD_SEED)
+        w = build_world(server, seed=WORLD_SEED, archive_rooms=ARCHIVE_ROOMS)
         print(f"synapse + world in {time.monotonic() - t0:.1f} s: {w.summary()}")
         yield w
     finally:
@@ -630,10 +640,10 @@ def test_the_fast_scrape_gets_under_5_percent_of_its_haul():
           f"({share_items:.1%}) and {share_bytes:.1%} of the bytes; without vigie it ran "
           f"{ref['seconds']:.1f} s to the end of the world's history")
     if not (share_items < FAST_SHARE and share_bytes < FAST_SHARE):
-        # A known miss of issue 12, reported as one: this world's whole history drains in a
-        # few seconds, and the cut comes about 0.3 s after the first once-a-second score
-        # crosses 1.0, so the share is bounded by the scoring tick, not by the response.
-        # Never loosened to pass; the cut within 10 s is asserted hard above.
+        # A known miss of issue 12, reported as one. The cut comes after the scrape has read
+        # a handful of rooms (no fewer can tell it from a member reading); the share is that
+        # handful over the account's breadth. Never loosened to pass; the cut within 10 s is
+        # asserted hard above.
         pytest.xfail(
             f"issue 12 target missed: the fast scrape got {share_items:.1%} of its events and {share_bytes:.1%} "
             f"of its bytes before the cut at {fast['cut_s']:.1f} s (target < {FAST_SHARE:.0%}); without vigie it "

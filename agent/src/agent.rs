@@ -181,6 +181,11 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                     drain_tick.reset();
                 }
                 attach_forks(&mut probes, &state);
+                // Asleep, records come one wakeup at a time and no drain timer runs: a slow
+                // scrape's crossing and its captured token are handled here.
+                if let Some(r) = &mut respond {
+                    r.after_drain(&mut lock(&state), monotonic_ns());
+                }
             }
             guard = async { kernel_log.as_mut()?.readable_mut().await.ok() }, if kernel_log.is_some() => {
                 if let Some(mut guard) = guard {
@@ -197,7 +202,7 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                 }
                 attach_forks(&mut probes, &state);
                 if let Some(r) = &mut respond {
-                    r.forward(&mut lock(&state));
+                    r.after_drain(&mut lock(&state), monotonic_ns());
                 }
             }
             _ = poll_tick.tick() => {
@@ -218,6 +223,7 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                 st.tick(monotonic_ns());
                 if let Some(r) = &mut respond {
                     r.tick(&mut st, monotonic_ns());
+                    r.after_drain(&mut st, monotonic_ns());
                 }
                 since_housekeeping += 1;
                 if since_housekeeping >= 10 {

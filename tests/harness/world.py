@@ -156,6 +156,8 @@ class World:
     extras: dict[str, Account] = field(default_factory=dict)
     # The one large room (`big_room` messages), or None.
     big_room: str | None = None
+    # The owner's rooms of past history (build_world's archive_rooms): room -> messages.
+    archive: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -195,7 +197,10 @@ class World:
             f"{per_user[0]}-{per_user[-1]} rooms each, heavy in {len(self.heavy.rooms)}, owner in "
             f"{len(self.owner.rooms)}), {len(self.rooms)} rooms of {msgs[0]}-{msgs[-1]} messages "
             f"({sum(msgs)} in all), {len(self.media)} media items of {min(sizes) // 1024}-"
-            f"{max(sizes) // 1024} KiB ({sum(sizes) / 1e6:.1f} MB); built in {self.build_seconds:.1f} s "
+            f"{max(sizes) // 1024} KiB ({sum(sizes) / 1e6:.1f} MB)"
+            + (f", owner also in {len(self.archive)} archive rooms ({sum(self.archive.values())} messages)"
+               if self.archive else "")
+            + f"; built in {self.build_seconds:.1f} s "
             + "(" + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items()) + ")"
         )
 
@@ -255,10 +260,15 @@ def build_world(synapse: Synapse, seed: int = 1, *, normal_users: int = 14, room
                 messages: tuple[int, int] = (30, 200), media_items: int = 60,
                 media_size: tuple[int, int] = (20_000, 200_000), workers: int = 8,
                 extras: tuple[str, ...] = (), big_room: int = 0,
+                archive_rooms: int = 0, archive_messages: tuple[int, int] = (30, 200),
                 log: Callable[[str], None] = print) -> World:
     """extras: names of accounts that join every room but run no Element session (bots, bridges);
     big_room: when > 0, one more room with that many messages, the owner, the heavy user and two
-    normal users in it (a room worth exporting)."""
+    normal users in it (a room worth exporting);
+    archive_rooms: rooms of past history the owner is joined to but no longer opens (old project
+    rooms, finished threads), with `archive_messages` messages each (heavy-tailed like the live
+    rooms): the breadth of a long-lived account, which is what a scraper of it gets. Not in any
+    account's `rooms` (the Element sessions never enter them); listed in `World.archive`."""
     rng = random.Random(f"world-{seed}")
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -344,6 +354,23 @@ def build_world(synapse: Synapse, seed: int = 1, *, normal_users: int = 14, room
     pool.join()
     members = {r: [by_index[i].user_id for i in sorted(want[k]) if i < len(accounts)]
                for k, r in enumerate(room_ids)}
+    archive: dict[int, str] = {}
+    if archive_rooms > 0:
+        names_lock = threading.Lock()
+        pool = _Pool(synapse, tokens, workers)
+        for k in range(archive_rooms):
+            name = f"{rng.choice(WORDS)}-{rng.choice(WORDS)} (archive {k})"
+
+            def create(c: MatrixClient, k=k, name=name) -> None:
+                room_id = c.create_room(name=name, preset="private_chat")
+                with names_lock:
+                    archive[k] = room_id
+                    room_names[room_id] = name
+            pool.submit(owner.user_id, create)
+        pool.join()
+    archive_ids = [archive[k] for k in sorted(archive)]
+    for room_id in archive_ids:
+        members[room_id] = [owner.user_id]
     t, timings["rooms"] = time.monotonic(), time.monotonic() - t
 
     # -- history ------------------------------------------------------------------------------
@@ -359,13 +386,20 @@ def build_world(synapse: Synapse, seed: int = 1, *, normal_users: int = 14, room
             sender = rng.choice(members[room_id])
             text = sentence(rng) if rng.random() > 0.03 else sentence(rng, 80, 300)  # the odd long one
             jobs.append((room_id, sender, text))
+    archive_counts: dict[str, int] = {}
+    for room_id in archive_ids:
+        n = int(archive_messages[0] + (archive_messages[1] - archive_messages[0]) * rng.random() ** 2)
+        archive_counts[room_id] = n
+        for i in range(n):
+            text = sentence(rng) if rng.random() > 0.03 else sentence(rng, 80, 300)
+            jobs.append((room_id, owner.user_id, text))
     # Interleave rooms so that the threads work on different rooms at once.
     by_room: dict[str, list] = {}
     for j in jobs:
         by_room.setdefault(j[0], []).append(j)
     interleaved = []
     while any(by_room.values()):
-        for r in room_ids:
+        for r in room_ids + archive_ids:
             if by_room.get(r):
                 interleaved.append(by_room[r].pop(0))
     pool = _Pool(synapse, tokens, workers)
@@ -417,7 +451,7 @@ def build_world(synapse: Synapse, seed: int = 1, *, normal_users: int = 14, room
     world = World(synapse=synapse, seed=seed, accounts=accounts, rooms=room_ids, room_names=room_names,
                   members=members, messages=counts, media=media,
                   build_seconds=time.monotonic() - t0, timings=timings, extras=extra_accounts,
-                  big_room=room_ids[rooms] if big_room > 0 else None)
+                  big_room=room_ids[rooms] if big_room > 0 else None, archive=archive_counts)
     log(world.summary())
     return world
 

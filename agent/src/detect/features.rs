@@ -117,6 +117,8 @@ pub struct TokenState {
     pub last_alert_s: Stamp,
     /// Something happened since the latest tick.
     pub dirty: bool,
+    /// Queued for [`crate::detect::Detector::rescore_moved`].
+    pub queued: bool,
     /// Population features at the latest scoring, for the population statistics.
     pub population: [f32; POPULATION],
 }
@@ -138,6 +140,7 @@ impl TokenState {
             score: 0.0,
             last_alert_s: Stamp::NEVER,
             dirty: true,
+            queued: false,
             population: [0.0; POPULATION],
         }
     }

@@ -100,7 +100,16 @@ pub struct Detector {
     /// Scratch space for the population statistics, kept between ticks.
     columns: [Vec<f64>; POPULATION],
     stats: DetectStats,
+    /// Tokens that made a request since the latest tick or early rescoring, when someone
+    /// acts on scores between ticks ([`Detector::track_moved`]); `None` otherwise.
+    moved: Option<Vec<TokenLabel>>,
 }
+
+/// Tokens queued for early rescoring between two ticks; beyond it the tick scores them.
+const MOVED_MAX: usize = 4096;
+/// Tokens rescored per [`Detector::rescore_moved`] call: bounds its cost when every token is
+/// busy (the agent calls it after each drain, about 20 times a second when busy).
+const RESCORE_PER_CALL: usize = 256;
 
 impl Detector {
     pub fn new(cfg: DetectConfig) -> Self {
@@ -114,7 +123,15 @@ impl Detector {
             reasons: Vec::new(),
             columns: Default::default(),
             stats: DetectStats::default(),
+            moved: None,
         }
+    }
+
+    /// Keep track of the tokens that move between ticks, so that [`Detector::rescore_moved`]
+    /// can score them early. Only `respond` needs it: a score seen up to a second sooner is
+    /// a session ended up to a second sooner, which for a fast scrape is dozens of pages.
+    pub fn track_moved(&mut self, on: bool) {
+        self.moved = on.then(Vec::new);
     }
 
     pub fn config(&self) -> &DetectConfig {
@@ -142,13 +159,57 @@ impl Detector {
         // Looked at once per client of a token, not per request.
         let known = || req.user_agent.is_none_or(fingerprint::known_agent);
         if let Some(t) = self.tokens.get_mut(&token) {
-            return t.record(&shape, now, &self.cfg, known);
+            let tally = t.record(&shape, now, &self.cfg, known);
+            if let Some(moved) = &mut self.moved
+                && !t.queued
+                && moved.len() < MOVED_MAX
+            {
+                t.queued = true;
+                moved.push(token);
+            }
+            return tally;
         }
         self.make_room();
         let mut t = Box::new(TokenState::new(now, self.prior()));
         let tally = t.record(&shape, now, &self.cfg, known);
+        if let Some(moved) = &mut self.moved
+            && moved.len() < MOVED_MAX
+        {
+            t.queued = true;
+            moved.push(token);
+        }
         self.tokens.insert(token, t);
         tally
+    }
+
+    /// Between ticks: score tokens that made a request since they were last scored (at most
+    /// `RESCORE_PER_CALL` of them, the rest at the next call or tick), and hand `found` each
+    /// one that reaches `min_score` now but had not at the latest tick. Changes nothing the
+    /// tick reports: scores, alerts and the exported series stay the tick's.
+    pub fn rescore_moved(&mut self, now_s: f64, min_score: f64, mut found: impl FnMut(Scored<'_>)) {
+        let Some(mut moved) = self.moved.take() else { return };
+        let now = self.clock(now_s);
+        let cfg = &self.cfg;
+        let mut reasons: Vec<(&'static str, f64)> = Vec::new();
+        for _ in 0..RESCORE_PER_CALL {
+            let Some(label) = moved.pop() else { break };
+            let Some(t) = self.tokens.get_mut(&label) else { continue };
+            t.queued = false;
+            if f64::from(t.score) >= min_score {
+                // The tick saw it already.
+                continue;
+            }
+            t.advance(now, cfg);
+            let f = t.features(now, cfg);
+            let ev = evaluate(&f, &t.baseline.rate, &self.population, cfg);
+            let score = ev.total();
+            if score >= min_score {
+                reasons.clear();
+                reasons.extend(ev.reasons().map(|(r, v)| (r.as_str(), v)));
+                found(Scored { token: label, score, reasons: &reasons });
+            }
+        }
+        self.moved = Some(moved);
     }
 
     /// Response bytes for a token's request of this endpoint class. Bytes for a token not
@@ -246,6 +307,14 @@ impl Detector {
             }
         }
         self.scored.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.token.cmp(&b.token)));
+        // The tick scored every token that moved: the early queue starts again.
+        if let Some(moved) = &mut self.moved {
+            for label in moved.drain(..) {
+                if let Some(t) = self.tokens.get_mut(&label) {
+                    t.queued = false;
+                }
+            }
+        }
         self.stats.alerting = alerting;
         self.stats.tracked_tokens = self.tokens.len();
     }

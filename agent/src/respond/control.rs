@@ -164,7 +164,6 @@ fn exchange(mut s: UnixStream, label: &str, lock: bool) -> Result<Reply> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

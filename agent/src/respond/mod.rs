@@ -7,8 +7,10 @@
 //! - [`audit`]: log line, counter and audit-file line per decision;
 //! - [`control`]: the socket behind `vigie respond LABEL [--lock]`.
 //!
-//! The agent's loop only marks labels wanted (once a second) and forwards captured tokens to
-//! the responder thread through a bounded channel; nothing here blocks the loop.
+//! The agent's loop only marks labels wanted (at each tick, and after each ring drain for the
+//! tokens that crossed the threshold since: the detector rescores just those) and forwards
+//! captured tokens to the responder thread through a bounded channel; nothing here blocks
+//! the loop.
 
 pub mod admin;
 pub mod audit;
@@ -61,6 +63,8 @@ pub struct Stats {
     /// Jobs (tokens included) dropped because the responder's queue was full.
     pub jobs_dropped: AtomicU64,
     pub audit_write_errors: AtomicU64,
+    /// Labels flagged between ticks, by the early rescoring after a drain.
+    pub early_flags: AtomicU64,
 }
 
 /// The agent's handle: lives in the agent loop.
@@ -84,7 +88,11 @@ impl Responder {
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("generating the agent's marker: {e}"))?;
         let marker: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-        lock(&state).tracker.tap().set_marker(&marker);
+        {
+            let mut st = lock(&state);
+            st.tracker.tap().set_marker(&marker);
+            st.detector.track_moved(settings.automatic);
+        }
         let admin = Admin::new(&settings.homeserver_url, token, marker);
         let stats = Arc::new(Stats { admin: admin.stats.clone(), ..Stats::default() });
         let (tx, rx) = mpsc::sync_channel(QUEUE);
@@ -144,13 +152,40 @@ impl Responder {
                 // Sorted highest first.
                 break;
             }
-            if self.flagged.contains_key(&s.token) {
-                continue;
-            }
-            let policy_ok = policy::reasons_match(&self.settings.reasons, s.reasons);
-            let reasons = s.reasons.iter().map(|(r, v)| (r.to_string(), *v)).collect();
-            new.push(Job::Flagged { label: s.token, score: s.score, reasons, policy_ok });
+            self.consider(s, &mut new);
         }
+        self.flag(st, new, now_ns);
+    }
+
+    /// After each drain of the ring buffer: tokens that crossed the threshold since the
+    /// latest tick are flagged now rather than at the next tick (the detector rescoring only
+    /// those that moved), then captured tokens go to the responder thread.
+    pub fn after_drain(&mut self, st: &mut State, now_ns: u64) {
+        if self.settings.automatic {
+            let mut new = Vec::new();
+            let min = self.settings.score;
+            st.detector.rescore_moved(now_ns as f64 / 1e9, min, |s| self.consider(s, &mut new));
+            if !new.is_empty() {
+                self.stats.early_flags.fetch_add(new.len() as u64, Ordering::Relaxed);
+            }
+            self.flag(st, new, now_ns);
+        }
+        for (label, token) in st.tracker.tap().take() {
+            self.send(Job::Token { label, token });
+        }
+    }
+
+    /// A scored label at or above the threshold: a job, unless it was flagged already.
+    fn consider(&self, s: crate::detect::Scored<'_>, new: &mut Vec<Job>) {
+        if self.flagged.contains_key(&s.token) {
+            return;
+        }
+        let policy_ok = policy::reasons_match(&self.settings.reasons, s.reasons);
+        let reasons = s.reasons.iter().map(|(r, v)| (r.to_string(), *v)).collect();
+        new.push(Job::Flagged { label: s.token, score: s.score, reasons, policy_ok });
+    }
+
+    fn flag(&mut self, st: &mut State, new: Vec<Job>, now_ns: u64) {
         for job in new {
             if let Job::Flagged { label, policy_ok, .. } = &job {
                 if *policy_ok && !st.tracker.tap().want(*label, now_ns) {
@@ -160,13 +195,6 @@ impl Responder {
                 self.flagged.insert(*label, now_ns);
             }
             self.send(job);
-        }
-    }
-
-    /// After the ring buffer is drained: hand captured tokens to the responder thread.
-    pub fn forward(&mut self, st: &mut State) {
-        for (label, token) in st.tracker.tap().take() {
-            self.send(Job::Token { label, token });
         }
     }
 
@@ -485,6 +513,12 @@ impl Collector for RespondCollector {
             "vigie_response_wants_refused",
             "Flagged labels not resolved at once because too many were pending",
             tap.wants_refused,
+        )?;
+        counter(
+            &mut enc,
+            "vigie_response_early_flags",
+            "Labels flagged between detector ticks, by rescoring the tokens that moved after a ring drain",
+            self.stats.early_flags.load(Ordering::Relaxed),
         )?;
         counter(
             &mut enc,
