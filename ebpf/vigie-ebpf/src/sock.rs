@@ -6,6 +6,7 @@
 //! sendfile and splice), so byte accounting does not depend on which syscall a server uses.
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated},
     macros::tracepoint,
     maps::LruHashMap,
@@ -33,17 +34,26 @@ struct SockLength {
     flags: i32,
 }
 
+/// A field of the tracepoint's record, read straight from the context: the verifier allows
+/// aligned loads from a tracepoint's record, and a load is a fraction of the
+/// `bpf_probe_read_kernel` call `TracePointContext::read_at` makes (these two programs run
+/// about five times per request, host-wide, most of them in tasks vigie does not watch).
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: `offset` is one of the record's fields (checked against tracefs' format file
+    // before load), a multiple of the field's size; the context points at the record.
+    unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
+}
+
 #[inline(always)]
 fn read_sock_length(ctx: &TracePointContext) -> Option<SockLength> {
-    let sk: u64 = unsafe { ctx.read_at(SOCK_LENGTH_SK) }.ok()?;
-    let family: u16 = unsafe { ctx.read_at(SOCK_LENGTH_FAMILY) }.ok()?;
-    let protocol: u16 = unsafe { ctx.read_at(SOCK_LENGTH_PROTOCOL) }.ok()?;
-    let ret: i32 = unsafe { ctx.read_at(SOCK_LENGTH_RET) }.ok()?;
-    let flags: i32 = unsafe { ctx.read_at(SOCK_LENGTH_FLAGS) }.ok()?;
+    let family: u16 = field(ctx, SOCK_LENGTH_FAMILY);
+    let protocol: u16 = field(ctx, SOCK_LENGTH_PROTOCOL);
+    let ret: i32 = field(ctx, SOCK_LENGTH_RET);
     if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) || ret <= 0 {
         return None;
     }
-    Some(SockLength { sk, ret, flags })
+    Some(SockLength { sk: field(ctx, SOCK_LENGTH_SK), ret, flags: field(ctx, SOCK_LENGTH_FLAGS) })
 }
 
 /// In a process that uses SSL functions, remember which socket this thread just used: that is
@@ -216,11 +226,11 @@ pub fn vigie_sock_recv(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn vigie_sock_state(ctx: TracePointContext) -> u32 {
-    let Ok(newstate) = (unsafe { ctx.read_at::<i32>(SET_STATE_NEWSTATE) }) else { return 0 };
+    let newstate: i32 = field(&ctx, SET_STATE_NEWSTATE);
     if newstate != TCP_CLOSE {
         return 0;
     }
-    let Ok(sk) = (unsafe { ctx.read_at::<u64>(SET_STATE_SKADDR) }) else { return 0 };
+    let sk: u64 = field(&ctx, SET_STATE_SKADDR);
     let Some(conn) = (unsafe { CONNS.get(&sk) }).copied() else { return 0 };
     let _ = CONNS.remove(&sk);
     let mut header = new_header(EVENT_CLOSE, sk, conn.start_ns, conn.port, 0);
