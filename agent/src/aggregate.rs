@@ -8,6 +8,13 @@
 //! decayed request rate). A token that loses its slot loses its series (Prometheus marks it
 //! stale); one that gains a slot starts a fresh series at zero. Idle tokens are forgotten.
 //!
+//! A new token that finds no free slot is *held* until the next tick (at most
+//! [`HOLD_MAX`] at once): its increments wait in a private counter, unexported. If the
+//! detector makes it a suspect at that tick, the counter becomes its own series, so a burst
+//! that was over before the tick (a `/context` walk of eight requests in a second) is still
+//! shown under its token; otherwise the counter is added to `overflow`. Nothing is counted
+//! twice; a held increment is only late, by under a second.
+//!
 //! Requests that carry no token are counted per endpoint under `anonymous`.
 
 use crate::detect::Tally;
@@ -115,6 +122,10 @@ pub struct Limits {
     pub max_series: usize,
 }
 
+/// New tokens held at once (see the module doc); beyond it a new token without a slot goes
+/// straight to overflow.
+pub const HOLD_MAX: usize = 64;
+
 /// Default `max_series`: 100 agents in a Mimir tenant's default 150,000 series.
 pub const DEFAULT_MAX_SERIES: usize = 1_500;
 
@@ -152,6 +163,8 @@ pub struct Aggregator {
     limits: Limits,
     tokens: crate::token::LabelMap<TokenState>,
     exported: usize,
+    /// New tokens without a slot, until the next tick (see the module doc).
+    held: crate::token::LabelMap<ByEndpoint>,
     anonymous: ByEndpoint,
     overflow: ByEndpoint,
     unattributed_bytes: u64,
@@ -168,6 +181,7 @@ impl Aggregator {
             limits,
             tokens: Default::default(),
             exported: 0,
+            held: Default::default(),
             anonymous: ByEndpoint::default(),
             overflow: ByEndpoint::default(),
             unattributed_bytes: 0,
@@ -196,7 +210,10 @@ impl Aggregator {
         let Some(label) = token else { return &mut self.anonymous };
         match self.tokens.get_mut(&label).and_then(|t| t.exported.as_mut()) {
             Some(own) => own,
-            None => &mut self.overflow,
+            None => match self.held.get_mut(&label) {
+                Some(held) => held,
+                None => &mut self.overflow,
+            },
         }
     }
 
@@ -250,9 +267,24 @@ impl Aggregator {
             self.series += NEW_TOKEN_SERIES;
             Some(ByEndpoint::default())
         } else {
+            if self.held.len() < HOLD_MAX {
+                self.held.insert(label, ByEndpoint::default());
+            }
             None
         };
         self.tokens.insert(label, TokenState { exported, last_seen_s: now_s, activity: 1.0, classes: 0 });
+    }
+
+    /// After the tick's pins: the held tokens that were not pinned go to overflow.
+    pub fn release_held(&mut self) {
+        for (_, held) in self.held.drain() {
+            for (class, c) in held.iter() {
+                let o = self.overflow.slot(class);
+                o.requests += c.requests;
+                o.bytes += c.bytes;
+            }
+            self.overflow.1.add(held.tally());
+        }
     }
 
     /// Give this token its own series now, whatever its activity: a suspect must never be
@@ -262,7 +294,8 @@ impl Aggregator {
         if let Some(t) = self.tokens.get_mut(&label)
             && t.exported.is_none()
         {
-            t.exported = Some(ByEndpoint::default());
+            // A held newcomer keeps what it did before the tick.
+            t.exported = Some(self.held.remove(&label).unwrap_or_default());
             self.exported += 1;
         }
     }
@@ -272,6 +305,8 @@ impl Aggregator {
     /// `other_series` are per-token series exported elsewhere (the detector's scores and
     /// reasons), which the budget has to leave room for.
     pub fn rebalance(&mut self, now_s: f64, pinned: &dyn Fn(&TokenLabel) -> bool, other_series: usize) {
+        // Normally done by the tick already; a rebalance without one must not keep them.
+        self.release_held();
         let idle = self.limits.idle_s;
         let before = self.tokens.len();
         self.tokens.retain(|_, t| now_s - t.last_seen_s < idle);
@@ -374,7 +409,37 @@ mod tests {
         assert_eq!(own(&agg, 1), Some(Counts { requests: 1, bytes: 100 }));
         assert_eq!(own(&agg, 2), Some(Counts { requests: 1, bytes: 100 }));
         assert_eq!(own(&agg, 3), None);
+        // The third is held until the tick, then counted in overflow.
+        assert_eq!(agg.overflow().total(), Counts::default());
+        agg.release_held();
+        assert_eq!(own(&agg, 3), None);
         assert_eq!(agg.overflow().total(), Counts { requests: 1, bytes: 100 });
+    }
+
+    #[test]
+    fn a_burst_over_before_the_tick_is_shown_under_its_token_when_the_tick_pins_it() {
+        let mut agg = Aggregator::new(Limits { top_k: 1, ..Limits::default() });
+        agg.request(label(1), c(Endpoint::Sync), 0.0);
+        for _ in 0..8 {
+            agg.request(label(2), c(Endpoint::Context), 0.1);
+            agg.response_bytes(label(2), c(Endpoint::Context), 1000);
+        }
+        agg.request(label(3), c(Endpoint::Sync), 0.2);
+        // The tick: the detector pins 2, not 3.
+        agg.pin(TokenLabel([2; 8]));
+        agg.release_held();
+        assert_eq!(own(&agg, 2), Some(Counts { requests: 8, bytes: 8000 }));
+        assert_eq!(agg.overflow().total(), Counts { requests: 1, bytes: 0 });
+        assert_eq!(total_of_everything(&agg), Counts { requests: 10, bytes: 8000 }, "nothing counted twice");
+        // Held at most HOLD_MAX at once; the rest go straight to overflow.
+        for n in 0..(HOLD_MAX + 10) {
+            agg.request(Some(TokenLabel([n as u8, 0xAB, 0, 0, 0, 0, 0, 1])), c(Endpoint::Sync), 1.0);
+        }
+        assert_eq!(agg.held.len(), HOLD_MAX);
+        assert_eq!(agg.overflow().total().requests, 1 + 10);
+        agg.release_held();
+        assert!(agg.held.is_empty());
+        assert_eq!(total_of_everything(&agg).requests, 10 + HOLD_MAX as u64 + 10);
     }
 
     #[test]
@@ -439,7 +504,8 @@ mod tests {
         assert_eq!(own(&agg, 2), None);
         agg.pin(TokenLabel([2; 8]));
         agg.request(label(2), c(Endpoint::Messages), 1.0);
-        assert_eq!(own(&agg, 2), Some(Counts { requests: 1, bytes: 0 }));
+        // Its first request was held until the pin, so it is its own too.
+        assert_eq!(own(&agg, 2), Some(Counts { requests: 2, bytes: 0 }));
         for _ in 0..100 {
             agg.request(label(1), c(Endpoint::Sync), 2.0);
         }

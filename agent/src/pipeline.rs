@@ -246,6 +246,7 @@ impl State {
         for suspect in self.detector.suspects() {
             self.aggregator.pin(suspect);
         }
+        self.aggregator.release_held();
     }
 
     /// Socket connections whose running send totals the agent should read from the kernel
