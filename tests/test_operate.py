@@ -173,6 +173,19 @@ def test_sighup_reloads_ports_and_sigterm_detaches_everything(synapse, vigie_fac
     while counted() < 3 and time.monotonic() < deadline:
         time.sleep(0.3)
     assert counted() == 3, agent.logs()
+
+    # Back to port 1: the kernel checks the port first, so the connection still open to
+    # Synapse stops being counted at once.
+    cfg.write_text("server_ports = [1]\n")
+    os.kill(agent.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while agent.logs().count("configuration reloaded") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert agent.logs().count("configuration reloaded") == 2, agent.logs()
+    for _ in range(2):
+        client.joined_rooms()
+    time.sleep(1)
+    assert counted() == 3, "requests on a port no longer watched were counted"
     client.close()
 
     # A broken file is refused; the agent keeps running as it was.

@@ -48,6 +48,10 @@ const WRK_CPU: &str = "1";
 /// A run during which processes other than the bench's used more than this much CPU (percent
 /// of one core) is run again once, time permitting.
 const NOISY_PERCENT: f64 = 15.0;
+/// A run during which the hypervisor took more than this much of the vCPUs from the guest
+/// (`steal` in /proc/stat, percent of one core) is disturbed too: other tenants of the host
+/// slow every process of the guest alike, which no process list inside it shows.
+const NOISY_STEAL_PERCENT: f64 = 5.0;
 /// No more reruns of noisy runs after this much time, to keep the bench around 10 minutes.
 const RERUN_BUDGET: Duration = Duration::from_secs(360);
 /// At most this much waiting, in all, for the machine to be quiet before runs.
@@ -728,6 +732,8 @@ struct Run {
     other_agents: usize,
     /// CPU used by processes other than nginx, wrk and vigie, percent of one core.
     foreign: f64,
+    /// CPU time the hypervisor gave to someone else, percent of one core.
+    steal: f64,
     nginx_cpu: f64,
     vigie_cpu: f64,
     wrk_cpu: f64,
@@ -767,7 +773,7 @@ impl Run {
     }
 
     fn noisy(&self) -> bool {
-        self.foreign > NOISY_PERCENT || self.other_agents > 0
+        self.foreign > NOISY_PERCENT || self.steal > NOISY_STEAL_PERCENT || self.other_agents > 0
     }
 }
 
@@ -775,6 +781,8 @@ struct CpuSnap {
     at: Instant,
     /// Whole machine, user + nice ticks.
     machine_user: u64,
+    /// Whole machine, steal ticks (the eighth field of /proc/stat's `cpu` line).
+    machine_steal: u64,
     /// nginx master and workers, utime + stime, and utime alone.
     nginx: u64,
     nginx_user: u64,
@@ -796,6 +804,7 @@ fn cpu_snap(nginx: u32, vigie: Option<u32>) -> CpuSnap {
     let mut snap = CpuSnap {
         at: Instant::now(),
         machine_user: f.first().copied().unwrap_or(0) + f.get(1).copied().unwrap_or(0),
+        machine_steal: f.get(7).copied().unwrap_or(0),
         nginx: 0,
         nginx_user: 0,
         vigie: 0,
@@ -979,6 +988,7 @@ impl Bench {
             loadavg: load,
             other_agents,
             foreign: pct(after_wrk.foreign_since(&before)),
+            steal: pct(after_wrk.machine_steal.saturating_sub(before.machine_steal)),
             nginx_cpu: pct(after_wrk.nginx.saturating_sub(before.nginx)),
             vigie_cpu: 0.0,
             wrk_cpu: pct(after_wrk.reaped.saturating_sub(before.reaped)),
@@ -1051,7 +1061,8 @@ impl Bench {
                 run.lost
             );
         }
-        let _ = write!(line, "  [load average {:.2}, other load {:.0}%", run.loadavg, run.foreign);
+        let _ =
+            write!(line, "  [load average {:.2}, other load {:.0}%, steal {:.1}%", run.loadavg, run.foreign, run.steal);
         if run.other_agents > 0 {
             let _ = write!(line, ", {} programs of other vigie agents", run.other_agents);
         }
@@ -1070,7 +1081,7 @@ impl Bench {
         if run.noisy() && self.started.elapsed() < RERUN_BUDGET {
             println!("  (that run was disturbed by other work on the machine: running it again)");
             let again = self.load_run(nginx, case, mode, nginx.conns, n)?;
-            let score = |r: &Run| r.foreign + 100.0 * r.other_agents as f64;
+            let score = |r: &Run| r.foreign + r.steal + 100.0 * r.other_agents as f64;
             return Ok(if score(&again) < score(&run) { again } else { run });
         }
         Ok(run)
@@ -1233,6 +1244,7 @@ impl Bench {
             loadavg: load,
             other_agents,
             foreign: after.foreign_since(&before) as f64 / tck / secs * 100.0,
+            steal: after.machine_steal.saturating_sub(before.machine_steal) as f64 / tck / secs * 100.0,
             nginx_cpu: (after.nginx.saturating_sub(before.nginx)) as f64 / tck / secs * 100.0,
             vigie_cpu: cpu_ticks(vigie.proc.pid()).saturating_sub(before.vigie) as f64 / tck / secs * 100.0,
             wrk_cpu: (after.reaped.saturating_sub(before.reaped)) as f64 / tck / secs * 100.0,
@@ -1251,7 +1263,7 @@ impl Bench {
             wrk,
         };
         println!(
-            "  {}: {} req/s (p99 {}), vigie received {} events ({} recv, {} send, {} close), lost {}; counted {} vs wrk {}; nginx {:.0}% CPU, vigie {:.0}% CPU [other load {:.0}%]",
+            "  {}: {} req/s (p99 {}), vigie received {} events ({} recv, {} send, {} close), lost {}; counted {} vs wrk {}; nginx {:.0}% CPU, vigie {:.0}% CPU [other load {:.0}%, steal {:.1}%]",
             case.label,
             thousands(run.wrk.rps()),
             ms(run.wrk.p99_us),
@@ -1264,7 +1276,8 @@ impl Bench {
             thousands(run.wrk.requests as f64),
             run.nginx_cpu,
             run.vigie_cpu,
-            run.foreign
+            run.foreign,
+            run.steal
         );
         Ok(run)
     }
@@ -1566,12 +1579,13 @@ fn report(
             .collect();
         let noisy = all.iter().filter(|x| x.noisy()).count();
         let worst = all.iter().map(|x| x.foreign).fold(0.0, f64::max);
+        let worst_steal = all.iter().map(|x| x.steal).fold(0.0, f64::max);
         let agents = all.iter().filter(|x| x.other_agents > 0).count();
         let (lo, hi) = all.iter().map(|x| x.loadavg).fold((f64::MAX, 0.0f64), |(a, b), l| (a.min(l), b.max(l)));
         let _ = writeln!(r, "\n1-minute load average at the start of the kept runs: {lo:.2} to {hi:.2}.");
         let _ = writeln!(
             r,
-            "\nOther processes on the machine used at most {worst:.0} % of a core during a kept run ({noisy} of {} kept runs disturbed: above {NOISY_PERCENT:.0} %, or another vigie agent attached ({agents} runs)).\n",
+            "\nOther processes on the machine used at most {worst:.0} % of a core during a kept run, the hypervisor took at most {worst_steal:.1} % ({noisy} of {} kept runs disturbed: other processes above {NOISY_PERCENT:.0} %, steal above {NOISY_STEAL_PERCENT:.0} %, or another vigie agent attached ({agents} runs)).\n",
             all.len()
         );
 

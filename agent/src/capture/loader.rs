@@ -15,7 +15,7 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeScope},
     },
 };
-use vigie_common::{COUNTER_COUNT, KernelLayout};
+use vigie_common::{COUNTER_COUNT, KernelLayout, WATCHED_PORT_WORDS, watched_port_slot};
 
 /// Where the kernel's tracing filesystem is expected; aya looks there too.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -25,8 +25,9 @@ pub const TRACEFS: &str = "/sys/kernel/tracing";
 pub enum CaptureSource {
     /// `sock:sock_{recv,send}_length` (Linux 6.3+): every socket call whatever the syscall,
     /// sendfile and splice included; the socket is given, and a receive's buffer is read from
-    /// the receiving task's saved registers. No `syscalls:*` tracepoint, so no other task on
-    /// the host pays anything.
+    /// the receiving task's saved registers. No `syscalls:*` tracepoint: another task on the
+    /// host pays only for its own socket calls, a port check each (a two-byte read and an
+    /// array lookup).
     Sock,
     /// `syscalls:sys_exit_*` of the receive and send calls, for older kernels: the socket is
     /// found from the file descriptor with BTF offsets; only the hooked syscalls are seen.
@@ -343,19 +344,13 @@ impl Probes {
         self.events.take().context("the ring buffer was already taken")
     }
 
-    /// Replace the set of watched server ports. Connections already known to the kernel stay
-    /// watched until they close.
+    /// Replace the set of watched server ports. The kernel checks the port before anything
+    /// else, so connections already open on a port that is no longer watched stop being
+    /// counted at once (their close is still reported).
     pub fn set_ports(&mut self, ports: &[u16]) -> Result<()> {
-        let mut watched: HashMap<_, u16, u8> =
-            HashMap::try_from(self.ebpf.map_mut("WATCHED_PORTS").context("map WATCHED_PORTS missing")?)?;
-        let old: Vec<u16> = watched.keys().filter_map(|k| k.ok()).collect();
-        for port in old.iter().filter(|p| !ports.contains(p)) {
-            watched.remove(port).with_context(|| format!("removing port {port} from WATCHED_PORTS"))?;
-        }
-        for port in ports.iter().filter(|p| !old.contains(p)) {
-            watched.insert(port, 1, 0).with_context(|| format!("adding port {port} to WATCHED_PORTS"))?;
-        }
-        Ok(())
+        let mut watched: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut("WATCHED_PORTS").context("map WATCHED_PORTS missing")?)?;
+        write_port_bitmap(&mut watched, ports)
     }
 
     /// Syscall source: tell the kernel which processes serve `ports` now (their receives are
@@ -542,6 +537,27 @@ impl Probes {
     }
 }
 
+/// The words of the watched-port bitmap for `ports` (`vigie_common::watched_port_slot`).
+fn port_bitmap(ports: &[u16]) -> Vec<u64> {
+    let mut words = vec![0u64; WATCHED_PORT_WORDS as usize];
+    for &port in ports {
+        let (word, bit) = watched_port_slot(port);
+        words[word as usize] |= bit;
+    }
+    words
+}
+
+/// Write every word that changes, so a port change costs a few map writes, not 1,024.
+fn write_port_bitmap(map: &mut Array<&mut MapData, u64>, ports: &[u16]) -> Result<()> {
+    for (index, word) in port_bitmap(ports).into_iter().enumerate() {
+        let index = index as u32;
+        if map.get(&index, 0).context("reading WATCHED_PORTS")? != word {
+            map.set(index, word, 0).with_context(|| format!("writing word {index} of WATCHED_PORTS"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Load the programs, tell them which ports to watch, and attach those of the chosen capture
 /// source. `kernel_log` turns on the kernel's diagnostics on its rare paths (off, they cost a
 /// load and a branch there, and no logger is set up).
@@ -566,12 +582,9 @@ pub fn load(ports: &[u16], choice: SourceChoice, kernel_log: bool) -> Result<Pro
         None
     };
     {
-        let mut watched: HashMap<_, u16, u8> = HashMap::try_from(
-            ebpf.map_mut("WATCHED_PORTS").context("map WATCHED_PORTS missing from the eBPF object")?,
-        )?;
-        for port in ports {
-            watched.insert(port, 1, 0).with_context(|| format!("adding port {port} to WATCHED_PORTS"))?;
-        }
+        let mut watched: Array<_, u64> =
+            Array::try_from(ebpf.map_mut("WATCHED_PORTS").context("map WATCHED_PORTS missing from the eBPF object")?)?;
+        write_port_bitmap(&mut watched, ports)?;
         let mut layout_map: Array<_, KernelLayout> =
             Array::try_from(ebpf.map_mut("LAYOUT").context("map LAYOUT missing from the eBPF object")?)?;
         layout_map.set(0, layout, 0).context("writing the kernel layout into LAYOUT")?;
@@ -638,6 +651,21 @@ pub fn load(ports: &[u16], choice: SourceChoice, kernel_log: bool) -> Result<Pro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_port_bitmap_has_exactly_the_watched_ports_set() {
+        let ports = [0u16, 63, 64, 8008, 8448, u16::MAX];
+        let words = port_bitmap(&ports);
+        assert_eq!(words.len(), 1024);
+        let set: Vec<u16> = (0..=u16::MAX)
+            .filter(|&p| {
+                let (word, bit) = watched_port_slot(p);
+                words[word as usize] & bit != 0
+            })
+            .collect();
+        assert_eq!(set, ports);
+        assert!(port_bitmap(&[]).iter().all(|&w| w == 0));
+    }
 
     #[test]
     fn a_field_offset_is_read_from_either_fork_format() {

@@ -29,6 +29,14 @@ pub const DRAIN_INTERVAL_MS: u64 = 50;
 pub const MAX_CONNS: u32 = 65536;
 pub const MAX_PENDING_READS: u32 = 16384;
 pub const MAX_WATCHED_PORTS: u32 = 64;
+/// `WATCHED_PORTS` is a bitmap over every port: 1024 words of 64 bits.
+pub const WATCHED_PORT_WORDS: u32 = 1024;
+
+/// Where a port's bit is in `WATCHED_PORTS`: (word index, mask).
+#[inline(always)]
+pub const fn watched_port_slot(port: u16) -> (u32, u64) {
+    ((port >> 6) as u32, 1u64 << (port & 63))
+}
 pub const MAX_SSL_CALLS: u32 = 16384;
 pub const MAX_TLS_PROCESSES: u32 = 4096;
 pub const MAX_SERVER_PROCESSES: u32 = 4096;

@@ -30,7 +30,7 @@ mod tls;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
 use vigie_common::*;
 
@@ -38,9 +38,19 @@ use vigie_common::*;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
-/// Local ports to watch; filled by the agent.
+/// Local ports to watch, one bit per port (`vigie_common::watched_port_slot`); filled by the
+/// agent. A bitmap in an array rather than a hash: every socket program on the host asks it
+/// first, mostly about sockets vigie does not watch (a load generator's, a database's), and an
+/// array lookup is a few instructions the verifier inlines where a hash lookup is a helper
+/// call that hashes the key.
 #[map]
-static WATCHED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_WATCHED_PORTS, 0);
+static WATCHED_PORTS: Array<u64> = Array::with_max_entries(WATCHED_PORT_WORDS, 0);
+
+#[inline(always)]
+fn port_watched(port: u16) -> bool {
+    let (word, bit) = watched_port_slot(port);
+    WATCHED_PORTS.get(word).is_some_and(|w| w & bit != 0)
+}
 
 /// Known server-side connections, keyed by `struct sock` address. Entries leave at TCP_CLOSE.
 /// LRU so that a close the agent never saw (a socket from before a restart) cannot pin an entry
@@ -87,6 +97,32 @@ fn is_server_process(tgid: u32) -> bool {
 /// Processes that call SSL functions: only their threads' socket use is remembered below.
 #[map]
 static TLS_PROCESSES: LruHashMap<u32, u8> = LruHashMap::with_max_entries(MAX_TLS_PROCESSES, 0);
+
+/// Nonzero once any SSL probe has fired (set by the probe itself, before its first insert
+/// into `TLS_PROCESSES`): until then no socket program has a TLS process to look up, and an
+/// agent with no TLS vantage never pays that lookup on every send and receive of the host.
+#[map]
+static TLS_SEEN: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+fn tls_seen() -> bool {
+    TLS_SEEN.get(0).is_some_and(|v| *v != 0)
+}
+
+/// Called by every SSL probe: the store happens once, so the flag's cache line is not written
+/// by every call on every CPU.
+#[inline(always)]
+fn mark_tls_seen() {
+    if let Some(v) = TLS_SEEN.get_ptr_mut(0) {
+        // SAFETY: a map value pointer, valid while the program runs; a racing second store
+        // writes the same value.
+        unsafe {
+            if core::ptr::read_volatile(v) == 0 {
+                core::ptr::write_volatile(v, 1);
+            }
+        }
+    }
+}
 
 /// The socket each thread of a TLS process last received on / sent on (any port), to tie an
 /// `SSL*` to its connection.

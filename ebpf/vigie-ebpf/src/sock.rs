@@ -15,8 +15,8 @@ use aya_ebpf::{
 use vigie_common::*;
 
 use crate::{
-    CONNS, LAST_RECV_SOCK, LAST_SEND_SOCK, TLS_PROCESSES, WATCHED_PORTS, bump, capture_and_emit, emit_header, layout,
-    new_header,
+    CONNS, LAST_RECV_SOCK, LAST_SEND_SOCK, TLS_PROCESSES, bump, capture_and_emit, emit_header, layout, new_header,
+    port_watched, tls_seen,
 };
 
 const AF_INET: u16 = 2;
@@ -60,6 +60,9 @@ fn read_sock_length(ctx: &TracePointContext) -> Option<SockLength> {
 /// how an `SSL*` is tied to its connection.
 #[inline(always)]
 pub fn note_tls_thread(map: &LruHashMap<u64, u64>, sk: u64) {
+    if !tls_seen() {
+        return;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     if unsafe { TLS_PROCESSES.get(&((pid_tgid >> 32) as u32)) }.is_some() {
         let _ = map.insert(&pid_tgid, &sk, 0);
@@ -68,14 +71,21 @@ pub fn note_tls_thread(map: &LruHashMap<u64, u64>, sk: u64) {
 
 /// The connection this socket belongs to, if its local port is watched. First sight of a
 /// socket registers it, so connections accepted before the agent started are picked up too.
+///
+/// The port comes first: most sockets these programs see are not watched (the load
+/// generator's, the database's), and for them a two-byte read and an array lookup are cheaper
+/// than a miss in `CONNS`, a hash lookup. A port the agent stops watching stops being counted
+/// at once, on connections already open too; their close is still reported.
 #[inline(always)]
 fn watched_conn(sk: u64) -> Option<*mut ConnInfo> {
+    let offset = layout().map(|l| l.skc_num as u64).unwrap_or(SKC_NUM_OFFSET);
+    let port: u16 = unsafe { bpf_probe_read_kernel((sk + offset) as *const u16) }.ok()?;
+    if !port_watched(port) {
+        return None;
+    }
     if let Some(info) = CONNS.get_ptr_mut(&sk) {
         return Some(info);
     }
-    let offset = layout().map(|l| l.skc_num as u64).unwrap_or(SKC_NUM_OFFSET);
-    let port: u16 = unsafe { bpf_probe_read_kernel((sk + offset) as *const u16) }.ok()?;
-    unsafe { WATCHED_PORTS.get(&port) }?;
     let info = ConnInfo { start_ns: unsafe { bpf_ktime_get_ns() }, sent: 0, recvs: 0, port, _pad: 0 };
     // BPF_NOEXIST: another CPU may have registered it in the meantime; keep its entry.
     let _ = CONNS.insert(&sk, &info, 1);

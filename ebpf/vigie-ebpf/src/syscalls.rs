@@ -28,7 +28,7 @@ use crate::{
 #[inline(always)]
 fn interesting(pid_tgid: u64) -> bool {
     let tgid = (pid_tgid >> 32) as u32;
-    is_server_process(tgid) || unsafe { TLS_PROCESSES.get(&tgid) }.is_some()
+    is_server_process(tgid) || (crate::tls_seen() && unsafe { TLS_PROCESSES.get(&tgid) }.is_some())
 }
 
 const MSG_PEEK: u64 = 2;

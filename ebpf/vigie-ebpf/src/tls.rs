@@ -24,6 +24,7 @@ fn enter(ctx: &ProbeContext, kind: u32) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else { return 0 };
     let len_out = if kind == SSL_READ_EX || kind == SSL_WRITE_EX { ctx.arg::<u64>(3).unwrap_or(0) } else { 0 };
+    crate::mark_tls_seen();
     let _ = TLS_PROCESSES.insert(&((pid_tgid >> 32) as u32), &1, 0);
     let call = SslCall {
         ssl,
