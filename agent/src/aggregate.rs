@@ -73,10 +73,20 @@ impl ByEndpoint {
     }
 }
 
+/// Where a token's increments go.
+#[derive(Debug)]
+enum Slot {
+    /// Its own series.
+    Own(ByEndpoint),
+    /// A private counter, unexported, until the next tick (see the module doc).
+    Held(ByEndpoint),
+    /// `overflow`.
+    Folded,
+}
+
 #[derive(Debug)]
 struct TokenState {
-    /// Own series while `Some`; `None` means increments go to overflow.
-    exported: Option<ByEndpoint>,
+    slot: Slot,
     last_seen_s: f64,
     /// Decayed request count, as of `last_seen_s`.
     activity: f64,
@@ -96,9 +106,9 @@ impl TokenState {
     /// Series the token exports, or would if it had a slot: per-class requests and bytes,
     /// its features (at most one a class, an estimate while it has no slot), its gauges.
     fn cost(&self) -> usize {
-        match &self.exported {
-            Some(own) => own.series() + TOKEN_GAUGES,
-            None => 3 * self.classes.count_ones() as usize + TOKEN_GAUGES,
+        match &self.slot {
+            Slot::Own(own) => own.series() + TOKEN_GAUGES,
+            Slot::Held(_) | Slot::Folded => 3 * self.classes.count_ones() as usize + TOKEN_GAUGES,
         }
     }
 
@@ -163,8 +173,8 @@ pub struct Aggregator {
     limits: Limits,
     tokens: crate::token::LabelMap<TokenState>,
     exported: usize,
-    /// New tokens without a slot, until the next tick (see the module doc).
-    held: crate::token::LabelMap<ByEndpoint>,
+    /// The tokens whose slot is `Slot::Held`, at most `HOLD_MAX`: what the tick releases.
+    held: Vec<TokenLabel>,
     anonymous: ByEndpoint,
     overflow: ByEndpoint,
     unattributed_bytes: u64,
@@ -208,12 +218,9 @@ impl Aggregator {
     /// The series an increment for this token goes to right now.
     fn series(&mut self, token: Option<TokenLabel>) -> &mut ByEndpoint {
         let Some(label) = token else { return &mut self.anonymous };
-        match self.tokens.get_mut(&label).and_then(|t| t.exported.as_mut()) {
-            Some(own) => own,
-            None => match self.held.get_mut(&label) {
-                Some(held) => held,
-                None => &mut self.overflow,
-            },
+        match self.tokens.get_mut(&label).map(|t| &mut t.slot) {
+            Some(Slot::Own(counts) | Slot::Held(counts)) => counts,
+            Some(Slot::Folded) | None => &mut self.overflow,
         }
     }
 
@@ -262,22 +269,31 @@ impl Aggregator {
         }
         // A new token costs a class or two; the next rebalance counts what it really took.
         const NEW_TOKEN_SERIES: usize = 2 * 2 + TOKEN_GAUGES;
-        let exported = if self.exported < self.limits.top_k && self.series + NEW_TOKEN_SERIES <= self.token_budget() {
+        let slot = if self.exported < self.limits.top_k && self.series + NEW_TOKEN_SERIES <= self.token_budget() {
             self.exported += 1;
             self.series += NEW_TOKEN_SERIES;
-            Some(ByEndpoint::default())
+            Slot::Own(ByEndpoint::default())
+        } else if self.held.len() < HOLD_MAX {
+            self.held.push(label);
+            Slot::Held(ByEndpoint::default())
         } else {
-            if self.held.len() < HOLD_MAX {
-                self.held.insert(label, ByEndpoint::default());
-            }
-            None
+            Slot::Folded
         };
-        self.tokens.insert(label, TokenState { exported, last_seen_s: now_s, activity: 1.0, classes: 0 });
+        self.tokens.insert(label, TokenState { slot, last_seen_s: now_s, activity: 1.0, classes: 0 });
     }
 
     /// After the tick's pins: the held tokens that were not pinned go to overflow.
     pub fn release_held(&mut self) {
-        for (_, held) in self.held.drain() {
+        for label in self.held.drain(..) {
+            let Some(t) = self.tokens.get_mut(&label) else { continue };
+            let held = match std::mem::replace(&mut t.slot, Slot::Folded) {
+                Slot::Held(held) => held,
+                // Pinned at this tick: `Own` already.
+                own => {
+                    t.slot = own;
+                    continue;
+                }
+            };
             for (class, c) in held.iter() {
                 let o = self.overflow.slot(class);
                 o.requests += c.requests;
@@ -291,13 +307,19 @@ impl Aggregator {
     /// hidden in overflow. Pinned tokens may take the exported count past `top_k`; they are
     /// bounded by the detector's suspects, not by activity.
     pub fn pin(&mut self, label: TokenLabel) {
-        if let Some(t) = self.tokens.get_mut(&label)
-            && t.exported.is_none()
-        {
-            // A held newcomer keeps what it did before the tick.
-            t.exported = Some(self.held.remove(&label).unwrap_or_default());
-            self.exported += 1;
-        }
+        let Some(t) = self.tokens.get_mut(&label) else { return };
+        t.slot = match std::mem::replace(&mut t.slot, Slot::Folded) {
+            Slot::Own(own) => Slot::Own(own),
+            // A held newcomer keeps what it did before the tick (release_held skips it now).
+            Slot::Held(held) => {
+                self.exported += 1;
+                Slot::Own(held)
+            }
+            Slot::Folded => {
+                self.exported += 1;
+                Slot::Own(ByEndpoint::default())
+            }
+        };
     }
 
     /// Forget idle tokens and give export slots to the most active ones, within `top_k`
@@ -335,19 +357,23 @@ impl Aggregator {
             if keep {
                 used += cost;
             }
-            match (keep, t.exported.is_some()) {
-                (true, false) => t.exported = Some(ByEndpoint::default()),
-                (false, true) => t.exported = None,
+            // No token is held here: release_held ran first.
+            match (keep, matches!(t.slot, Slot::Own(_))) {
+                (true, false) => t.slot = Slot::Own(ByEndpoint::default()),
+                (false, true) => t.slot = Slot::Folded,
                 _ => {}
             }
         }
         self.series = used + other_series;
-        self.exported = self.tokens.values().filter(|t| t.exported.is_some()).count();
+        self.exported = self.tokens.values().filter(|t| matches!(t.slot, Slot::Own(_))).count();
     }
 
     /// Tokens with their own series, and their counts.
     pub fn exported(&self) -> impl Iterator<Item = (TokenLabel, &ByEndpoint)> {
-        self.tokens.iter().filter_map(|(l, t)| t.exported.as_ref().map(|e| (*l, e)))
+        self.tokens.iter().filter_map(|(l, t)| match &t.slot {
+            Slot::Own(own) => Some((*l, own)),
+            Slot::Held(_) | Slot::Folded => None,
+        })
     }
 
     pub fn anonymous(&self) -> &ByEndpoint {

@@ -107,6 +107,18 @@ pub struct Detector {
 
 /// Tokens queued for early rescoring between two ticks; beyond it the tick scores them.
 const MOVED_MAX: usize = 4096;
+
+/// Queue a token that just made a request for [`Detector::rescore_moved`], once, when early
+/// rescoring is on and the queue has room.
+fn queue_moved(moved: &mut Option<Vec<TokenLabel>>, t: &mut TokenState, token: TokenLabel) {
+    if let Some(moved) = moved
+        && !t.queued
+        && moved.len() < MOVED_MAX
+    {
+        t.queued = true;
+        moved.push(token);
+    }
+}
 /// Tokens rescored per [`Detector::rescore_moved`] call: bounds its cost when every token is
 /// busy (the agent calls it after each drain, about 20 times a second when busy).
 const RESCORE_PER_CALL: usize = 256;
@@ -160,24 +172,13 @@ impl Detector {
         let known = || req.user_agent.is_none_or(fingerprint::known_agent);
         if let Some(t) = self.tokens.get_mut(&token) {
             let tally = t.record(&shape, now, &self.cfg, known);
-            if let Some(moved) = &mut self.moved
-                && !t.queued
-                && moved.len() < MOVED_MAX
-            {
-                t.queued = true;
-                moved.push(token);
-            }
+            queue_moved(&mut self.moved, t, token);
             return tally;
         }
         self.make_room();
         let mut t = Box::new(TokenState::new(now, self.prior()));
         let tally = t.record(&shape, now, &self.cfg, known);
-        if let Some(moved) = &mut self.moved
-            && moved.len() < MOVED_MAX
-        {
-            t.queued = true;
-            moved.push(token);
-        }
+        queue_moved(&mut self.moved, &mut t, token);
         self.tokens.insert(token, t);
         tally
     }
