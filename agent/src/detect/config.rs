@@ -84,6 +84,11 @@ pub struct DetectConfig {
     pub rooms_1h: Ramp,
     /// Rooms named by any request (sends and receipts included).
     pub rooms_touched_10m: Ramp,
+    /// Rooms read to their first event (10 min), times the `history_share` ramp: whole rooms
+    /// taken by a token that asks for little else. A room read whole is a room's history
+    /// taken, not glanced at; a chatty reader who reaches a small room's start weighs nothing
+    /// here (its share is low).
+    pub whole_rooms_10m: Ramp,
 
     // --- context_walk: /context, page-weighted by its limit -------------------------------
     pub context_1m: Ramp,
@@ -149,8 +154,9 @@ pub struct DetectConfig {
     pub finished_10m: Ramp,
     /// `/members` or `/state` right after a room's history (10 min).
     pub harvests_10m: Ramp,
-    /// History pages as a share of the requests other than syncs (10 min), counted once
-    /// `share_min_pages` pages were made.
+    /// History pages as a share of the requests other than syncs and harvests (10 min),
+    /// counted once `share_min_pages` pages were made. A harvest is part of the scrape, not
+    /// other activity diluting it.
     pub history_share: Ramp,
     pub share_min_pages: f64,
     /// Each of the four above at full strength adds this much.
@@ -231,6 +237,7 @@ impl Default for DetectConfig {
             rooms_10m: Ramp::new(7.0, 20.0),
             rooms_1h: Ramp::new(15.0, 40.0),
             rooms_touched_10m: Ramp::new(40.0, 120.0),
+            whole_rooms_10m: Ramp::new(3.0, 8.0),
 
             context_1m: Ramp::new(4.0, 16.0),
             context_10m: Ramp::new(12.0, 48.0),

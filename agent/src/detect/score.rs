@@ -196,6 +196,14 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
     // Breadth over depth: one or two rooms read, however deeply, is what a member exporting or
     // scrolling a room does; what it weighs is capped below (see `narrow_cap`).
     let narrow = f.rooms_10m.max(f.rooms_1h) < c.breadth_rooms;
+    // How much of what the token asks for is history (harvests are part of a scrape, not
+    // other activity): 0 for a chatty reader, 1 for a token that does nothing else.
+    let others = (f.requests_10m - f.harvests_10m).max(f.pages_10m);
+    let share = if f.pages_10m >= c.share_min_pages && others > 0.0 {
+        c.history_share.eval(f.pages_10m / others).min(1.0)
+    } else {
+        0.0
+    };
 
     e.set(
         Reason::HistoryPaging,
@@ -216,6 +224,7 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
             c.rooms_10m.eval(f.rooms_10m),
             c.rooms_1h.eval(f.rooms_1h),
             c.rooms_touched_10m.eval(f.touched_10m),
+            c.whole_rooms_10m.eval(f.finished_10m) * share,
         ]),
         1.0,
     );
@@ -230,11 +239,6 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
     e.set(Reason::KeyBackup, young + c.key_reads_10m.eval(f.key_reads_10m), 1.0);
     e.set(Reason::FullSync, c.full_sync_10m.eval(f.full_sync_10m), 1.0);
 
-    let share = if f.pages_10m >= c.share_min_pages && f.requests_10m > 0.0 {
-        c.history_share.eval(f.pages_10m / f.requests_10m)
-    } else {
-        0.0
-    };
     let pattern = [
         c.fromless_10m.eval(f.fromless_10m),
         c.finished_10m.eval(f.finished_10m),

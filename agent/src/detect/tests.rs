@@ -612,6 +612,40 @@ fn history_share_catches_a_fig_leaf_sync_loop_and_spares_a_chatty_reader() {
 }
 
 #[test]
+fn whole_rooms_taken_by_a_token_that_does_little_else_are_breadth_and_a_chatty_readers_are_not() {
+    // Six rooms, each from its timeline's prev_batch to its first event, one page every 8 s,
+    // beside a live sync loop, from a known mobile client (no fingerprint mark): a slow
+    // scrape at Element's pace, or a member catching up on six rooms with nothing else.
+    let rooms = |c: &Client| {
+        (0..6u32).flat_map(|r| read_room(c, &sim::room(r), T0 + 5.0 + f64::from(r) * 40.0, 8.0, 4, false)).collect()
+    };
+    let quiet = Client::new(sim::label(9), "Element/1.6.28 (Google Pixel 8; Android 14)");
+    let mut reqs: Vec<sim::Req> = rooms(&quiet);
+    reqs.extend(syncs(&quiet, 20.0, T0 + 300.0));
+    let (breadth, score) = peak_reason(reqs, T0 + 300.0, quiet.token, "rooms_breadth");
+    // The same reading between messages, receipts and typing, as an Element user's.
+    let chatty = Client::new(sim::label(10), "Element/1.6.28 (Google Pixel 8; Android 14)");
+    let mut reqs: Vec<sim::Req> = rooms(&chatty);
+    reqs.extend(syncs(&chatty, 20.0, T0 + 300.0));
+    for k in 0..30u32 {
+        let room = sim::room(k % 6);
+        let t = T0 + f64::from(k) * 10.0;
+        reqs.push(chatty.req(t, Endpoint::Send, "PUT", Some(&room), String::new(), 90));
+        reqs.push(chatty.req(t + 0.3, Endpoint::Other, "POST", Some(&room), String::new(), 60));
+    }
+    let (chatty_breadth, chatty_score) = peak_reason(reqs, T0 + 300.0, chatty.token, "rooms_breadth");
+    eprintln!(
+        "six rooms read whole: rooms_breadth {breadth:.2} (score {score:.2}) alone, \
+         {chatty_breadth:.2} (score {chatty_score:.2}) between messages"
+    );
+    assert!(breadth >= 0.3, "five closed whole rooms of six, nothing else: {breadth:.2}");
+    assert_eq!(chatty_breadth, 0.0, "six rooms is not breadth for a reader who also talks");
+    // Whole rooms and the history share corroborate; without a client mark or more rooms
+    // they do not alert: a member catching up is pinned and explained.
+    assert!((0.5..1.0).contains(&score), "{score:.2}");
+}
+
+#[test]
 fn paging_for_minutes_without_any_sync_is_headless_at_any_pace() {
     // One page every 15 s for 10 minutes (4 reads a minute: the reads ramp barely moves).
     let slow = |c: &Client| {
