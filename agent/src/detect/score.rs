@@ -198,9 +198,9 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
     let narrow = f.rooms_10m.max(f.rooms_1h) < c.breadth_rooms;
     // How much of what the token asks for is history (harvests are part of a scrape, not
     // other activity): 0 for a chatty reader, 1 for a token that does nothing else.
-    let others = (f.requests_10m - f.harvests_10m).max(f.pages_10m);
-    let share = if f.pages_10m >= c.share_min_pages && others > 0.0 {
-        c.history_share.eval(f.pages_10m / others).min(1.0)
+    let asked = (f.requests_10m - f.harvests_10m).max(f.pages_10m);
+    let share = if f.pages_10m >= c.share_min_pages && asked > 0.0 {
+        c.history_share.eval(f.pages_10m / asked).min(1.0)
     } else {
         0.0
     };
