@@ -19,8 +19,29 @@
 
 use crate::detect::Tally;
 use crate::endpoint::Endpoint;
-use crate::token::TokenLabel;
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+
+use crate::token::{LabelSet, TokenLabel};
 use crate::vocab::Vantage;
+
+/// A decayed activity, ordered totally (it is never NaN, but the heap needs `Ord`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Activity(f64);
+
+impl Eq for Activity {}
+
+impl PartialOrd for Activity {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Activity {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
 
 /// What a series is broken down by, besides the token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -73,13 +94,15 @@ impl ByEndpoint {
     }
 }
 
-/// Where a token's increments go.
+/// Where a token's increments go. Counters are boxed: all but `top_k` (plus suspects and
+/// held newcomers) of up to `max_tokens` entries are `Folded`, and an entry that carries
+/// only a pointer keeps the table at a third of the memory and its scans fast.
 #[derive(Debug)]
 enum Slot {
     /// Its own series.
-    Own(ByEndpoint),
+    Own(Box<ByEndpoint>),
     /// A private counter, unexported, until the next tick (see the module doc).
-    Held(ByEndpoint),
+    Held(Box<ByEndpoint>),
     /// `overflow`.
     Folded,
 }
@@ -172,7 +195,9 @@ pub struct AggregatorStats {
 pub struct Aggregator {
     limits: Limits,
     tokens: crate::token::LabelMap<TokenState>,
-    exported: usize,
+    /// The tokens whose slot is `Slot::Own`: exporting and rebalancing walk these, never
+    /// the whole table (a million tokens would stall the ring buffer's drain).
+    own: LabelSet,
     /// The tokens whose slot is `Slot::Held`, at most `HOLD_MAX`: what the tick releases.
     held: Vec<TokenLabel>,
     anonymous: ByEndpoint,
@@ -190,7 +215,7 @@ impl Aggregator {
         Aggregator {
             limits,
             tokens: Default::default(),
-            exported: 0,
+            own: Default::default(),
             held: Default::default(),
             anonymous: ByEndpoint::default(),
             overflow: ByEndpoint::default(),
@@ -269,13 +294,13 @@ impl Aggregator {
         }
         // A new token costs a class or two; the next rebalance counts what it really took.
         const NEW_TOKEN_SERIES: usize = 2 * 2 + TOKEN_GAUGES;
-        let slot = if self.exported < self.limits.top_k && self.series + NEW_TOKEN_SERIES <= self.token_budget() {
-            self.exported += 1;
+        let slot = if self.own.len() < self.limits.top_k && self.series + NEW_TOKEN_SERIES <= self.token_budget() {
+            self.own.insert(label);
             self.series += NEW_TOKEN_SERIES;
-            Slot::Own(ByEndpoint::default())
+            Slot::Own(Box::default())
         } else if self.held.len() < HOLD_MAX {
             self.held.push(label);
-            Slot::Held(ByEndpoint::default())
+            Slot::Held(Box::default())
         } else {
             Slot::Folded
         };
@@ -311,67 +336,86 @@ impl Aggregator {
         t.slot = match std::mem::replace(&mut t.slot, Slot::Folded) {
             Slot::Own(own) => Slot::Own(own),
             // A held newcomer keeps what it did before the tick (release_held skips it now).
-            Slot::Held(held) => {
-                self.exported += 1;
-                Slot::Own(held)
-            }
-            Slot::Folded => {
-                self.exported += 1;
-                Slot::Own(ByEndpoint::default())
-            }
+            Slot::Held(held) => Slot::Own(held),
+            Slot::Folded => Slot::Own(Box::default()),
         };
+        self.own.insert(label);
     }
 
     /// Forget idle tokens and give export slots to the most active ones, within `top_k`
-    /// and the series budget; `pinned` tokens (suspects) keep theirs whatever they cost.
-    /// `other_series` are per-token series exported elsewhere (the detector's scores and
-    /// reasons), which the budget has to leave room for.
-    pub fn rebalance(&mut self, now_s: f64, pinned: &dyn Fn(&TokenLabel) -> bool, other_series: usize) {
+    /// and the series budget; `suspects` keep theirs whatever they cost. `other_series` are
+    /// per-token series exported elsewhere (the detector's scores and reasons), which the
+    /// budget has to leave room for.
+    ///
+    /// One pass over the table (expiry and ranking together, into a heap of `top_k`), then
+    /// work on the few hundred tokens that have or get a slot: at a million tracked tokens
+    /// this runs while the ring buffer waits, so it must not walk the table twice.
+    pub fn rebalance(&mut self, now_s: f64, suspects: &[TokenLabel], other_series: usize) {
         // Normally done by the tick already; a rebalance without one must not keep them.
         self.release_held();
         let idle = self.limits.idle_s;
+        let tau = self.limits.activity_tau_s;
+        let k = self.limits.top_k;
+        let pinned: LabelSet = suspects.iter().copied().collect();
+        // The `k` most active tokens that are not suspects, least active on top.
+        let mut top: BinaryHeap<Reverse<(Activity, TokenLabel)>> = BinaryHeap::with_capacity(k + 1);
         let before = self.tokens.len();
-        self.tokens.retain(|_, t| now_s - t.last_seen_s < idle);
+        let own = &mut self.own;
+        self.tokens.retain(|label, t| {
+            if now_s - t.last_seen_s >= idle {
+                own.remove(label);
+                return false;
+            }
+            if k > 0 && !pinned.contains(label) {
+                let ranked = (Activity(t.activity_at(now_s, tau)), *label);
+                if top.len() < k {
+                    top.push(Reverse(ranked));
+                } else if top.peek().is_some_and(|least| ranked > least.0) {
+                    top.pop();
+                    top.push(Reverse(ranked));
+                }
+            }
+            true
+        });
         self.tokens_expired += (before - self.tokens.len()) as u64;
 
-        let k = self.limits.top_k;
-        let tau = self.limits.activity_tau_s;
-        // Candidates: suspects first, then the `k` most active, highest activity first.
-        let mut ranked: Vec<(bool, f64, TokenLabel)> =
-            self.tokens.iter().map(|(l, t)| (pinned(l), t.activity_at(now_s, tau), *l)).collect();
-        let order = |a: &(bool, f64, TokenLabel), b: &(bool, f64, TokenLabel)| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1));
-        let pinned_count = ranked.iter().filter(|r| r.0).count();
-        let candidates = (pinned_count + k).min(ranked.len());
-        if candidates < ranked.len() {
-            // Only the boundary matters for the rest, not a full sort.
-            ranked.select_nth_unstable_by(candidates, order);
-        }
-        let (head, _) = ranked.split_at_mut(candidates);
-        head.sort_unstable_by(order);
+        // Candidates: suspects first, then the others, most active first.
+        let mut candidates: Vec<(bool, Activity, TokenLabel)> = pinned
+            .iter()
+            .filter_map(|l| self.tokens.get(l).map(|t| (true, Activity(t.activity_at(now_s, tau)), *l)))
+            .collect();
+        candidates.extend(top.into_iter().map(|Reverse((a, l))| (false, a, l)));
+        candidates.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
         let budget = self.token_budget().saturating_sub(other_series);
         let mut used = 0usize;
-        for (i, (is_pinned, _, label)) in ranked.iter().enumerate() {
-            let Some(t) = self.tokens.get_mut(label) else { continue };
+        let mut keep = LabelSet::default();
+        for (is_pinned, _, label) in candidates {
+            let Some(t) = self.tokens.get(&label) else { continue };
             let cost = t.cost();
-            let keep = *is_pinned || (i < candidates && used + cost <= budget);
-            if keep {
+            if is_pinned || used + cost <= budget {
                 used += cost;
-            }
-            // No token is held here: release_held ran first.
-            match (keep, matches!(t.slot, Slot::Own(_))) {
-                (true, false) => t.slot = Slot::Own(ByEndpoint::default()),
-                (false, true) => t.slot = Slot::Folded,
-                _ => {}
+                keep.insert(label);
             }
         }
+        // No token is held here: release_held ran first.
+        for label in self.own.iter().filter(|l| !keep.contains(*l)) {
+            if let Some(t) = self.tokens.get_mut(label) {
+                t.slot = Slot::Folded;
+            }
+        }
+        for label in keep.iter().filter(|l| !self.own.contains(*l)) {
+            if let Some(t) = self.tokens.get_mut(label) {
+                t.slot = Slot::Own(Box::default());
+            }
+        }
+        self.own = keep;
         self.series = used + other_series;
-        self.exported = self.tokens.values().filter(|t| matches!(t.slot, Slot::Own(_))).count();
     }
 
     /// Tokens with their own series, and their counts.
     pub fn exported(&self) -> impl Iterator<Item = (TokenLabel, &ByEndpoint)> {
-        self.tokens.iter().filter_map(|(l, t)| match &t.slot {
-            Slot::Own(own) => Some((*l, own)),
+        self.own.iter().filter_map(|l| match &self.tokens.get(l)?.slot {
+            Slot::Own(own) => Some((*l, &**own)),
             Slot::Held(_) | Slot::Folded => None,
         })
     }
@@ -391,10 +435,10 @@ impl Aggregator {
     pub fn stats(&self) -> AggregatorStats {
         AggregatorStats {
             tracked_tokens: self.tokens.len(),
-            exported_tokens: self.exported,
+            exported_tokens: self.own.len(),
             tokens_expired: self.tokens_expired,
             tokens_untracked: self.tokens_untracked,
-            tokens_folded: self.tokens.len() - self.exported,
+            tokens_folded: self.tokens.len() - self.own.len(),
             token_series: self.series,
         }
     }
@@ -488,7 +532,7 @@ mod tests {
             agg.response_bytes(label(2), c(Endpoint::Messages), 10);
         }
         assert_eq!(own(&agg, 2), None, "no free slot yet: token 2 is in overflow");
-        agg.rebalance(2.0, &|_| false, 0);
+        agg.rebalance(2.0, &[], 0);
         assert_eq!(own(&agg, 1), None);
         assert_eq!(own(&agg, 2), Some(Counts::default()), "a new series starts at zero");
         agg.request(label(2), c(Endpoint::Messages), 3.0);
@@ -505,7 +549,7 @@ mod tests {
     fn idle_tokens_are_forgotten_and_free_their_slot() {
         let mut agg = Aggregator::new(Limits { top_k: 1, idle_s: 10.0, ..Limits::default() });
         agg.request(label(1), c(Endpoint::Sync), 0.0);
-        agg.rebalance(11.0, &|_| false, 0);
+        agg.rebalance(11.0, &[], 0);
         assert_eq!(agg.stats().tracked_tokens, 0);
         assert_eq!(agg.stats().tokens_expired, 1);
         agg.request(label(2), c(Endpoint::Sync), 12.0);
@@ -535,8 +579,46 @@ mod tests {
         for _ in 0..100 {
             agg.request(label(1), c(Endpoint::Sync), 2.0);
         }
-        agg.rebalance(3.0, &|l| *l == TokenLabel([2; 8]), 0);
+        agg.rebalance(3.0, &[TokenLabel([2; 8])], 0);
         assert!(own(&agg, 1).is_some(), "the busiest keeps the one top-K slot");
         assert!(own(&agg, 2).is_some(), "the suspect keeps its pinned slot");
+    }
+
+    #[test]
+    fn among_many_tokens_the_k_busiest_and_every_suspect_hold_the_slots_and_nothing_else() {
+        let mut agg = Aggregator::new(Limits { top_k: 10, idle_s: 100.0, max_series: 10_000, ..Limits::default() });
+        let n = |i: u32| TokenLabel([i as u8, (i >> 8) as u8, 0, 0, 0, 0, 0, 1]);
+        // 2,000 tokens; token i makes i % 50 requests, so the busiest are those with i % 50 = 49.
+        for i in 0..2000u32 {
+            for _ in 0..=(i % 50) {
+                agg.request(Some(n(i)), c(Endpoint::Sync), 1.0);
+            }
+            agg.release_held();
+        }
+        // One old token, idle by the rebalance; one quiet suspect.
+        agg.request(Some(n(5000)), c(Endpoint::Sync), -200.0);
+        agg.release_held();
+        let suspect = n(50);
+        agg.rebalance(2.0, &[suspect, n(9999)], 0);
+
+        let mut exported: Vec<TokenLabel> = agg.exported().map(|(l, _)| l).collect();
+        exported.sort();
+        let mut busiest: Vec<TokenLabel> = (0..2000).filter(|i| i % 50 == 49).map(n).take(40).collect();
+        assert!(exported.contains(&suspect), "the suspect is pinned beyond top_k");
+        assert!(!exported.contains(&n(9999)), "a suspect the aggregator never saw takes no slot");
+        exported.retain(|l| *l != suspect);
+        assert_eq!(exported.len(), 10, "top_k slots besides the suspect");
+        busiest.sort();
+        assert!(exported.iter().all(|l| busiest.contains(l)), "only the busiest hold them: {exported:?}");
+        let stats = agg.stats();
+        assert_eq!(stats.tokens_expired, 1, "the idle token is forgotten");
+        assert_eq!((stats.tracked_tokens, stats.exported_tokens, stats.tokens_folded), (2000, 11, 1989));
+        // A token that lost its slot counts in overflow now, a slot holder under its own.
+        let before = agg.overflow().total().requests;
+        agg.request(Some(n(0)), c(Endpoint::Sync), 3.0);
+        assert_eq!(agg.overflow().total().requests, before + 1);
+        let holder = exported[0];
+        agg.request(Some(holder), c(Endpoint::Sync), 3.0);
+        assert_eq!(agg.exported().find(|(l, _)| *l == holder).map(|(_, e)| e.total().requests), Some(1));
     }
 }

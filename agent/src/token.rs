@@ -239,6 +239,9 @@ impl std::hash::Hasher for LabelHasher {
 /// A map keyed by token label, with the hasher above.
 pub type LabelMap<V> = std::collections::HashMap<TokenLabel, V, std::hash::BuildHasherDefault<LabelHasher>>;
 
+/// A set of token labels, with the hasher above.
+pub type LabelSet = std::collections::HashSet<TokenLabel, std::hash::BuildHasherDefault<LabelHasher>>;
+
 /// A token's public name: the first 8 bytes of its keyed hash. 64 bits make collisions
 /// negligible among the tokens of one homeserver while keeping labels short.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]

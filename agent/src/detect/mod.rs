@@ -361,8 +361,8 @@ impl Detector {
         self.scored.iter().filter(|e| e.score >= self.cfg.pin_score || e.alerted).map(|e| e.token)
     }
 
-    /// Whether `token` is among [`Detector::suspects`], in constant time (for the
-    /// aggregator's `pinned` predicate).
+    /// Whether `token` is a suspect by its state now (what [`Detector::suspects`] lists as
+    /// of the latest tick), in constant time.
     pub fn is_suspect(&self, token: &TokenLabel) -> bool {
         self.tokens.get(token).is_some_and(|t| self.is_suspect_state(t))
     }
