@@ -741,7 +741,7 @@ fn read_head(rx: &Receive<'_>, conn: &mut Conn, mut pos: u64, sink: &mut impl Si
 /// A complete head: attribute the connection to it and report it. Returns false when the
 /// head was refused (the connection is then desynchronised).
 fn start_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], sink: &mut impl Sink) -> bool {
-    let parsed = match http::parse_head(head) {
+    let parsed = match http::parse_framed_head(head) {
         Ok(parsed) => parsed,
         Err(e) => {
             conn.desync(ParseFailure::Head(e), sink);
