@@ -1429,6 +1429,10 @@ fn report(
     let mut r = String::new();
     let _ = writeln!(r, "## vigie bench: results\n");
     let _ = writeln!(r, "Machine: {}.", machine());
+    if let Some(bin) = &o.vigie_bin {
+        // The commit above is the tree's; the agent measured is this binary.
+        let _ = writeln!(r, "Agent measured: `{}` (`--vigie-bin`, not built from this tree).", bin.display());
+    }
     let _ = writeln!(
         r,
         "Load: nginx 1 worker pinned to CPU {NGINX_CPU}, wrk -t1 -c{} pinned to CPU {WRK_CPU}, vigie not pinned, all three at nice {}; {} s per run, {} runs per mode (median), without/with alternating.\n",
