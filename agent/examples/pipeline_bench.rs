@@ -615,7 +615,7 @@ fn hot_paths() {
     let rounds = 5;
     let started = Instant::now();
     for k in 0..rounds {
-        agg.rebalance(20.0 + f64::from(k), &[], 0);
+        agg.rebalance(20.0 + f64::from(k), [], 0);
     }
     let rebalance_ms = started.elapsed().as_secs_f64() * 1e3 / f64::from(rounds);
     std::hint::black_box(agg.stats());

@@ -17,11 +17,11 @@
 //!
 //! Requests that carry no token are counted per endpoint under `anonymous`.
 
-use crate::detect::Tally;
-use crate::endpoint::Endpoint;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
+use crate::detect::Tally;
+use crate::endpoint::Endpoint;
 use crate::token::{LabelSet, TokenLabel};
 use crate::vocab::Vantage;
 
@@ -350,13 +350,13 @@ impl Aggregator {
     /// One pass over the table (expiry and ranking together, into a heap of `top_k`), then
     /// work on the few hundred tokens that have or get a slot: at a million tracked tokens
     /// this runs while the ring buffer waits, so it must not walk the table twice.
-    pub fn rebalance(&mut self, now_s: f64, suspects: &[TokenLabel], other_series: usize) {
+    pub fn rebalance(&mut self, now_s: f64, suspects: impl IntoIterator<Item = TokenLabel>, other_series: usize) {
         // Normally done by the tick already; a rebalance without one must not keep them.
         self.release_held();
         let idle = self.limits.idle_s;
         let tau = self.limits.activity_tau_s;
         let k = self.limits.top_k;
-        let pinned: LabelSet = suspects.iter().copied().collect();
+        let pinned: LabelSet = suspects.into_iter().collect();
         // The `k` most active tokens that are not suspects, least active on top.
         let mut top: BinaryHeap<Reverse<(Activity, TokenLabel)>> = BinaryHeap::with_capacity(k + 1);
         let before = self.tokens.len();
@@ -532,7 +532,7 @@ mod tests {
             agg.response_bytes(label(2), c(Endpoint::Messages), 10);
         }
         assert_eq!(own(&agg, 2), None, "no free slot yet: token 2 is in overflow");
-        agg.rebalance(2.0, &[], 0);
+        agg.rebalance(2.0, [], 0);
         assert_eq!(own(&agg, 1), None);
         assert_eq!(own(&agg, 2), Some(Counts::default()), "a new series starts at zero");
         agg.request(label(2), c(Endpoint::Messages), 3.0);
@@ -549,7 +549,7 @@ mod tests {
     fn idle_tokens_are_forgotten_and_free_their_slot() {
         let mut agg = Aggregator::new(Limits { top_k: 1, idle_s: 10.0, ..Limits::default() });
         agg.request(label(1), c(Endpoint::Sync), 0.0);
-        agg.rebalance(11.0, &[], 0);
+        agg.rebalance(11.0, [], 0);
         assert_eq!(agg.stats().tracked_tokens, 0);
         assert_eq!(agg.stats().tokens_expired, 1);
         agg.request(label(2), c(Endpoint::Sync), 12.0);
@@ -579,7 +579,7 @@ mod tests {
         for _ in 0..100 {
             agg.request(label(1), c(Endpoint::Sync), 2.0);
         }
-        agg.rebalance(3.0, &[TokenLabel([2; 8])], 0);
+        agg.rebalance(3.0, [TokenLabel([2; 8])], 0);
         assert!(own(&agg, 1).is_some(), "the busiest keeps the one top-K slot");
         assert!(own(&agg, 2).is_some(), "the suspect keeps its pinned slot");
     }
@@ -599,7 +599,7 @@ mod tests {
         agg.request(Some(n(5000)), c(Endpoint::Sync), -200.0);
         agg.release_held();
         let suspect = n(50);
-        agg.rebalance(2.0, &[suspect, n(9999)], 0);
+        agg.rebalance(2.0, [suspect, n(9999)], 0);
 
         let mut exported: Vec<TokenLabel> = agg.exported().map(|(l, _)| l).collect();
         exported.sort();

@@ -201,13 +201,12 @@ impl std::error::Error for HeadError {}
 /// Headers are matched case-insensitively. When a header that should be single appears
 /// several times, the first is used, except `Content-Length` (all must agree).
 pub fn parse_head(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
-    let end = match head_end(buf) {
-        Some(end) if end > MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
-        Some(end) => end,
-        None if buf.len() > MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
-        None => return Err(HeadError::Incomplete),
-    };
-    parse_framed_head(buf.get(..end).ok_or(HeadError::Incomplete)?)
+    match head_end(buf) {
+        // parse_framed_head refuses a head over MAX_HEAD_BYTES.
+        Some(end) => parse_framed_head(buf.get(..end).ok_or(HeadError::Incomplete)?),
+        None if buf.len() > MAX_HEAD_BYTES => Err(HeadError::TooLarge),
+        None => Err(HeadError::Incomplete),
+    }
 }
 
 /// Parse a head the caller already framed: `head` ends just past its blank line (as
@@ -277,11 +276,6 @@ fn parse_with<'b>(
     let mut keep_alive = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
-        // The lengths of the names below: most of a browser's or SDK's headers are none of
-        // them, and a length check spares the case-insensitive comparisons.
-        if !matches!(name.len(), 6 | 10 | 13 | 14 | 15 | 17) {
-            continue;
-        }
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
         if is("authorization") {
             out.authorization.get_or_insert(h.value);

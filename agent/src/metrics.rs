@@ -541,7 +541,7 @@ mod tests {
         }
         // The quietest token is "suspect": pinned whatever its activity and the budget.
         s.aggregator.request(Some(label(1000)), Class { endpoint: Endpoint::Sync, vantage: Vantage::Socket }, 0.5);
-        s.aggregator.rebalance(2.0, &[label(1000), label(99)], 0);
+        s.aggregator.rebalance(2.0, [label(1000), label(99)], 0);
         let exported: Vec<TokenLabel> = s.aggregator.exported().map(|(l, _)| l).collect();
         assert!(exported.contains(&label(1000)) && exported.contains(&label(99)));
         let stats = s.aggregator.stats();

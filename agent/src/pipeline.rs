@@ -13,7 +13,7 @@ use crate::conn::{Http2Event, ParseFailure, RequestSeen, Sink, Tracker};
 use crate::detect::{DetectConfig, Detector};
 use crate::endpoint::Endpoint;
 use crate::record::{self, Record};
-use crate::token::{TokenKey, TokenLabel};
+use crate::token::TokenKey;
 use crate::vocab::{Attribution, ConnKey, Vantage};
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of the kernel's timestamps.
@@ -276,7 +276,6 @@ impl State {
     /// keep theirs).
     pub fn housekeeping(&mut self, now_ns: u64) {
         self.tracker.expire_idle(now_ns, self.connection_idle_ns);
-        let suspects: Vec<TokenLabel> = self.detector.suspects().collect();
-        self.aggregator.rebalance(now_ns as f64 / 1e9, &suspects, self.detector.series());
+        self.aggregator.rebalance(now_ns as f64 / 1e9, self.detector.suspects(), self.detector.series());
     }
 }

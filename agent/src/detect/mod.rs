@@ -21,8 +21,7 @@
 //! [`Detector::on_response_bytes`] for every response byte count (both on the hot path:
 //! allocation only when a token's storage grows, amortised), [`Detector::tick`] about once a second (scores,
 //! population statistics, expiry), then read [`Detector::scores`] and
-//! [`Detector::suspects`] (or [`Detector::is_suspect`]). Only token labels are ever seen or
-//! kept.
+//! [`Detector::suspects`]. Only token labels are ever seen or kept.
 //!
 //! Feed it one vantage only: behind a TLS terminator the same request is seen at the socket
 //! and in the TLS library, and counting both would halve every threshold.
@@ -359,12 +358,6 @@ impl Detector {
     /// above `pin_score`, or an alert within `alert_memory_s`.
     pub fn suspects(&self) -> impl Iterator<Item = TokenLabel> + '_ {
         self.scored.iter().filter(|e| e.score >= self.cfg.pin_score || e.alerted).map(|e| e.token)
-    }
-
-    /// Whether `token` is a suspect by its state now (what [`Detector::suspects`] lists as
-    /// of the latest tick), in constant time.
-    pub fn is_suspect(&self, token: &TokenLabel) -> bool {
-        self.tokens.get(token).is_some_and(|t| self.is_suspect_state(t))
     }
 
     /// Estimated distinct rooms the token touched in the last 10 minutes (as of the latest
