@@ -218,8 +218,10 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                 // most until here (or the send-total poll, whichever comes first).
                 drain(ring.get_mut(), &state);
                 let kernel = probes.counters();
+                let misses = probes.program_misses();
                 let mut st = lock(&state);
                 st.health.kernel = kernel;
+                st.health.program_misses = misses;
                 st.tick(monotonic_ns());
                 if let Some(r) = &mut respond {
                     r.tick(&mut st, monotonic_ns());

@@ -238,6 +238,12 @@ pub const AGENT_METRICS: &[AgentMetric] = &[
         }),
     ),
     metric(
+        "vigie_kernel_program_misses",
+        Counter,
+        "Runs of a kernel program the kernel skipped because another BPF program was running on that CPU: the receive, send or close it would have seen is lost",
+        By("program", |s| s.health.program_misses.clone()),
+    ),
+    metric(
         "vigie_kernel_conn_table_full",
         Counter,
         "Connections the kernel could not record because its connection map was full",

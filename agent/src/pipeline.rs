@@ -39,6 +39,8 @@ pub struct Health {
     pub parse_failures: BTreeMap<&'static str, u64>,
     /// Kernel-side counters, `vigie_common::COUNTER_*`.
     pub kernel: [u64; COUNTER_COUNT as usize],
+    /// Runs of each kernel program the kernel skipped (`Probes::program_misses`).
+    pub program_misses: Vec<(&'static str, u64)>,
     pub probes_attached: usize,
     /// `loader::CaptureSource::name` of the programs attached.
     pub capture_source: &'static str,

@@ -4,6 +4,7 @@
 //! when there is one; a kernel that lacks a tracepoint vigie needs is reported with the full
 //! list of what is missing before anything is loaded.
 
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -298,6 +299,8 @@ pub struct Probes {
     tls_process_links: Vec<ProcessLinks>,
     /// The kernel's diagnostics, only when `kernel_log` is on.
     kernel_log: Option<KernelLogger>,
+    /// Names of the object's programs, for metric labels: a fixed set, leaked once per load.
+    program_names: Vec<&'static str>,
 }
 
 /// aya-log's reader of the kernel's log ring. It must outlive the programs' loads: dropping
@@ -519,6 +522,21 @@ impl Probes {
             .collect()
     }
 
+    /// Per loaded program, the runs the kernel skipped because another BPF program was
+    /// already running on that CPU (`bpf_prog_info.recursion_misses`). A tracepoint that
+    /// fires in an interrupt taken while one of vigie's programs runs (the final ACK of a
+    /// close, processed in softirq) does not run it: that receive, send or close is not seen.
+    /// The kernel counts those and nothing else can; kernels before 5.12 report 0.
+    pub fn program_misses(&self) -> Vec<(&'static str, u64)> {
+        self.program_names
+            .iter()
+            .filter_map(|&name| {
+                let fd = self.ebpf.program(name)?.fd().ok()?;
+                Some((name, recursion_misses(fd.as_fd()).ok()?))
+            })
+            .collect()
+    }
+
     /// Tell the kernel whether the agent drains the ring on its timer (awake: no wakeups but
     /// for a backlog) or sleeps until the next record wakes it.
     pub fn set_awake(&mut self, awake: bool) -> Result<()> {
@@ -631,8 +649,10 @@ pub fn load(ports: &[u16], choice: SourceChoice, kernel_log: bool) -> Result<Pro
     let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS missing")?)?;
     let conns = HashMap::try_from(ebpf.take_map("CONNS").context("map CONNS missing")?)?;
     let awake = Array::try_from(ebpf.take_map("AGENT_AWAKE").context("map AGENT_AWAKE missing")?)?;
+    let program_names = ebpf.programs().map(|(name, _)| &*Box::leak(name.to_owned().into_boxed_str())).collect();
     let mut probes = Probes {
         ebpf,
+        program_names,
         tls_targets: Vec::new(),
         events: Some(events),
         counters,
@@ -646,6 +666,35 @@ pub fn load(ports: &[u16], choice: SourceChoice, kernel_log: bool) -> Result<Pro
     };
     probes.add_server_processes(ports)?;
     Ok(probes)
+}
+
+/// `bpf_prog_info.recursion_misses` of a loaded program (`BPF_OBJ_GET_INFO_BY_FD`).
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // The command's part of `union bpf_attr`; the kernel requires the rest to be zero.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // SAFETY: plain integers and arrays of them; all-zero is a valid value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: &raw mut info as u64,
+    };
+    // SAFETY: `attr` points at `info`, which outlives the call; the kernel writes at most
+    // `info_len` bytes into it and reads nothing else.
+    let ret = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &raw const attr, std::mem::size_of::<InfoAttr>())
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.recursion_misses)
 }
 
 #[cfg(test)]
