@@ -197,6 +197,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<vigie_common::KernelLayout> {
         skc_num: btf.offset_of("sock_common", "skc_num")?,
         sk_socket: btf.offset_of("sock", "sk_socket")?,
         socket_file: btf.offset_of("socket", "file")?,
+        sk_protocol: btf.offset_of("sock", "sk_protocol")?,
         ..Default::default()
     })
 }

@@ -12,7 +12,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        TracePoint, UProbe,
+        RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeScope},
     },
 };
@@ -126,6 +126,14 @@ pub const ATTACHMENTS: &[Attachment] = &[
 ];
 
 impl Attachment {
+    /// The `sock:*` tracepoints are attached raw: their programs take the tracepoint's
+    /// arguments, and the kernel skips them only when the same program is already running
+    /// on the CPU (a classic tracepoint's, when any BPF program is; see the kernel side's
+    /// `sock` module).
+    pub fn raw(&self) -> bool {
+        self.category == "sock"
+    }
+
     pub fn used_by(&self, source: CaptureSource) -> bool {
         match self.need {
             Need::Always => true,
@@ -152,6 +160,7 @@ const SSL_RETURN_PROGRAM: &str = "vigie_ssl_return";
 /// tells an entry trap's cost from a return's.
 pub const FLOOR_ENV: &str = "VIGIE_BENCH_FLOOR";
 const FLOOR_TRACEPOINT: &str = "vigie_floor_tp";
+const FLOOR_RAW_TRACEPOINT: &str = "vigie_floor_raw";
 const FLOOR_UPROBE: &str = "vigie_floor_up";
 const FLOOR_URETPROBE: &str = "vigie_floor_uret";
 
@@ -206,10 +215,6 @@ pub fn source_unavailable(source: CaptureSource) -> Option<String> {
     if !missing.is_empty() {
         return Some(format!("this kernel lacks {}", missing.join(", ")));
     }
-    let moved = sock_field_mismatches(source);
-    if !moved.is_empty() {
-        return Some(format!("its sock:* records differ from what the programs read: {}", moved.join("; ")));
-    }
     // Both sources check a file descriptor against its socket (the socket source, that the
     // registers it reads belong to a receive on that socket) with offsets from BTF.
     if let Err(e) =
@@ -246,20 +251,6 @@ fn kernel_layout(source: CaptureSource) -> Result<vigie_common::KernelLayout> {
     layout.fork_child_pid = tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
     layout.syscall_source = u32::from(source == CaptureSource::Syscalls);
     Ok(layout)
-}
-
-/// The `sock:*` record fields read by `source`'s programs whose offset on this kernel (its
-/// tracefs format files) is not the one compiled into them, each as a sentence.
-pub fn sock_field_mismatches(source: CaptureSource) -> Vec<String> {
-    vigie_common::SOCK_TRACEPOINT_FIELDS
-        .iter()
-        .filter(|(tp, _, _)| ATTACHMENTS.iter().any(|a| a.category == "sock" && a.name == *tp && a.used_by(source)))
-        .filter_map(|&(tp, field, want)| match tracepoint_field_offset("sock", tp, field) {
-            Ok(got) if got as usize == want => None,
-            Ok(got) => Some(format!("sock:{tp} has {field} at offset {got}, the programs read offset {want}")),
-            Err(e) => Some(format!("{e:#}")),
-        })
-        .collect()
 }
 
 /// A field's offset in a tracepoint's record, from its tracefs format file.
@@ -618,19 +609,32 @@ pub fn load(ports: &[u16], choice: SourceChoice, kernel_log: bool) -> Result<Pro
     let mut attached = 0;
     let mut loaded: Vec<&str> = Vec::new();
     for a in ATTACHMENTS.iter().filter(|a| a.used_by(source)) {
-        let name = if floor { FLOOR_TRACEPOINT } else { a.program };
-        let program: &mut TracePoint = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?
-            .try_into()
-            .with_context(|| format!("program {name} is not a tracepoint program"))?;
-        if !loaded.contains(&name) {
-            program.load().with_context(|| format!("loading program {name} for {}:{}", a.category, a.name))?;
+        let name = match (floor, a.raw()) {
+            (false, _) => a.program,
+            (true, false) => FLOOR_TRACEPOINT,
+            (true, true) => FLOOR_RAW_TRACEPOINT,
+        };
+        let first = !loaded.contains(&name);
+        let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the eBPF object"))?;
+        let what = || format!("program {name} for {}:{}", a.category, a.name);
+        if a.raw() {
+            let program: &mut RawTracePoint =
+                program.try_into().with_context(|| format!("program {name} is not a raw tracepoint program"))?;
+            if first {
+                program.load().with_context(|| format!("loading {}", what()))?;
+            }
+            program.attach(a.name).with_context(|| format!("attaching {} (raw)", what()))?;
+        } else {
+            let program: &mut TracePoint =
+                program.try_into().with_context(|| format!("program {name} is not a tracepoint program"))?;
+            if first {
+                program.load().with_context(|| format!("loading {}", what()))?;
+            }
+            program.attach(a.category, a.name).with_context(|| format!("attaching {}", what()))?;
+        }
+        if first {
             loaded.push(name);
         }
-        program
-            .attach(a.category, a.name)
-            .with_context(|| format!("attaching program {name} to {}:{}", a.category, a.name))?;
         attached += 1;
     }
 

@@ -179,18 +179,6 @@ pub fn check(ports: &[u16], key_file: &Path, trial: bool, choice: SourceChoice) 
             }
             Err(e) => r.push(Status::Fail, "capture source", format!("{e:#}")),
         }
-        if let Some(source) = chosen {
-            let moved = loader::sock_field_mismatches(source);
-            if moved.is_empty() {
-                r.push(
-                    Status::Ok,
-                    "sock:* record layout",
-                    "every field offset the programs read matches this kernel's tracefs format files",
-                );
-            } else {
-                r.push(Status::Fail, "sock:* record layout", moved.join("; "));
-            }
-        }
         let missing = loader::missing_tracepoints();
         let mut seen: Vec<&str> = Vec::new();
         for a in ATTACHMENTS {

@@ -83,34 +83,6 @@ pub const COUNTER_COUNT: u32 = 5;
 /// The agent checks it against the kernel's BTF when there is one (`KernelLayout::skc_num`).
 pub const SKC_NUM_OFFSET: u64 = 14;
 
-/// Offsets of the fields the socket programs read in `sock:*` tracepoint records (unchanged
-/// since those tracepoints appeared). The agent checks each against the kernel's tracefs
-/// format file before it uses a source that attaches them (`loader::sock_field_mismatches`),
-/// and `vigie check` reports the result.
-pub const SOCK_LENGTH_SK: usize = 8;
-pub const SOCK_LENGTH_FAMILY: usize = 16;
-pub const SOCK_LENGTH_PROTOCOL: usize = 18;
-pub const SOCK_LENGTH_RET: usize = 20;
-pub const SOCK_LENGTH_FLAGS: usize = 24;
-pub const SET_STATE_SKADDR: usize = 8;
-pub const SET_STATE_NEWSTATE: usize = 20;
-
-/// (tracepoint in the `sock` category, field, offset) for every field above.
-pub const SOCK_TRACEPOINT_FIELDS: [(&str, &str, usize); 12] = [
-    ("sock_recv_length", "sk", SOCK_LENGTH_SK),
-    ("sock_recv_length", "family", SOCK_LENGTH_FAMILY),
-    ("sock_recv_length", "protocol", SOCK_LENGTH_PROTOCOL),
-    ("sock_recv_length", "ret", SOCK_LENGTH_RET),
-    ("sock_recv_length", "flags", SOCK_LENGTH_FLAGS),
-    ("sock_send_length", "sk", SOCK_LENGTH_SK),
-    ("sock_send_length", "family", SOCK_LENGTH_FAMILY),
-    ("sock_send_length", "protocol", SOCK_LENGTH_PROTOCOL),
-    ("sock_send_length", "ret", SOCK_LENGTH_RET),
-    ("sock_send_length", "flags", SOCK_LENGTH_FLAGS),
-    ("inet_sock_set_state", "skaddr", SET_STATE_SKADDR),
-    ("inet_sock_set_state", "newstate", SET_STATE_NEWSTATE),
-];
-
 /// What the programs need to know about this kernel's layouts, read by the agent from tracefs
 /// format files and BTF, and written once into the `LAYOUT` map before anything is attached.
 /// Offsets are in bytes.
@@ -143,6 +115,8 @@ pub struct KernelLayout {
     /// descriptor in the receiving syscall's registers is the socket the receive is on.
     pub sk_socket: u32,
     pub socket_file: u32,
+    /// `struct sock.sk_protocol`: the socket programs register TCP sockets only.
+    pub sk_protocol: u32,
 }
 
 /// One record in the ring buffer. `RECV` records are followed by `captured` bytes of payload.

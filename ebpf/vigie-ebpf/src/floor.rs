@@ -4,12 +4,18 @@
 //! judged. Never attached by a normal agent.
 
 use aya_ebpf::{
-    macros::{tracepoint, uprobe, uretprobe},
-    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    macros::{raw_tracepoint, tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
 };
 
 #[tracepoint]
 pub fn vigie_floor_tp(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+/// For the raw tracepoints (`sock:*`); the tracepoint each attaches to is given at attach time.
+#[raw_tracepoint]
+pub fn vigie_floor_raw(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
