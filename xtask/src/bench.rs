@@ -14,9 +14,11 @@
 //!    core, and resident memory per tracked token.
 //! 5. Kernel map memory (`bpftool map show`, every map the agent's file descriptors hold).
 //! 6. Ring-buffer loss at the highest request rate wrk reaches here.
+//! 7. What a task vigie does not watch pays per socket call (an AF_UNIX ping-pong), without
+//!    vigie, with the floor and with vigie.
 //!
 //! Options: `--duration SECS` (per load run, default 10), `--runs N` (runs per mode and
-//! case, default 3), `--only plain,tls,synapse,pipeline,loss`, `--connections N` (default 64),
+//! case, default 3), `--only plain,tls,synapse,pipeline,loss,bystander`, `--connections N` (default 64),
 //! `--loss-connections N` (default 256), `--synapse-connections N` (default 16), `--nice N` (priority of nginx, wrk and vigie, default
 //! -10: the machine may be shared), `--vigie-bin PATH` (measure another build of the agent),
 //! `--keep` (keep the temporary directory).
@@ -290,7 +292,7 @@ impl Options {
         let mut o = Options {
             duration: 10,
             runs: 3,
-            only: ["plain", "tls", "synapse", "pipeline", "loss"].into_iter().map(String::from).collect(),
+            only: ["plain", "tls", "synapse", "pipeline", "loss", "bystander"].into_iter().map(String::from).collect(),
             connections: 64,
             loss_connections: 256,
             synapse_connections: 16,
@@ -314,7 +316,7 @@ impl Options {
                 "--nice" => o.nice = value()?.parse().context("--nice N")?,
                 "--vigie-bin" => o.vigie_bin = Some(PathBuf::from(value()?)),
                 _ => bail!(
-                    "usage: cargo xtask bench [--duration SECS] [--runs N] [--only plain,tls,synapse,pipeline,loss] \
+                    "usage: cargo xtask bench [--duration SECS] [--runs N] [--only plain,tls,synapse,pipeline,loss,bystander] \
                      [--connections N] [--loss-connections N] [--synapse-connections N] [--nice N] [--vigie-bin PATH] [--keep]"
                 ),
             }
@@ -1282,6 +1284,33 @@ impl Bench {
         Ok(run)
     }
 
+    /// What a task vigie does not watch pays: every socket call on the host runs the
+    /// `sock:*` hooks, which return once they see the port is not watched. An AF_UNIX
+    /// ping-pong (those hooks fire for every socket family) times one socket call, without
+    /// vigie, with the floor's empty programs and with vigie, alternating.
+    fn bystander(&mut self) -> Result<Bystander> {
+        let rounds = (self.opts.runs * 2).max(3);
+        step(&format!(
+            "Bystander: a task vigie does not watch, AF_UNIX socketpair ping-pong ({BYSTANDER_TRIPS} round trips of 64 B), ns per socket call, {rounds} rounds without / floor / with vigie"
+        ));
+        let unwatched = free_port()?;
+        let mut out = Bystander::default();
+        for _ in 0..rounds {
+            for (mode, floor) in [(0usize, None), (1, Some("1")), (2, None)] {
+                self.wait_quiet()?;
+                let agent = if mode == 0 { None } else { Some(self.start_vigie(&Watch::Port(unwatched), floor)?) };
+                let ns = socket_call_ns(BYSTANDER_TRIPS)?;
+                drop(agent);
+                println!(
+                    "  bystander {:<13} {ns:>7.0} ns per socket call",
+                    ["without vigie:", "floor:", "with vigie:"][mode]
+                );
+                out.ns[mode].push(ns);
+            }
+        }
+        Ok(out)
+    }
+
     fn pipeline(&mut self) -> Result<PipelineOut> {
         step("Userspace pipeline: cargo run --release -p vigie --example pipeline_bench (one core, no kernel)");
         let log = self.dir().join("pipeline.out");
@@ -1378,7 +1407,11 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let synapse = if only.contains("synapse") { bench.synapse()? } else { vec![] };
     let loss = if only.contains("loss") { Some(bench.loss()?) } else { None };
     let pipeline = if only.contains("pipeline") { Some(bench.pipeline()?) } else { None };
-    let report = report(&bench, &plain, &tls, &synapse, loss.as_ref(), pipeline.as_ref());
+    let bystander = if only.contains("bystander") { Some(bench.bystander()?) } else { None };
+    let mut report = report(&bench, &plain, &tls, &synapse, loss.as_ref(), pipeline.as_ref());
+    if let Some(b) = &bystander {
+        report.push_str(&bystander_report(b));
+    }
     println!("\n{report}");
     let path = root().join("target/bench-report.md");
     if std::fs::write(&path, &report).is_ok() {
@@ -1838,6 +1871,58 @@ fn report(
         }
         let _ = writeln!(r, "| all | | | {:.1} |", total_ns as f64 / 1e9 / l.wrk.duration_s * 100.0);
     }
+    r
+}
+
+const BYSTANDER_TRIPS: usize = 500_000;
+
+/// ns per socket call in each mode (without, floor, with vigie), one figure per round.
+#[derive(Default)]
+struct Bystander {
+    ns: [Vec<f64>; 3],
+}
+
+/// Mean time of one socket call (a 64-byte write or read) over `trips` round trips on a
+/// fresh AF_UNIX socket pair, on this thread.
+fn socket_call_ns(trips: usize) -> Result<f64> {
+    use std::os::unix::net::UnixStream;
+    let (mut a, mut b) = UnixStream::pair().context("socketpair")?;
+    let mut buf = [0u8; 64];
+    let t0 = Instant::now();
+    for _ in 0..trips {
+        a.write_all(&buf)?;
+        b.read_exact(&mut buf)?;
+    }
+    Ok(t0.elapsed().as_nanos() as f64 / (trips * 2) as f64)
+}
+
+fn bystander_report(b: &Bystander) -> String {
+    let [none, floor, with] = [0, 1, 2].map(|i| median(b.ns[i].clone()));
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        format!("{lo:.0}-{hi:.0}")
+    };
+    let mut r = String::new();
+    let _ = writeln!(
+        r,
+        "\nA task vigie does not watch (AF_UNIX ping-pong on the bench's own thread, not pinned; {} rounds per mode, median, range in brackets):\n",
+        b.ns[0].len()
+    );
+    let _ = writeln!(
+        r,
+        "| | without vigie | floor (empty programs) | with vigie | added by the hooks | added by vigie's programs |"
+    );
+    let _ = writeln!(r, "|---|---|---|---|---|---|");
+    let _ = writeln!(
+        r,
+        "| ns per socket call | {none:.0} ({}) | {floor:.0} ({}) | {with:.0} ({}) | {:+.0} ns ({:+.1} %) | {:+.0} ns beyond the floor |",
+        spread(&b.ns[0]),
+        spread(&b.ns[1]),
+        spread(&b.ns[2]),
+        floor - none,
+        (floor - none) / none * 100.0,
+        with - floor
+    );
     r
 }
 
