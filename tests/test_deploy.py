@@ -67,6 +67,7 @@ CONTRACT_METRICS = {
     "vigie_token_distinct_rooms",
     "vigie_events_total",
     "vigie_events_lost_total",
+    "vigie_kernel_program_misses_total",
     "vigie_parse_failures_total",
     "vigie_capture_incomplete_total",
     "vigie_unattributed_response_bytes_total",
@@ -686,7 +687,7 @@ def promtool() -> str:
 
 
 ALERTS = ["VigieTokenAnomaly", "VigieBulkHistoryPaging", "VigieMediaSpree", "VigieEventsLost",
-          "VigieAgentDown", "VigieNoProbes", "VigieKeyMismatch"]
+          "VigieKernelProgramsSkipped", "VigieAgentDown", "VigieNoProbes", "VigieKeyMismatch"]
 
 
 def test_promtool_check_rules():
@@ -702,6 +703,7 @@ def test_promtool_check_rules():
     assert 'up{job="vigie"} == 0' in alerts["VigieAgentDown"]["expr"]
     assert 'absent(up{job="vigie"})' in alerts["VigieAgentDown"]["expr"]
     assert "increase(vigie_events_lost_total[5m]) > 0" in alerts["VigieEventsLost"]["expr"]
+    assert "increase(vigie_kernel_program_misses_total[5m]) > 0" in alerts["VigieKernelProgramsSkipped"]["expr"]
     assert "vigie_probes_attached == 0" in alerts["VigieNoProbes"]["expr"]
     assert "count by (job) (count by (job, fingerprint) (vigie_key_info)) > 1" in alerts["VigieKeyMismatch"]["expr"]
     assert alerts["VigieKeyMismatch"].get("for"), "a key rollout makes hosts disagree for a while"

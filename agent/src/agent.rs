@@ -116,6 +116,7 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
         let mut st = lock(&state);
         st.health.probes_attached = probes.attached;
         st.health.capture_source = if probes.floor { "floor" } else { probes.source.name() };
+        st.health.program_misses = probes.program_misses();
     }
     // Before the first record: a bad [respond] (admin token file readable by others...)
     // refuses the start.
