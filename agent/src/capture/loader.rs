@@ -164,6 +164,20 @@ const FLOOR_RAW_TRACEPOINT: &str = "vigie_floor_raw";
 const FLOOR_UPROBE: &str = "vigie_floor_up";
 const FLOOR_URETPROBE: &str = "vigie_floor_uret";
 
+/// Every program the kernel object holds, once each: those of the attachments, the TLS
+/// probes and the floor (a test checks the object against this list).
+fn program_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = ATTACHMENTS
+        .iter()
+        .map(|a| a.program)
+        .chain(SSL_ENTRY_PROGRAMS.iter().map(|(p, _)| *p))
+        .chain([SSL_RETURN_PROGRAM, FLOOR_TRACEPOINT, FLOOR_RAW_TRACEPOINT, FLOOR_UPROBE, FLOOR_URETPROBE])
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
 fn floor_mode() -> bool {
     std::env::var_os(FLOOR_ENV).is_some_and(|v| v == "1" || v == "entry")
 }
@@ -290,8 +304,6 @@ pub struct Probes {
     tls_process_links: Vec<ProcessLinks>,
     /// The kernel's diagnostics, only when `kernel_log` is on.
     kernel_log: Option<KernelLogger>,
-    /// Names of the object's programs, for metric labels: a fixed set, leaked once per load.
-    program_names: Vec<&'static str>,
 }
 
 /// aya-log's reader of the kernel's log ring. It must outlive the programs' loads: dropping
@@ -519,9 +531,9 @@ impl Probes {
     /// close, processed in softirq) does not run it: that receive, send or close is not seen.
     /// The kernel counts those and nothing else can; kernels before 5.12 report 0.
     pub fn program_misses(&self) -> Vec<(&'static str, u64)> {
-        self.program_names
-            .iter()
-            .filter_map(|&name| {
+        program_names()
+            .into_iter()
+            .filter_map(|name| {
                 let fd = self.ebpf.program(name)?.fd().ok()?;
                 Some((name, recursion_misses(fd.as_fd()).ok()?))
             })
@@ -653,10 +665,8 @@ pub fn load(ports: &[u16], choice: SourceChoice, kernel_log: bool) -> Result<Pro
     let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS missing")?)?;
     let conns = HashMap::try_from(ebpf.take_map("CONNS").context("map CONNS missing")?)?;
     let awake = Array::try_from(ebpf.take_map("AGENT_AWAKE").context("map AGENT_AWAKE missing")?)?;
-    let program_names = ebpf.programs().map(|(name, _)| &*Box::leak(name.to_owned().into_boxed_str())).collect();
     let mut probes = Probes {
         ebpf,
-        program_names,
         tls_targets: Vec::new(),
         events: Some(events),
         counters,
@@ -728,6 +738,14 @@ mod tests {
         assert_eq!(parse_field_offset(old, "child_pid"), Some(44));
         assert_eq!(parse_field_offset(old, "child_comm"), Some(28));
         assert_eq!(parse_field_offset(old, "parent_pid"), None);
+    }
+
+    #[test]
+    fn every_program_of_the_object_is_named_once() {
+        let object = aya_obj::Object::parse(PROGRAMS).expect("the embedded object parses");
+        let mut in_object: Vec<&str> = object.programs.keys().map(String::as_str).collect();
+        in_object.sort_unstable();
+        assert_eq!(in_object, program_names());
     }
 
     #[test]

@@ -79,10 +79,6 @@ pub const COUNTER_NO_BUFFER: u32 = 3;
 pub const COUNTER_SSL_CALL_LOST: u32 = 4;
 pub const COUNTER_COUNT: u32 = 5;
 
-/// `offsetof(struct sock_common, skc_num)`, the socket's local port, on every kernel since 2.6.
-/// The agent checks it against the kernel's BTF when there is one (`KernelLayout::skc_num`).
-pub const SKC_NUM_OFFSET: u64 = 14;
-
 /// What the programs need to know about this kernel's layouts, read by the agent from tracefs
 /// format files and BTF, and written once into the `LAYOUT` map before anything is attached.
 /// Offsets are in bytes.

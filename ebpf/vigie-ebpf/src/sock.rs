@@ -54,8 +54,7 @@ fn read_sock_length(ctx: &RawTracePointContext) -> Option<SockLength> {
 
 /// An IPv4 or IPv6 TCP socket (these tracepoints fire for every socket type and family).
 #[inline(always)]
-fn is_inet_tcp(sk: u64) -> bool {
-    let Some(l) = layout() else { return false };
+fn is_inet_tcp(sk: u64, l: &KernelLayout) -> bool {
     let family: u16 = unsafe { bpf_probe_read_kernel((sk + l.skc_family as u64) as *const u16) }.unwrap_or(0);
     if family != AF_INET && family != AF_INET6 {
         return false;
@@ -65,16 +64,23 @@ fn is_inet_tcp(sk: u64) -> bool {
 }
 
 /// In a process that uses SSL functions, remember which socket this thread just used: that is
-/// how an `SSL*` is tied to its connection.
+/// how an `SSL*` is tied to its connection. `is_stream` is asked only then: the syscall source
+/// knows its socket is one, the socket source reads it from the socket.
 #[inline(always)]
-pub fn note_tls_thread(map: &LruHashMap<u64, u64>, sk: u64) {
+pub fn note_tls_thread(map: &LruHashMap<u64, u64>, sk: u64, is_stream: impl FnOnce() -> bool) {
     if !tls_seen() {
         return;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    if unsafe { TLS_PROCESSES.get(&((pid_tgid >> 32) as u32)) }.is_some() && is_inet_tcp(sk) {
+    if unsafe { TLS_PROCESSES.get(&((pid_tgid >> 32) as u32)) }.is_some() && is_stream() {
         let _ = map.insert(&pid_tgid, &sk, 0);
     }
+}
+
+/// `is_stream` of `note_tls_thread` for the socket source.
+#[inline(always)]
+fn tcp_socket(sk: u64) -> impl FnOnce() -> bool {
+    move || layout().is_some_and(|l| is_inet_tcp(sk, l))
 }
 
 /// The connection this socket belongs to, if its local port is watched. First sight of a
@@ -86,8 +92,9 @@ pub fn note_tls_thread(map: &LruHashMap<u64, u64>, sk: u64) {
 /// at once, on connections already open too; their close is still reported.
 #[inline(always)]
 fn watched_conn(sk: u64) -> Option<*mut ConnInfo> {
-    let offset = layout().map(|l| l.skc_num as u64).unwrap_or(SKC_NUM_OFFSET);
-    let port: u16 = unsafe { bpf_probe_read_kernel((sk + offset) as *const u16) }.ok()?;
+    // Written by the agent before anything is attached; both sources need it.
+    let l = layout()?;
+    let port: u16 = unsafe { bpf_probe_read_kernel((sk + l.skc_num as u64) as *const u16) }.ok()?;
     if !port_watched(port) {
         return None;
     }
@@ -95,7 +102,7 @@ fn watched_conn(sk: u64) -> Option<*mut ConnInfo> {
         return Some(info);
     }
     // Checked once per connection: an address in `CONNS` is a TCP socket's.
-    if !is_inet_tcp(sk) {
+    if !is_inet_tcp(sk, l) {
         return None;
     }
     let info = ConnInfo { start_ns: unsafe { bpf_ktime_get_ns() }, sent: 0, recvs: 0, port, _pad: 0 };
@@ -129,7 +136,7 @@ pub fn on_send(sk: u64, bytes: u64) {
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn vigie_sock_send(ctx: RawTracePointContext) -> i32 {
     let Some(s) = read_sock_length(&ctx) else { return 0 };
-    note_tls_thread(&LAST_SEND_SOCK, s.sk);
+    note_tls_thread(&LAST_SEND_SOCK, s.sk, tcp_socket(s.sk));
     on_send(s.sk, s.ret as u64);
     0
 }
@@ -241,7 +248,7 @@ pub fn vigie_sock_recv(ctx: RawTracePointContext) -> i32 {
     if s.flags & MSG_PEEK != 0 {
         return 0;
     }
-    note_tls_thread(&LAST_RECV_SOCK, s.sk);
+    note_tls_thread(&LAST_RECV_SOCK, s.sk, tcp_socket(s.sk));
     on_recv(s.sk, s.ret as u64, || recv_buffer(s.sk));
     0
 }

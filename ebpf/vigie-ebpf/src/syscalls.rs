@@ -183,7 +183,7 @@ pub fn vigie_exit_recv(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let Some(sk) = sock_of_fd(pending.fd) else { return 0 };
-    note_tls_thread(&LAST_RECV_SOCK, sk);
+    note_tls_thread(&LAST_RECV_SOCK, sk, || true);
     on_recv(sk, ret as u64, || first_buffer(pending.shape, pending.addr));
     0
 }
@@ -196,7 +196,7 @@ pub fn vigie_exit_send(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let Some(sk) = sock_of_fd(pending.fd) else { return 0 };
-    note_tls_thread(&LAST_SEND_SOCK, sk);
+    note_tls_thread(&LAST_SEND_SOCK, sk, || true);
     on_send(sk, ret as u64);
     0
 }
