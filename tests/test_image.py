@@ -114,7 +114,7 @@ def build_image() -> tuple[Image, str]:
     r = run(["cargo", "xtask", "image", "--bin", BINARY], cwd=REPO_ROOT, timeout=1800)
     elapsed = time.monotonic() - started
     assert r.returncode == 0, f"cargo xtask image failed:\n{r.stderr[-4000:]}"
-    m = re.search(r"==> Image (\S+) \((sha256:[0-9a-f]{64})\): ([0-9.]+) MiB uncompressed, archive (\S+) "
+    m = re.search(r"==> (?:\[\d+:\d\d\] )?Image (\S+) \((sha256:[0-9a-f]{64})\): ([0-9.]+) MiB uncompressed, archive (\S+) "
                   r"\(([0-9.]+) MiB\), built in ([0-9.]+) s", r.stderr)
     assert m, r.stderr[-3000:]
     version = run([BINARY, "--version"]).stdout.split()[1]

@@ -92,8 +92,12 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
+/// Each step says how long the run has taken so far: CI keeps only a failed run's output, and
+/// the suite's time budget (an hour on a 2-core machine) is judged from these lines.
 fn step(what: &str) {
-    eprintln!("==> {what}");
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let elapsed = START.get_or_init(std::time::Instant::now).elapsed().as_secs();
+    eprintln!("==> [{}:{:02}] {what}", elapsed / 60, elapsed % 60);
 }
 
 fn sh(cmd: &mut Command) -> Result<()> {
@@ -147,6 +151,8 @@ fn setup() -> Result<()> {
     }
     // nginx and prometheus start services on install; the tests run their own instances.
     let _ = Command::new("systemctl").args(["disable", "--now", "nginx", "prometheus"]).output();
+    // The venv needs only python3; it installs while the Rust tools below build.
+    let venv = std::thread::spawn(python_venv);
 
     if succeeds(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--version"])) {
         step("Rust nightly toolchain (for the eBPF target): present");
@@ -186,6 +192,12 @@ fn setup() -> Result<()> {
 
     ensure_cargo_fuzz()?;
 
+    venv.join().map_err(|_| anyhow::anyhow!("the Python venv's installer thread panicked"))?
+}
+
+/// The integration tests' Python venv (Synapse, clients, pytest), unless tests/requirements.txt
+/// is what it was built from. Mostly downloads: it runs beside the Rust tools' builds.
+fn python_venv() -> Result<()> {
     let venv = root().join("tests/.venv");
     let requirements = root().join("tests/requirements.txt");
     let stamp = venv.join(".requirements");
@@ -198,6 +210,7 @@ fn setup() -> Result<()> {
         sh(Command::new(venv.join("bin/pip")).args(["install", "-q", "--upgrade", "pip"]))?;
         sh(Command::new(venv.join("bin/pip")).args(["install", "-q", "-r"]).arg(&requirements))?;
         std::fs::write(&stamp, wanted)?;
+        step("Python venv for the integration tests: ready");
     }
     Ok(())
 }
@@ -297,6 +310,8 @@ fn test(pytest_args: &[String]) -> Result<()> {
     sh(Command::new(root().join("tests/.venv/bin/python"))
         .current_dir(root())
         .args(["-m", "pytest", "tests/"])
+        // The slowest tests and fixtures, by name, in every run's output: where the hour goes.
+        .arg("--durations=30")
         .args(pytest_args)
         .env("VIGIE_BIN", bin))
 }
