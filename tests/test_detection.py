@@ -4,8 +4,9 @@ Contract: `vigie_token_anomaly_score{token}` per token, 1.0 or more meaning "ale
 `vigie_token_anomaly_reason{token,reason}` saying why; scored tokens are exported even when
 they are not among the busiest.
 
-For each seed, a fresh Synapse holds a world of ~20 rooms with history and media built from
-that seed (harness/world.py); then, with a fresh agent, Element-like traffic of 16 sessions (a
+One Synapse holds a world of ~20 rooms with history and media built from the first seed
+(harness/world.py), shared by the seeds (building it is 90-100 s of the suite's hour); then,
+per seed, with a fresh agent, Element-like traffic of 16 sessions (a
 dozen and more ordinary users, one heavy but legitimate user, the well-connected owner of
 the account that gets hijacked; harness/population.py) runs throughout; after a warm-up, six
 attacks (harness/attacks.py) run one at a time with normal-only traffic between them:
@@ -50,7 +51,7 @@ from harness.world import World, build_world
 REQUESTS = "vigie_token_requests_total"
 DETECT_WITHIN_S = 60.0  # the requirement
 ATTACK_MAX_S = 90.0  # an attack stops at detection or after this long
-GAP_S = 20.0  # normal-only traffic between attacks
+GAP_S = 10.0  # normal-only traffic between attacks (each attack is a fresh token)
 WARMUP_S = float(os.environ.get("VIGIE_DETECTION_WARMUP", "75"))
 # Few export slots, so that a quiet attacker (the slow scrape) is not among the busiest tokens
 # and must be exported because it is scored.
@@ -68,7 +69,7 @@ def _seeds() -> list[int]:
 SEEDS = _seeds()
 
 
-# -- the world, one per seed -----------------------------------------------------------------------
+# -- the world, one for the seeds ------------------------------------------------------------------
 
 
 def _fast_dir() -> str | None:
@@ -95,11 +96,13 @@ def detector_build():
     return binary
 
 
-@pytest.fixture(scope="module", params=SEEDS, ids=[f"seed{s}" for s in SEEDS])
-def world(request, detector_build, tmp_path_factory) -> World:
-    """A fresh Synapse and world per seed: the seed shapes the world (rooms, sizes, who is
-    where, media) as well as the traffic."""
-    seed = request.param
+@pytest.fixture(scope="module")
+def world(detector_build, tmp_path_factory) -> World:
+    """One Synapse and world, from the first seed (rooms, sizes, who is where, media), for
+    every seed's run: each run's traffic (population, attack parameters, addresses) comes from
+    its own seed and each has a fresh agent, so what a run proves does not depend on the
+    world being new; the second run only finds more history (the first run's messages)."""
+    seed = SEEDS[0]
     workdir = tmp_path_factory.mktemp(f"synapse-detection-seed{seed}")
     fast = _fast_dir()
     db = Path(fast or workdir) / "homeserver.db"
@@ -395,8 +398,8 @@ def traffic_problems(res: RunResult) -> list[str]:
 
 
 @pytest.mark.timeout(1200)
-def test_bulk_reads_alert_within_a_minute_and_normal_use_never_does(world, vigie_factory, tmp_path):
-    run_seed = world.seed
+@pytest.mark.parametrize("run_seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
+def test_bulk_reads_alert_within_a_minute_and_normal_use_never_does(world, vigie_factory, tmp_path, run_seed):
     conf = tmp_path / "vigie.toml"
     conf.write_text(f"top_k = {TOP_K}\n")
     vigie = vigie_factory(world.synapse.port, extra_args=["--config", str(conf)])
