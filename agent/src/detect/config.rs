@@ -154,12 +154,16 @@ pub struct DetectConfig {
     pub finished_10m: Ramp,
     /// `/members` or `/state` right after a room's history (10 min).
     pub harvests_10m: Ramp,
-    /// History pages as a share of the requests other than syncs and harvests (10 min),
-    /// counted once `share_min_pages` pages were made. A harvest is part of the scrape, not
-    /// other activity diluting it.
+    /// History pages as a share of the requests other than syncs and other than room reads
+    /// right after that room's history (10 min), counted once `share_min_pages` pages were
+    /// made. Such reads (harvests and their like) are part of the scrape, not other activity
+    /// diluting it.
     pub history_share: Ramp,
     pub share_min_pages: f64,
-    /// Each of the four above at full strength adds this much.
+    /// Pages resuming a room's paging right after another room's page (10 min): rooms paged
+    /// turn about, which keeps each from being finished for minutes.
+    pub resumed_10m: Ramp,
+    /// Each of the five above at full strength adds this much.
     pub pattern_weight: f64,
 
     // --- client_fingerprint: a reading token's client is no known Matrix client -----------
@@ -276,6 +280,7 @@ impl Default for DetectConfig {
             finished_10m: Ramp::new(3.0, 8.0),
             harvests_10m: Ramp::new(2.0, 6.0),
             history_share: Ramp::new(0.5, 0.9),
+            resumed_10m: Ramp::new(4.0, 12.0),
             share_min_pages: 10.0,
             pattern_weight: 0.3,
 

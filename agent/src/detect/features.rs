@@ -202,9 +202,9 @@ impl TokenState {
         if s.mismatch {
             self.agents.mark(s.agent, MISMATCH);
         }
-        if !matches!(s.endpoint, Some(Endpoint::Sync | Endpoint::SlidingSync)) {
-            self.bump(tally, Count::Requests, 1);
-        }
+        // Requests other than syncs, the history share's denominator; a room read right after
+        // that room's history is part of reading it, not other activity (see below).
+        let mut other_request = !matches!(s.endpoint, Some(Endpoint::Sync | Endpoint::SlidingSync));
         self.addresses.see(s.address, now, self.first_s, grace);
         if let Some(room) = s.room {
             self.sketches.insert(Sketch::Touched, now / ROOMS_10M_EPOCH, room, &mut self.rings);
@@ -241,13 +241,14 @@ impl TokenState {
             Some(Endpoint::Members | Endpoint::State) => {
                 self.bump(tally, Count::RoomReads, 1);
                 if let Some(room) = s.room {
-                    let (harvest, finished) = self.rooms.room_read(fold(room), now, HARVEST_WITHIN_S);
-                    if harvest {
+                    let r = self.rooms.room_read(fold(room), now, HARVEST_WITHIN_S);
+                    if r.harvest {
                         self.bump(tally, Count::Harvests, 1);
                     }
-                    if finished {
+                    if r.finished {
                         self.bump(tally, Count::RoomsFinished, 1);
                     }
+                    other_request &= !r.after_history;
                 }
                 true
             }
@@ -276,6 +277,9 @@ impl TokenState {
             }
             _ => false,
         };
+        if other_request {
+            self.bump(tally, Count::Requests, 1);
+        }
         if read && late_agent && self.agents.is_foreign_reader(s.agent) {
             self.bump(tally, Count::ForeignReads, 1);
         }
@@ -306,8 +310,12 @@ impl TokenState {
             if !self.rooms.in_session(fp, now, ROOM_SESSION_S) {
                 tally.rooms_paged += 1;
             }
-            if self.rooms.page(fp, s.from, now, ROOM_SESSION_S).finished {
+            let paged = self.rooms.page(fp, s.from, now, ROOM_SESSION_S);
+            if paged.finished {
                 self.bump(tally, Count::RoomsFinished, 1);
+            }
+            if paged.resumed {
+                self.bump(tally, Count::ResumedPages, 1);
             }
         }
         true
@@ -385,6 +393,7 @@ impl TokenState {
             fromless_10m: f64::from(t10.get(Count::FromlessPages)),
             finished_10m: f64::from(t10.get(Count::RoomsFinished)),
             harvests_10m: f64::from(t10.get(Count::Harvests)),
+            resumed_10m: f64::from(t10.get(Count::ResumedPages)),
             unknown_client: self.agents.marks_since(since_10m) & UNKNOWN != 0,
             client_mismatch: self.agents.marks_since(since_10m) & MISMATCH != 0,
         }
@@ -459,7 +468,8 @@ pub struct Features {
     pub bytes_1h: f64,
     pub agents: u8,
     pub addresses: u8,
-    /// History pages in 10 min, and requests other than syncs.
+    /// History pages in 10 min, and requests other than syncs and other than room reads right
+    /// after that room's history.
     pub pages_10m: f64,
     pub requests_10m: f64,
     /// History pages without `from`, rooms read to their first event, `/members` or `/state`
@@ -467,6 +477,8 @@ pub struct Features {
     pub fromless_10m: f64,
     pub finished_10m: f64,
     pub harvests_10m: f64,
+    /// History pages that resumed a room's paging right after another room's page, 10 min.
+    pub resumed_10m: f64,
     /// A client of the token (seen in 10 min) whose user agent is no known client, or whose
     /// head contradicts it.
     pub unknown_client: bool,

@@ -15,6 +15,13 @@
 //! (the last page is empty, or much shorter than the room's full pages: the response bytes of
 //! each page are summed until the token's next page or room read closes it), and it often
 //! lists a room's members or state right after its history.
+//!
+//! A scraper that pages two or three rooms turn about (so that no room is finished for
+//! minutes, and the finished count stays low) shows it the other way: nearly every page
+//! *resumes* a room's paging right after a page of another room. A person scrolls back in one
+//! room, then maybe the next; returning to a room to page it deeper after another room's page
+//! is rare in a sitting. The two signals are complements: sequential paging finishes rooms
+//! quickly, interleaved paging resumes on every page.
 
 /// A page whose response is smaller than this (status line, headers and an empty `chunk`
 /// take a few hundred bytes; one event is several hundred more) returned nothing: the room's
@@ -43,6 +50,12 @@ const HARVESTED: u8 = 2;
 
 pub const ROOMS: usize = 8;
 
+/// A page going deeper into a room this soon after the room's previous page, with another
+/// room's page in between, resumes it: rooms paged turn about. A scraper at 10 s a request
+/// over three rooms comes back to each within 30-40 s; a person coming back to a room
+/// minutes later to scroll further (a new scrollback) does not count.
+pub const RESUME_WITHIN_S: u32 = 60;
+
 /// No page open.
 const NONE: u8 = u8::MAX;
 
@@ -53,11 +66,13 @@ pub struct RoomTable {
     /// The entry of the latest page whose bytes are still being counted, and those bytes.
     open: u8,
     open_bytes: u32,
+    /// The entry of the token's latest page (open or closed).
+    last: u8,
 }
 
 impl Default for RoomTable {
     fn default() -> Self {
-        RoomTable { entries: Box::default(), open: NONE, open_bytes: 0 }
+        RoomTable { entries: Box::default(), open: NONE, open_bytes: 0, last: NONE }
     }
 }
 
@@ -66,6 +81,20 @@ impl Default for RoomTable {
 pub struct Paged {
     pub depth: u16,
     /// The page before it (of this room or another) finished its room.
+    pub finished: bool,
+    /// It follows a new `from` deeper into a room whose paging is under way, and the token's
+    /// previous page was of another room: paging turn about.
+    pub resumed: bool,
+}
+
+/// What a `/members` or `/state` told about the room.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoomRead {
+    /// It came within the window of the room's latest page: part of reading that room.
+    pub after_history: bool,
+    /// … and is the first such read of the room's paging session: a harvest.
+    pub harvest: bool,
+    /// It closed the room's open page, which finished the room.
     pub finished: bool,
 }
 
@@ -99,23 +128,24 @@ impl RoomTable {
         empty || short
     }
 
-    /// A `/members` or `/state` of `room`: returns whether it follows that room's history
-    /// (paged within `within_s`) for the first time in the session. Closes the open page
-    /// when it is that room's (returned in the second value).
-    pub fn room_read(&mut self, room: u32, now: u32, within_s: u32) -> (bool, bool) {
+    /// A `/members` or `/state` of `room`: whether it follows that room's history (paged
+    /// within `within_s`), for the first time in the session (a harvest), and whether it
+    /// closed the room's open page and so finished it.
+    pub fn room_read(&mut self, room: u32, now: u32, within_s: u32) -> RoomRead {
         let room = room.max(1);
         let Some(i) = self.entries.iter().position(|e| e.room == room) else {
-            return (false, false);
+            return RoomRead::default();
         };
         let finished = usize::from(self.open) == i && self.close();
         let Some(e) = self.entries.get_mut(i) else {
-            return (false, finished);
+            return RoomRead { finished, ..RoomRead::default() };
         };
-        if e.flags & HARVESTED != 0 || now.saturating_sub(e.last_s) > within_s {
-            return (false, finished);
+        let after_history = now.saturating_sub(e.last_s) <= within_s;
+        let harvest = after_history && e.flags & HARVESTED == 0;
+        if harvest {
+            e.flags |= HARVESTED;
         }
-        e.flags |= HARVESTED;
-        (true, finished)
+        RoomRead { after_history, harvest, finished }
     }
 
     /// A page of `room` (fingerprint, non-zero) with `from` (fingerprint, 0 if none), at
@@ -123,11 +153,16 @@ impl RoomTable {
     /// page (see [`Paged::finished`]) and opens this one.
     pub fn page(&mut self, room: u32, from: u32, now: u32, session_s: u32) -> Paged {
         let finished = self.close();
-        let depth = self.deepen(room, from, now, session_s);
-        Paged { depth, finished }
+        let last = self.last;
+        let (depth, deeper_soon) = self.deepen(room, from, now, session_s);
+        let resumed = deeper_soon && last != NONE && last != self.open;
+        self.last = self.open;
+        Paged { depth, finished, resumed }
     }
 
-    fn deepen(&mut self, room: u32, from: u32, now: u32, session_s: u32) -> u16 {
+    /// The room's depth after this page, and whether the page went deeper (a new `from`
+    /// in a session under way) within [`RESUME_WITHIN_S`] of the room's previous page.
+    fn deepen(&mut self, room: u32, from: u32, now: u32, session_s: u32) -> (u16, bool) {
         let room = room.max(1);
         let slot = match self.entries.iter().position(|e| e.room == room) {
             Some(i) => i,
@@ -150,20 +185,22 @@ impl RoomTable {
         };
         self.open = u8::try_from(slot).unwrap_or(NONE);
         let Some(e) = self.entries.get_mut(slot) else {
-            return 0;
+            return (0, false);
         };
         if now.saturating_sub(e.last_s) > session_s {
             *e = Entry { room, first_s: now, last_s: now, ..Entry::default() };
         }
+        let mut deeper = false;
         if from == 0 {
             // From the live end again: a new scroll, not a deeper one.
             e.depth = 1;
         } else if from != e.from || e.depth == 0 {
+            deeper = e.depth > 0 && now.saturating_sub(e.last_s) <= RESUME_WITHIN_S;
             e.depth = e.depth.saturating_add(1);
         }
         e.from = from;
         e.last_s = now;
-        e.depth
+        (e.depth, deeper)
     }
 
     /// Heap bytes behind the table.
@@ -265,11 +302,52 @@ mod tests {
         t.page_bytes(30_000);
         t.page(1, 3, 101, 600);
         t.page_bytes(2_000);
-        assert_eq!(t.room_read(1, 102, 30), (true, true), "after the room's short last page");
-        assert_eq!(t.room_read(1, 103, 30), (false, false), "once per session");
-        assert_eq!(t.room_read(9, 103, 30), (false, false), "a room never paged");
+        let read = |after_history, harvest, finished| RoomRead { after_history, harvest, finished };
+        assert_eq!(t.room_read(1, 102, 30), read(true, true, true), "after the room's short last page");
+        assert_eq!(t.room_read(1, 103, 30), read(true, false, false), "part of the room's reading, harvested once");
+        assert_eq!(t.room_read(9, 103, 30), read(false, false, false), "a room never paged");
         t.page(2, 4, 200, 600);
-        assert_eq!(t.room_read(2, 300, 30), (false, false), "long after its history");
+        assert_eq!(t.room_read(2, 300, 30), read(false, false, false), "long after its history");
+    }
+
+    #[test]
+    fn paging_rooms_turn_about_resumes_them_and_one_room_after_another_does_not() {
+        // Three rooms turn about, each following its own `from` tokens.
+        let mut t = RoomTable::default();
+        let mut resumed = 0;
+        for round in 0..4u32 {
+            for room in 1..=3u32 {
+                resumed += u32::from(t.page(room, 10 * room + round + 1, round * 3 + room, 600).resumed);
+            }
+        }
+        assert_eq!(resumed, 9, "every page after the first round resumes its room");
+        // The same pages, one room after the other: nothing resumed.
+        let mut t = RoomTable::default();
+        for room in 1..=3u32 {
+            for round in 0..4u32 {
+                assert!(!t.page(room, 10 * room + round + 1, room * 4 + round, 600).resumed);
+            }
+        }
+        // Coming back to a room from its live end (no `from`), or after the session ended,
+        // or retrying the same `from`, is not a resume.
+        let mut t = RoomTable::default();
+        t.page(1, 5, 0, 600);
+        t.page(1, 6, 1, 600);
+        t.page(2, 7, 2, 600);
+        assert!(!t.page(1, 0, 3, 600).resumed, "back at the live end");
+        t.page(2, 8, 4, 600);
+        assert!(!t.page(1, 0, 5, 600).resumed, "a retried live end");
+        t.page(2, 9, 6, 600);
+        assert!(!t.page(1, 20, 2000, 600).resumed, "a new session after a pause");
+        t.page(2, 10, 2001, 600);
+        assert!(t.page(1, 21, 2002, 600).resumed, "deeper again after another room's page");
+        t.page(2, 11, 2003, 600);
+        assert!(!t.page(1, 21, 2004, 600).resumed, "the same `from` again is a retry");
+        t.page(2, 12, 2005, 600);
+        assert!(
+            !t.page(1, 22, 2004 + RESUME_WITHIN_S + 1, 600).resumed,
+            "a scroll further back minutes later, within the session: a new sitting"
+        );
     }
 
     #[test]

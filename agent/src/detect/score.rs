@@ -196,9 +196,10 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
     // Breadth over depth: one or two rooms read, however deeply, is what a member exporting or
     // scrolling a room does; what it weighs is capped below (see `narrow_cap`).
     let narrow = f.rooms_10m.max(f.rooms_1h) < c.breadth_rooms;
-    // How much of what the token asks for is history (harvests are part of a scrape, not
-    // other activity): 0 for a chatty reader, 1 for a token that does nothing else.
-    let asked = (f.requests_10m - f.harvests_10m).max(f.pages_10m);
+    // How much of what the token asks for is history (room reads right after a room's
+    // history are part of reading it, and not in `requests_10m`): 0 for a chatty reader, 1
+    // for a token that does nothing else.
+    let asked = f.requests_10m.max(f.pages_10m);
     let share = if f.pages_10m >= c.share_min_pages && asked > 0.0 {
         c.history_share.eval(f.pages_10m / asked).min(1.0)
     } else {
@@ -244,6 +245,7 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
         c.finished_10m.eval(f.finished_10m),
         c.harvests_10m.eval(f.harvests_10m),
         share,
+        c.resumed_10m.eval(f.resumed_10m),
     ];
     e.set(Reason::ScrapePattern, pattern.iter().map(|p| p.min(1.0) * c.pattern_weight).sum(), 1.0);
 

@@ -76,7 +76,8 @@ impl Tally {
             | Count::Requests
             | Count::FromlessPages
             | Count::RoomsFinished
-            | Count::Harvests => return,
+            | Count::Harvests
+            | Count::ResumedPages => return,
         };
         *slot = slot.saturating_add(n);
     }

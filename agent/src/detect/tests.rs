@@ -578,13 +578,14 @@ fn scrape_pattern_fires_on_rooms_paged_fromless_to_their_start_and_not_on_scroll
 
 #[test]
 fn history_share_catches_a_fig_leaf_sync_loop_and_spares_a_chatty_reader() {
-    // Fifteen pages in five rooms over 5 minutes, from prev_batch (no fromless mark), full
-    // pages only (no room finished): only the share can tell.
+    // Fifteen pages in five rooms over 5 minutes, one room after the other (nothing resumed),
+    // from prev_batch (no fromless mark), full pages only (no room finished): only the share
+    // can tell.
     let pages = |c: &Client| {
         (0..15u32)
             .map(|i| {
                 let q = format!("dir=b&from=t{i}&limit=50");
-                c.req(T0 + 10.0 + f64::from(i) * 20.0, Endpoint::Messages, "GET", Some(&sim::room(i % 5)), q, 40_000)
+                c.req(T0 + 10.0 + f64::from(i) * 20.0, Endpoint::Messages, "GET", Some(&sim::room(i / 3)), q, 40_000)
             })
             .collect::<Vec<_>>()
     };
@@ -643,6 +644,60 @@ fn whole_rooms_taken_by_a_token_that_does_little_else_are_breadth_and_a_chatty_r
     // Whole rooms and the history share corroborate; without a client mark or more rooms
     // they do not alert: a member catching up is pinned and explained.
     assert!((0.5..1.0).contains(&score), "{score:.2}");
+}
+
+#[test]
+fn rooms_paged_turn_about_are_a_scrape_pattern_and_one_room_after_another_is_not() {
+    // Three rooms paged turn about, each following its own `from` from a sync's prev_batch,
+    // full pages only (no room finished within the window), one page every 9 s, beside a
+    // live sync loop, from a known mobile client: the interleaved slow scrape that keeps every
+    // room unfinished for minutes.
+    let ua = "Element/1.6.28 (Google Pixel 8; Android 14)";
+    let page = |c: &Client, i: u32, room: u32, depth: u32| {
+        let q = format!("dir=b&from=r{room}p{depth}&limit=30");
+        c.req(T0 + 5.0 + f64::from(i) * 9.0, Endpoint::Messages, "GET", Some(&sim::room(room)), q, 25_000)
+    };
+    let run = |c: &Client, order: &dyn Fn(u32) -> (u32, u32), extra: &dyn Fn(&Client) -> Vec<sim::Req>| {
+        let mut reqs: Vec<sim::Req> = (0..33u32)
+            .map(|i| {
+                let (r, d) = order(i);
+                page(c, i, r, d)
+            })
+            .collect();
+        reqs.extend(syncs(c, 20.0, T0 + 300.0));
+        reqs.extend(extra(c));
+        let (pattern, score) = peak_reason(reqs, T0 + 300.0, c.token, "scrape_pattern");
+        (pattern, score)
+    };
+    let nothing = |_: &Client| Vec::new();
+    let turn_about = Client::new(sim::label(11), ua);
+    let (interleaved, score) = run(&turn_about, &|i| (i % 3, i / 3), &nothing);
+    // The same 33 pages, one room after the other (11 pages each).
+    let in_order = Client::new(sim::label(12), ua);
+    let (sequential, sequential_score) = run(&in_order, &|i| (i / 11, i % 11), &nothing);
+    // A person hopping between the same three rooms, a page deeper each visit, but talking
+    // in them all the while: resumes, and no history share.
+    let hopper = Client::new(sim::label(13), ua);
+    let chat = |c: &Client| {
+        (0..60u32)
+            .flat_map(|k| {
+                let (room, t) = (sim::room(k % 3), T0 + f64::from(k) * 5.0);
+                [
+                    c.req(t, Endpoint::Send, "PUT", Some(&room), String::new(), 90),
+                    c.req(t + 0.3, Endpoint::Other, "POST", Some(&room), String::new(), 60),
+                ]
+            })
+            .collect()
+    };
+    let (hopping, hopper_score) = run(&hopper, &|i| (i % 3, i / 3), &chat);
+    eprintln!(
+        "33 pages of 3 rooms: turn about scrape_pattern {interleaved:.2} (score {score:.2}), \
+         one after another {sequential:.2} ({sequential_score:.2}), a talking hopper {hopping:.2} ({hopper_score:.2})"
+    );
+    assert!(interleaved >= 0.59, "share and resumes at full strength: {interleaved:.2}");
+    assert!(sequential <= 0.31, "the share alone: {sequential:.2}");
+    assert!(hopping <= 0.31, "resumes alone, no share: {hopping:.2}");
+    assert!(hopper_score < 0.5, "a person hopping rooms is not even pinned: {hopper_score:.2}");
 }
 
 #[test]

@@ -45,7 +45,8 @@ pub enum Count {
     FullSyncWeight,
     /// Reads by a client (user agent) that appeared late on the token and does not sync.
     ForeignReads,
-    /// Requests other than syncs: the denominator of the history share.
+    /// Requests other than syncs and other than `/members` or `/state` right after that
+    /// room's history: the denominator of the history share.
     Requests,
     /// History pages with no `from`: paging that no sync's timeline started.
     FromlessPages,
@@ -53,9 +54,11 @@ pub enum Count {
     RoomsFinished,
     /// `/members` or `/state` of a room right after paging its history.
     Harvests,
+    /// History pages resuming a room's paging right after a page of another room.
+    ResumedPages,
 }
 
-pub const COUNTS: usize = 15;
+pub const COUNTS: usize = 16;
 
 /// Byte counters, one `u32` per bucket each (two cells: low and high halves).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +151,7 @@ impl Slot {
         Count::FromlessPages,
         Count::RoomsFinished,
         Count::Harvests,
+        Count::ResumedPages,
     ];
 
     fn code(self) -> u16 {
