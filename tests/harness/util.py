@@ -30,11 +30,43 @@ def venv_python() -> str:
     return sys.executable
 
 
+# Listening ports come from below the kernel's ephemeral range (net.ipv4.ip_local_port_range,
+# 32768-60999 by default). A port the kernel handed out with bind(0) is an ephemeral one: in
+# the moment between choosing it and a server binding it, any outgoing connection (Synapse's
+# own to PostgreSQL, say) can take it as its local port, and the server fails with "Address
+# already in use" (seen once in test_fleet, on the replication port).
+def _listening_ports() -> tuple[int, int]:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return (10000, max(11000, min(32000, low)))
+
+
+_PORTS = _listening_ports()
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral range, and not
+    handed out before by this process."""
+    import random
+
+    rng = random.SystemRandom()
+    with _ports_lock:
+        for _ in range(1000):
+            port = rng.randrange(*_PORTS)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((LOOPBACK, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    raise HarnessError(f"no free TCP port in {_PORTS[0]}-{_PORTS[1]} after 1000 tries")
 
 
 def tail(path: Path | str, lines: int = 60, max_bytes: int = 64 * 1024) -> str:
