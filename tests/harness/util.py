@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -46,17 +47,15 @@ def _listening_ports() -> tuple[int, int]:
 _PORTS = _listening_ports()
 _handed_out: set[int] = set()
 _ports_lock = threading.Lock()
+_ports_rng = random.SystemRandom()
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral range, and not
     handed out before by this process."""
-    import random
-
-    rng = random.SystemRandom()
     with _ports_lock:
         for _ in range(1000):
-            port = rng.randrange(*_PORTS)
+            port = _ports_rng.randrange(*_PORTS)
             if port in _handed_out:
                 continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

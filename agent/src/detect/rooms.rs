@@ -155,7 +155,8 @@ impl RoomTable {
         let finished = self.close();
         let last = self.last;
         let (depth, deeper_soon) = self.deepen(room, from, now, session_s);
-        let resumed = deeper_soon && last != NONE && last != self.open;
+        // A page that goes deeper follows an earlier page of its room, so `last` is set.
+        let resumed = deeper_soon && last != self.open;
         self.last = self.open;
         Paged { depth, finished, resumed }
     }
