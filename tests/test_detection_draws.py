@@ -5,9 +5,11 @@ messages, a moderation bot and a bridge account in every room), one agent, the E
 population of test_detection.py throughout. Then, concurrently (vigie scores per token):
 
 - `VIGIE_DRAWS` drawn scrapes (default 8; harness/draws.py says what is drawn and from which
-  ranges), at most `VIGIE_DRAWS_CONCURRENCY` (default: all) at a time, each on a fresh login of
-  the hijacked account, each running until its token reaches 1.0 or 300 s after its first
-  request;
+  ranges) made with the tests' own HTTP client, and `VIGIE_NIO_DRAWS` more (default a quarter
+  of that, at least 2) made with matrix-nio, a real third-party client library
+  (harness/nio_draws.py), at most `VIGIE_DRAWS_CONCURRENCY` (default: all) at a time, each on a
+  fresh login of the hijacked account, each running until its token reaches 1.0 or 300 s after
+  its first request;
 - the four legitimate heavy readers of harness/draws.py (one-room export, moderation bot,
   key-backup restore, bridge), from the start to the end.
 
@@ -36,9 +38,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.draws import READERS, Draw, DrawnScrape, Reader, draw
+from harness.draws import READERS, Draw, DrawnScrape, Reader, draw, nio_draw
 from harness.matrix import Recorder
 from harness.monitor import ALERT, ScoreMonitor
+from harness.nio_draws import NioScrape
 from harness.population import Population
 from harness.synapse import Synapse
 from harness.util import HarnessError
@@ -47,8 +50,9 @@ from harness.world import World, build_world
 DRAW_MAX_S = 300.0
 SEED = int(os.environ.get("VIGIE_DRAWS_SEED") or os.environ.get("VIGIE_TEST_SEED") or "1")
 DRAWS = int(os.environ.get("VIGIE_DRAWS", "8"))
+NIO_DRAWS = int(os.environ.get("VIGIE_NIO_DRAWS") or max(2, DRAWS // 4))
 # By default every draw at once: one wave of at most 300 s keeps the CI run bounded.
-CONCURRENCY = int(os.environ.get("VIGIE_DRAWS_CONCURRENCY") or DRAWS)
+CONCURRENCY = int(os.environ.get("VIGIE_DRAWS_CONCURRENCY") or DRAWS + NIO_DRAWS)
 WARMUP_S = 30.0
 
 
@@ -77,7 +81,7 @@ def draws_world(tmp_path_factory) -> World:
 @dataclass
 class DrawRun:
     params: Draw
-    attack: DrawnScrape
+    attack: DrawnScrape | NioScrape
     label: str = ""
     ttd: float | None = None
     max_score: float = 0.0
@@ -96,7 +100,7 @@ def _fmt_reasons(r: dict | None) -> str:
     return ", ".join(f"{k}={v:.2f}" for k, v in sorted((r or {}).items(), key=lambda kv: -kv[1])) or "-"
 
 
-def run_draws(world: World, vigie, seed: int, n: int, concurrency: int, log=print):
+def run_draws(world: World, vigie, seed: int, n: int, n_nio: int, concurrency: int, log=print):
     rec = Recorder()
     monitor = ScoreMonitor(vigie, interval=1.0)
     pop = Population(world, seed, rec)
@@ -116,8 +120,12 @@ def run_draws(world: World, vigie, seed: int, n: int, concurrency: int, log=prin
     runs: list[DrawRun] = []
     lock = threading.Lock()
     todo: queue.Queue = queue.Queue()
-    for i in range(n):
-        todo.put(i)
+    # The two kinds alternate in the queue, so that a wave of fewer workers than draws mixes them.
+    kinds = [("harness", i) for i in range(n)]
+    for j in range(n_nio):
+        kinds.insert(min(len(kinds), 4 * j + 3), ("nio", j))
+    for item in kinds:
+        todo.put(item)
     pop.stop.wait(WARMUP_S)
 
     def worker(k: int) -> None:
@@ -125,11 +133,15 @@ def run_draws(world: World, vigie, seed: int, n: int, concurrency: int, log=prin
         time.sleep(3.0 * k)
         while True:
             try:
-                i = todo.get_nowait()
+                kind, i = todo.get_nowait()
             except queue.Empty:
                 return
-            p = draw(seed, i)
-            a = DrawnScrape(world, rec, seed, address=f"203.0.113.{10 + i % 240}", params=p)
+            if kind == "nio":
+                p = nio_draw(seed, i)
+                a = NioScrape(world, seed, params=p)
+            else:
+                p = draw(seed, i)
+                a = DrawnScrape(world, rec, seed, address=f"203.0.113.{10 + i % 240}", params=p)
             tok = a.prepare()
             run = DrawRun(p, a, vigie.labels([tok])[tok])
             with lock:
@@ -190,8 +202,10 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
             problems.append(f"{run.attack.name}: non-200 answers {bad}: {st.errors[:2]}")
         if run.params.sync_loop and run.attack.syncs < 1:
             problems.append(f"{run.attack.name}: its sync loop never synced ({run.attack.sync_failure})")
-    for band, lo, hi in (("pace <= 3 s", 0.0, 3.0), ("pace 3-10 s", 3.0, 10.0), ("all", 0.0, 10.0)):
-        sel = [r for r in runs if lo <= r.params.pace <= hi] if band != "all" else runs
+    bands = [("pace <= 3 s", 0.0, 3.0, None), ("pace 3-10 s", 3.0, 10.0, None), ("all", 0.0, 10.0, None),
+             ("matrix-nio draws", 0.0, 10.0, "nio")]
+    for band, lo, hi, library in bands:
+        sel = [r for r in runs if lo <= r.params.pace <= hi and library in (None, r.params.library)]
         if not sel:
             continue
         ttds = [r.ttd if r.ttd is not None else float("inf") for r in sel]
@@ -230,7 +244,7 @@ def test_drawn_scrapes_are_flagged_and_heavy_readers_never_are(draws_world, vigi
     vigie = vigie_factory(draws_world.synapse.port)
     t = time.monotonic()
     runs, readers, reader_labels, pop, pop_labels, monitor, alive, took = run_draws(
-        draws_world, vigie, SEED, DRAWS, CONCURRENCY)
+        draws_world, vigie, SEED, DRAWS, NIO_DRAWS, CONCURRENCY)
     text, problems, missed = report(runs, readers, reader_labels, pop_labels, draws_world, monitor)
     text += f"\nrun took {time.monotonic() - t:.0f} s ({took:.0f} s of traffic); world built in " \
             f"{draws_world.build_seconds:.0f} s"
@@ -239,8 +253,8 @@ def test_drawn_scrapes_are_flagged_and_heavy_readers_never_are(draws_world, vigi
     if os.environ.get("VIGIE_DRAWS_REPORT"):
         Path(os.environ["VIGIE_DRAWS_REPORT"]).write_text(text + "\n")
     vigie.assert_running()
-    if len(runs) != DRAWS:
-        problems.append(f"{len(runs)} draws ran of {DRAWS}")
+    if len(runs) != DRAWS + NIO_DRAWS:
+        problems.append(f"{len(runs)} draws ran of {DRAWS + NIO_DRAWS}")
     if alive:
         problems.append(f"population loops still running: {alive}")
     problems += [f"population: {f}" for f in pop.failures[:5]]

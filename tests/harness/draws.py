@@ -35,7 +35,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .attacks import Attack
 from .matrix import CLIENT_V3, MatrixClient, MatrixError, Recorder
@@ -61,6 +61,7 @@ class Draw:
     sync_loop: bool
     user_agent: str
     from_sync: bool = False  # with a sync loop: start each room from the sync's prev_batch, as Element does
+    library: str = "harness"  # who makes the requests: the tests' client, or "nio" (harness/nio_draws.py)
 
     @property
     def element_agent(self) -> bool:
@@ -75,7 +76,7 @@ class Draw:
         return (f"pace {self.pace:4.1f}s limit {self.limit:4d} interleave {self.interleave} "
                 f"after {'+'.join(self.after_room) or '-':13} "
                 f"sync {'prev' if self.from_sync else 'yes' if self.sync_loop else 'no':4} "
-                f"ua {'element' if self.element_agent else 'script'}")
+                f"ua {'nio' if self.library == 'nio' else 'element' if self.element_agent else 'script'}")
 
 
 def draw(seed: int, index: int) -> Draw:
@@ -88,6 +89,15 @@ def draw(seed: int, index: int) -> Draw:
     ua = rng.choice(ELEMENT_USER_AGENTS) if rng.random() < 0.5 else rng.choice(SCRIPT_AGENTS)
     from_sync = sync_loop and rng.random() < 0.5  # drawn last: the earlier draws stay what they were
     return Draw(index, pace, limit, interleave, after, sync_loop, ua, from_sync)
+
+
+NIO_INDEX = 1000
+
+
+def nio_draw(seed: int, index: int) -> Draw:
+    """The parameters of the `index`-th matrix-nio scrape: drawn from the same ranges as
+    `draw`'s (other draws: indices from `NIO_INDEX` up), with nio's own user agent."""
+    return replace(draw(seed, NIO_INDEX + index), user_agent="matrix-nio (aiohttp)", library="nio")
 
 
 class DrawnScrape(Attack):

@@ -1,5 +1,6 @@
-//! `cargo xtask detect --draws N [--seed S] [--concurrency C]`: many drawn scrapes and the
-//! legitimate heavy readers against one real Synapse (tests/test_detection_draws.py), with the
+//! `cargo xtask detect --draws N [--nio-draws M] [--seed S] [--concurrency C]`: many drawn
+//! scrapes (N made with the tests' HTTP client, M with matrix-nio, a quarter of N by default)
+//! and the legitimate heavy readers against one real Synapse (tests/test_detection_draws.py), with the
 //! distribution of times to detect and every reader's peak score printed at the end (and left
 //! in target/detect/draws-seed{S}.txt). CI runs the same file with its default of 8 draws.
 
@@ -10,6 +11,7 @@ use crate::{build_release, root, setup, sh, step};
 
 pub fn run(args: &[String]) -> Result<()> {
     let mut draws: u32 = 20;
+    let mut nio_draws: Option<u32> = None;
     let mut seed: Option<u64> = None;
     let mut concurrency: u32 = 7;
     let mut it = args.iter();
@@ -20,6 +22,10 @@ pub fn run(args: &[String]) -> Result<()> {
                 let v = value("--draws")?;
                 draws = v.parse().with_context(|| format!("--draws {v:?} is not a number"))?;
             }
+            "--nio-draws" => {
+                let v = value("--nio-draws")?;
+                nio_draws = Some(v.parse().with_context(|| format!("--nio-draws {v:?} is not a number"))?);
+            }
             "--seed" => {
                 let v = value("--seed")?;
                 seed = Some(v.parse().with_context(|| format!("--seed {v:?} is not a number"))?);
@@ -29,7 +35,10 @@ pub fn run(args: &[String]) -> Result<()> {
                 concurrency = v.parse().with_context(|| format!("--concurrency {v:?} is not a number"))?;
             }
             other => {
-                bail!("unknown option {other:?}; usage: cargo xtask detect [--draws N] [--seed S] [--concurrency C]")
+                bail!(
+                    "unknown option {other:?}; usage: cargo xtask detect [--draws N] [--nio-draws M] [--seed S] \
+                     [--concurrency C]"
+                )
             }
         }
     }
@@ -39,11 +48,13 @@ pub fn run(args: &[String]) -> Result<()> {
     setup()?;
     let bin = build_release()?;
     let seed = seed.unwrap_or(1);
+    let nio_draws = nio_draws.unwrap_or((draws / 4).max(2));
     let out = root().join("target/detect");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let report = out.join(format!("draws-seed{seed}.txt"));
     step(&format!(
-        "Detection draws: {draws} drawn scrapes ({concurrency} at a time) and the heavy readers, seed {seed} \
+        "Detection draws: {draws} drawn scrapes and {nio_draws} made with matrix-nio ({concurrency} at a time) \
+         and the heavy readers, seed {seed} \
          (tests/test_detection_draws.py; needs root for BPF)"
     ));
     let result = sh(Command::new(root().join("tests/.venv/bin/python"))
@@ -51,6 +62,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .args(["-m", "pytest", "tests/test_detection_draws.py", "-q", "-s", "-p", "no:cacheprovider"])
         .env("VIGIE_BIN", bin)
         .env("VIGIE_DRAWS", draws.to_string())
+        .env("VIGIE_NIO_DRAWS", nio_draws.to_string())
         .env("VIGIE_DRAWS_SEED", seed.to_string())
         .env("VIGIE_DRAWS_CONCURRENCY", concurrency.to_string())
         .env("VIGIE_DRAWS_REPORT", &report));
