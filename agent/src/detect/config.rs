@@ -145,6 +145,13 @@ pub struct DetectConfig {
     /// client looks like (headless, client_fingerprint, baseline, population): below 1, so
     /// that a deep read of one room is never an alert alone.
     pub narrow_cap: f64,
+    /// A room paged this many pages deep (following `from` tokens), or read to its first
+    /// event, is *read deep*.
+    pub deep_room_pages: f64,
+    /// A narrow reader with this many rooms read deep in 10 min reads *room after room*:
+    /// its reading stays capped at `narrow_reading_cap` (depth is still not breadth), but
+    /// `narrow_cap` no longer holds what its client looks like below 1.
+    pub room_after_room: f64,
 
     // --- scrape_pattern: what a scraper must do to get the data --------------------------
     /// History pages without `from` (10 min): Element pages from its timeline's
@@ -275,6 +282,8 @@ impl Default for DetectConfig {
             breadth_rooms: 3.0,
             narrow_reading_cap: 0.6,
             narrow_cap: 0.9,
+            deep_room_pages: 3.0,
+            room_after_room: 2.0,
 
             fromless_10m: Ramp::new(2.0, 6.0),
             finished_10m: Ramp::new(3.0, 8.0),

@@ -221,6 +221,13 @@ impl RoomTable {
         self.entries.iter().filter(|e| e.room != 0 && e.first_s >= since).count() as u32
     }
 
+    /// Rooms paged at or after `since` whose session went `pages` deep or reached the room's
+    /// first event.
+    pub fn deep_since(&self, since: u32, pages: f64) -> u32 {
+        let deep = |e: &Entry| e.flags & FINISHED != 0 || f64::from(e.depth) >= pages;
+        self.entries.iter().filter(|e| e.room != 0 && e.last_s >= since && deep(e)).count() as u32
+    }
+
     /// Deepest session paged at or after `since`.
     pub fn max_depth_since(&self, since: u32) -> u16 {
         self.entries.iter().filter(|e| e.room != 0 && e.last_s >= since).map(|e| e.depth).max().unwrap_or(0)
@@ -294,6 +301,28 @@ mod tests {
         assert!(!t.page(4, 11, 7, 600).finished);
         // Bytes never seen prove nothing.
         assert!(!t.page(5, 12, 8, 600).finished);
+    }
+
+    #[test]
+    fn rooms_paged_deep_or_read_to_their_start_are_read_deep_and_a_glance_is_not() {
+        let mut t = RoomTable::default();
+        // Room 1: three pages following `from` tokens.
+        for (i, from) in [0, 11, 12].into_iter().enumerate() {
+            t.page(1, from, i as u32, 600);
+            t.page_bytes(20_000);
+        }
+        // Room 2: one full page, then an empty one: read to its first event in two pages.
+        t.page(2, 0, 10, 600);
+        t.page_bytes(20_000);
+        t.page(2, 21, 11, 600);
+        t.page_bytes(300);
+        // Room 3: two pages of scrollback, no more (the page before it closed room 2).
+        t.page(3, 31, 12, 600);
+        t.page_bytes(20_000);
+        t.page(3, 32, 13, 600);
+        assert_eq!(t.deep_since(0, 3.0), 2, "room 1 by depth, room 2 by its start");
+        assert_eq!(t.deep_since(11, 3.0), 1, "room 1's last page is older than that");
+        assert_eq!(t.deep_since(0, 2.0), 3, "at two pages deep, the scrollback counts too");
     }
 
     #[test]

@@ -325,7 +325,13 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
     e.set(Reason::HardCeiling, if ceiling { 1.0 } else { 0.0 }, 1.0);
     if narrow {
         e.cap_group(&[Reason::HistoryPaging, Reason::RoomsBreadth, Reason::ScrapePattern], c.narrow_reading_cap);
-        e.cap_group(&NARROW, c.narrow_cap.min(0.99));
+        // One room read deep is what a member's export or long scrollback is, whatever
+        // client did it. Room after room (the next one read deep too) is how a scrape
+        // starts: its reading still weighs as depth, but a client that does not sync or
+        // is no Matrix client now adds to it in full.
+        if f.deep_rooms_10m < c.room_after_room {
+            e.cap_group(&NARROW, c.narrow_cap.min(0.99));
+        }
     }
     e
 }

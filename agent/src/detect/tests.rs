@@ -790,6 +790,73 @@ fn a_deep_read_of_one_room_is_explained_below_one_and_the_same_depth_across_room
     assert!(broad >= 1.0, "{broad:.2}");
 }
 
+#[test]
+fn room_after_room_from_a_client_that_does_not_sync_alerts_before_a_third_room_and_one_room_never_does() {
+    // A script with no sync loop pages a room of six pages to its first event, lists its
+    // members, then pages the next room (a huge one) at Element's page size, 3 s a request.
+    let page = |c: &Client, room: u32, p: u32, t: f64, last: bool| {
+        let q = if p == 0 { "dir=b&limit=20".to_owned() } else { format!("dir=b&from=r{room}p{p}&limit=20") };
+        c.req(t, Endpoint::Messages, "GET", Some(&sim::room(room)), q, if last { 2_000 } else { 15_000 })
+    };
+    let scrape = |c: &Client, rooms: &[(u32, u32)]| {
+        let mut reqs = Vec::new();
+        let mut t = T0 + 5.0;
+        for &(room, pages) in rooms {
+            for p in 0..pages {
+                reqs.push(page(c, room, p, t, p + 1 == pages));
+                t += 3.0;
+            }
+            reqs.push(c.req(t, Endpoint::Members, "GET", Some(&sim::room(room)), String::new(), 6_000));
+            t += 3.0;
+        }
+        reqs
+    };
+    let first_alert = |reqs: Vec<sim::Req>, token: TokenLabel| {
+        let mut d = Detector::new(cfg());
+        let mut sorted = reqs;
+        sorted.sort_by(|a, b| a.at.total_cmp(&b.at));
+        let mut next = sorted.iter().peekable();
+        let (mut now, mut peak) = (T0, 0.0f64);
+        while now < T0 + 600.0 {
+            now += 1.0;
+            while let Some(r) = next.next_if(|r| r.at < now) {
+                sim::feed(&mut d, r);
+            }
+            d.tick(now);
+            let s = d.scores().find(|s| s.token == token).map_or(0.0, |s| s.score);
+            peak = peak.max(s);
+            if s >= 1.0 {
+                return (Some(now - T0 - 5.0), peak);
+            }
+        }
+        (None, peak)
+    };
+    let script = attacker("python-requests/2.32.3");
+    let (two_rooms, _) = first_alert(scrape(&script, &[(1, 6), (2, 150)]), script.token);
+    // The same script spending all of it in one huge room: a deep reader, never an alert.
+    let one = attacker("python-requests/2.32.3");
+    let (one_room, one_peak) = first_alert(scrape(&one, &[(2, 190)]), one.token);
+    eprintln!("no sync, script: room after room alerts after {two_rooms:?} s; one huge room peaks {one_peak:.2}");
+    let t = two_rooms.expect("two rooms read deep by a script that never syncs alert");
+    assert!(t <= 60.0, "within a minute, minutes before a third room: {t:.0} s");
+    assert!(one_room.is_none() && one_peak < 1.0, "one room, however deep: {one_peak:.2}");
+
+    // A member's Element session exports a room (1,000 events a page), then scrolls back
+    // another room to its start: two rooms read deep, from a client that syncs and sends a
+    // browser's head. Depth still weighs as depth: explained, never an alert.
+    let me = Client::new(sim::label(22), "Mozilla/5.0 (X11; Linux x86_64) Element/1.11.89");
+    let mut reqs = syncs(&me, 25.0, T0 + 600.0);
+    for p in 0..20u32 {
+        let q = if p == 0 { "dir=b&limit=1000".to_owned() } else { format!("dir=b&from=x{p}&limit=1000") };
+        let bytes = if p == 19 { 30_000 } else { 800_000 };
+        reqs.push(me.req(T0 + 30.0 + f64::from(p) * 1.5, Endpoint::Messages, "GET", Some(&sim::room(1)), q, bytes));
+    }
+    reqs.extend(read_room(&me, &sim::room(2), T0 + 62.0, 4.0, 4, false));
+    let (export, export_peak) = first_alert(reqs, me.token);
+    eprintln!("Element export, then a second room to its start: peak {export_peak:.2}");
+    assert!(export.is_none(), "{export_peak:.2}");
+}
+
 /// Like `sim::run`, with the agent's early rescoring after every 50 ms of records (what the
 /// agent does after each ring drain when `respond` acts): the first time each token was found
 /// at 1.0 or more between ticks, and the tick outcome.
