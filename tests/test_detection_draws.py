@@ -5,13 +5,16 @@ messages, a moderation bot and a bridge account in every room), one agent, the E
 population of test_detection.py throughout. Then, concurrently (vigie scores per token):
 
 - `VIGIE_DRAWS` drawn scrapes (default 8; harness/draws.py says what is drawn and from which
-  ranges) made with the tests' own HTTP client, and `VIGIE_NIO_DRAWS` more (default a quarter
-  of that, at least 2) made with matrix-nio, a real third-party client library
-  (harness/nio_draws.py), at most `VIGIE_DRAWS_CONCURRENCY` (default: all) at a time, each on a
-  fresh login of the hijacked account, each running until its token reaches 1.0 or 300 s after
-  its first request;
-- the four legitimate heavy readers of harness/draws.py (one-room export, moderation bot,
-  key-backup restore, bridge), from the start to the end.
+  ranges) made with the tests' own HTTP client, `VIGIE_NIO_DRAWS` more (default a quarter of
+  that, at least 2) made with matrix-nio, a real third-party client library
+  (harness/nio_draws.py), and `VIGIE_BROWSER_DRAWS` (default an eighth, at least 2) made by
+  matrix-js-sdk in headless Chromium, a real browser beside its own sync loop
+  (harness/browser_draws.py), at most `VIGIE_DRAWS_CONCURRENCY` (default: all) at a time, each
+  on a fresh login of the hijacked account, each running until its token reaches 1.0 or 300 s
+  after its first request;
+- the legitimate heavy readers: the four of harness/draws.py (one-room export, moderation
+  bot, key-backup restore, bridge) and a member exporting the big room from a real browser
+  (harness/browser_draws.py), from the start to the end.
 
 Asserted: every draw with pace <= 3 s reaches 1.0 within 60 s of its first request, every
 draw with pace <= 10 s within 300 s; no legitimate reader and no population token ever
@@ -38,6 +41,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.browser_draws import BrowserExport, BrowserScrape, browser_draw
 from harness.draws import READERS, Draw, DrawnScrape, Reader, draw, nio_draw
 from harness.matrix import Recorder
 from harness.monitor import ALERT, ScoreMonitor
@@ -51,8 +55,11 @@ DRAW_MAX_S = 300.0
 SEED = int(os.environ.get("VIGIE_DRAWS_SEED") or os.environ.get("VIGIE_TEST_SEED") or "1")
 DRAWS = int(os.environ.get("VIGIE_DRAWS", "8"))
 NIO_DRAWS = int(os.environ.get("VIGIE_NIO_DRAWS") or max(2, DRAWS // 4))
+BROWSER_DRAWS = int(os.environ.get("VIGIE_BROWSER_DRAWS") or max(2, DRAWS // 8))
+ALL_DRAWS = DRAWS + NIO_DRAWS + BROWSER_DRAWS
 # By default every draw at once: one wave of at most 300 s keeps the CI run bounded.
-CONCURRENCY = int(os.environ.get("VIGIE_DRAWS_CONCURRENCY") or DRAWS + NIO_DRAWS)
+CONCURRENCY = int(os.environ.get("VIGIE_DRAWS_CONCURRENCY") or ALL_DRAWS)
+ALL_READERS = (*READERS, BrowserExport)
 WARMUP_S = 30.0
 
 
@@ -81,7 +88,7 @@ def draws_world(tmp_path_factory) -> World:
 @dataclass
 class DrawRun:
     params: Draw
-    attack: DrawnScrape | NioScrape
+    attack: DrawnScrape | NioScrape | BrowserScrape
     label: str = ""
     ttd: float | None = None
     max_score: float = 0.0
@@ -100,11 +107,11 @@ def _fmt_reasons(r: dict | None) -> str:
     return ", ".join(f"{k}={v:.2f}" for k, v in sorted((r or {}).items(), key=lambda kv: -kv[1])) or "-"
 
 
-def run_draws(world: World, vigie, seed: int, n: int, n_nio: int, concurrency: int, log=print):
+def run_draws(world: World, vigie, seed: int, n: int, n_nio: int, n_browser: int, concurrency: int, log=print):
     rec = Recorder()
     monitor = ScoreMonitor(vigie, interval=1.0)
     pop = Population(world, seed, rec)
-    readers: list[Reader] = [cls(world, rec, seed) for cls in READERS]
+    readers: list[Reader] = [cls(world, rec, seed) for cls in ALL_READERS]
     reader_labels = {}
     for r in readers:
         tok = r.prepare()
@@ -120,10 +127,12 @@ def run_draws(world: World, vigie, seed: int, n: int, n_nio: int, concurrency: i
     runs: list[DrawRun] = []
     lock = threading.Lock()
     todo: queue.Queue = queue.Queue()
-    # The two kinds alternate in the queue, so that a wave of fewer workers than draws mixes them.
+    # The kinds alternate in the queue, so that a wave of fewer workers than draws mixes them.
     kinds = [("harness", i) for i in range(n)]
     for j in range(n_nio):
-        kinds.insert(min(len(kinds), 4 * j + 3), ("nio", j))
+        kinds.insert(min(len(kinds), 5 * j + 3), ("nio", j))
+    for j in range(n_browser):
+        kinds.insert(min(len(kinds), 7 * j + 1), ("browser", j))
     for item in kinds:
         todo.put(item)
     pop.stop.wait(WARMUP_S)
@@ -139,6 +148,9 @@ def run_draws(world: World, vigie, seed: int, n: int, n_nio: int, concurrency: i
             if kind == "nio":
                 p = nio_draw(seed, i)
                 a = NioScrape(world, seed, params=p)
+            elif kind == "browser":
+                p = browser_draw(seed, i)
+                a = BrowserScrape(world, seed, params=p)
             else:
                 p = draw(seed, i)
                 a = DrawnScrape(world, rec, seed, address=f"203.0.113.{10 + i % 240}", params=p)
@@ -203,7 +215,7 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
         if run.params.sync_loop and run.attack.syncs < 1:
             problems.append(f"{run.attack.name}: its sync loop never synced ({run.attack.sync_failure})")
     bands = [("pace <= 3 s", 0.0, 3.0, None), ("pace 3-10 s", 3.0, 10.0, None), ("all", 0.0, 10.0, None),
-             ("matrix-nio draws", 0.0, 10.0, "nio")]
+             ("matrix-nio draws", 0.0, 10.0, "nio"), ("browser draws", 0.0, 10.0, "browser")]
     for band, lo, hi, library in bands:
         sel = [r for r in runs if lo <= r.params.pace <= hi and library in (None, r.params.library)]
         if not sel:
@@ -244,7 +256,7 @@ def test_drawn_scrapes_are_flagged_and_heavy_readers_never_are(draws_world, vigi
     vigie = vigie_factory(draws_world.synapse.port)
     t = time.monotonic()
     runs, readers, reader_labels, pop, pop_labels, monitor, alive, took = run_draws(
-        draws_world, vigie, SEED, DRAWS, NIO_DRAWS, CONCURRENCY)
+        draws_world, vigie, SEED, DRAWS, NIO_DRAWS, BROWSER_DRAWS, CONCURRENCY)
     text, problems, missed = report(runs, readers, reader_labels, pop_labels, draws_world, monitor)
     text += f"\nrun took {time.monotonic() - t:.0f} s ({took:.0f} s of traffic); world built in " \
             f"{draws_world.build_seconds:.0f} s"
@@ -253,8 +265,8 @@ def test_drawn_scrapes_are_flagged_and_heavy_readers_never_are(draws_world, vigi
     if os.environ.get("VIGIE_DRAWS_REPORT"):
         Path(os.environ["VIGIE_DRAWS_REPORT"]).write_text(text + "\n")
     vigie.assert_running()
-    if len(runs) != DRAWS + NIO_DRAWS:
-        problems.append(f"{len(runs)} draws ran of {DRAWS + NIO_DRAWS}")
+    if len(runs) != ALL_DRAWS:
+        problems.append(f"{len(runs)} draws ran of {ALL_DRAWS}")
     if alive:
         problems.append(f"population loops still running: {alive}")
     problems += [f"population: {f}" for f in pop.failures[:5]]

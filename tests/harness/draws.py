@@ -61,7 +61,9 @@ class Draw:
     sync_loop: bool
     user_agent: str
     from_sync: bool = False  # with a sync loop: start each room from the sync's prev_batch, as Element does
-    library: str = "harness"  # who makes the requests: the tests' client, or "nio" (harness/nio_draws.py)
+    # Who makes the requests: the tests' client, "nio" (harness/nio_draws.py) or "browser"
+    # (harness/browser_draws.py).
+    library: str = "harness"
 
     @property
     def element_agent(self) -> bool:
@@ -76,7 +78,7 @@ class Draw:
         return (f"pace {self.pace:4.1f}s limit {self.limit:4d} interleave {self.interleave} "
                 f"after {'+'.join(self.after_room) or '-':13} "
                 f"sync {'prev' if self.from_sync else 'yes' if self.sync_loop else 'no':4} "
-                f"ua {'nio' if self.library == 'nio' else 'element' if self.element_agent else 'script'}")
+                f"ua {self.library if self.library != 'harness' else 'element' if self.element_agent else 'script'}")
 
 
 def draw(seed: int, index: int) -> Draw:

@@ -1,6 +1,7 @@
-//! `cargo xtask detect --draws N [--nio-draws M] [--seed S] [--concurrency C]`: many drawn
-//! scrapes (N made with the tests' HTTP client, M with matrix-nio, a quarter of N by default)
-//! and the legitimate heavy readers against one real Synapse (tests/test_detection_draws.py), with the
+//! `cargo xtask detect --draws N [--nio-draws M] [--browser-draws B] [--seed S] [--concurrency C]`:
+//! many drawn scrapes (N made with the tests' HTTP client, M with matrix-nio, a quarter of N by
+//! default, B by matrix-js-sdk in headless Chromium, an eighth of N by default) and the
+//! legitimate heavy readers against one real Synapse (tests/test_detection_draws.py), with the
 //! distribution of times to detect and every reader's peak score printed at the end (and left
 //! in target/detect/draws-seed{S}.txt). CI runs the same file with its default of 8 draws.
 
@@ -12,6 +13,7 @@ use crate::{build_release, root, setup, sh, step};
 pub fn run(args: &[String]) -> Result<()> {
     let mut draws: u32 = 20;
     let mut nio_draws: Option<u32> = None;
+    let mut browser_draws: Option<u32> = None;
     let mut seed: Option<u64> = None;
     let mut concurrency: u32 = 7;
     let mut it = args.iter();
@@ -26,6 +28,10 @@ pub fn run(args: &[String]) -> Result<()> {
                 let v = value("--nio-draws")?;
                 nio_draws = Some(v.parse().with_context(|| format!("--nio-draws {v:?} is not a number"))?);
             }
+            "--browser-draws" => {
+                let v = value("--browser-draws")?;
+                browser_draws = Some(v.parse().with_context(|| format!("--browser-draws {v:?} is not a number"))?);
+            }
             "--seed" => {
                 let v = value("--seed")?;
                 seed = Some(v.parse().with_context(|| format!("--seed {v:?} is not a number"))?);
@@ -36,8 +42,8 @@ pub fn run(args: &[String]) -> Result<()> {
             }
             other => {
                 bail!(
-                    "unknown option {other:?}; usage: cargo xtask detect [--draws N] [--nio-draws M] [--seed S] \
-                     [--concurrency C]"
+                    "unknown option {other:?}; usage: cargo xtask detect [--draws N] [--nio-draws M] \
+                     [--browser-draws B] [--seed S] [--concurrency C]"
                 )
             }
         }
@@ -49,12 +55,13 @@ pub fn run(args: &[String]) -> Result<()> {
     let bin = build_release()?;
     let seed = seed.unwrap_or(1);
     let nio_draws = nio_draws.unwrap_or((draws / 4).max(2));
+    let browser_draws = browser_draws.unwrap_or((draws / 8).max(2));
     let out = root().join("target/detect");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let report = out.join(format!("draws-seed{seed}.txt"));
     step(&format!(
-        "Detection draws: {draws} drawn scrapes and {nio_draws} made with matrix-nio ({concurrency} at a time) \
-         and the heavy readers, seed {seed} \
+        "Detection draws: {draws} drawn scrapes, {nio_draws} made with matrix-nio and {browser_draws} in \
+         Chromium ({concurrency} at a time), and the heavy readers, seed {seed} \
          (tests/test_detection_draws.py; needs root for BPF)"
     ));
     let result = sh(Command::new(root().join("tests/.venv/bin/python"))
@@ -63,6 +70,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .env("VIGIE_BIN", bin)
         .env("VIGIE_DRAWS", draws.to_string())
         .env("VIGIE_NIO_DRAWS", nio_draws.to_string())
+        .env("VIGIE_BROWSER_DRAWS", browser_draws.to_string())
         .env("VIGIE_DRAWS_SEED", seed.to_string())
         .env("VIGIE_DRAWS_CONCURRENCY", concurrency.to_string())
         .env("VIGIE_DRAWS_REPORT", &report));

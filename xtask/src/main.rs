@@ -52,6 +52,9 @@ const APT_PACKAGES: &[&str] = &[
     "binutils",
     "podman",
     "runc",
+    // The detection tests' real-browser client (tests/harness/browser.py): matrix-js-sdk in
+    // headless Chromium.
+    "chromium",
 ];
 const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -151,8 +154,10 @@ fn setup() -> Result<()> {
     }
     // nginx and prometheus start services on install; the tests run their own instances.
     let _ = Command::new("systemctl").args(["disable", "--now", "nginx", "prometheus"]).output();
-    // The venv needs only python3; it installs while the Rust tools below build.
+    // The venv needs only python3, the browser client only npm; they install while the Rust
+    // tools below build.
     let venv = std::thread::spawn(python_venv);
+    let js = std::thread::spawn(browser_client);
 
     if succeeds(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--version"])) {
         step("Rust nightly toolchain (for the eBPF target): present");
@@ -192,7 +197,31 @@ fn setup() -> Result<()> {
 
     ensure_cargo_fuzz()?;
 
+    js.join().map_err(|_| anyhow::anyhow!("the browser client's installer thread panicked"))??;
     venv.join().map_err(|_| anyhow::anyhow!("the Python venv's installer thread panicked"))?
+}
+
+/// The detection tests' browser client (tests/js: matrix-js-sdk and esbuild, exactly as
+/// package-lock.json pins them), unless tests/js/node_modules was installed from that lock.
+fn browser_client() -> Result<()> {
+    let dir = root().join("tests/js");
+    let lock = std::fs::read_to_string(dir.join("package-lock.json")).context("reading tests/js/package-lock.json")?;
+    let stamp = dir.join("node_modules/.vigie-lock");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(lock.as_str()) {
+        step("Browser client for the detection tests (matrix-js-sdk, esbuild): present");
+        return Ok(());
+    }
+    if !succeeds(Command::new("npm").arg("--version")) {
+        step("npm: missing; installing Debian's nodejs and npm");
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", "nodejs", "npm"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    step("Browser client for the detection tests: npm ci in tests/js (matrix-js-sdk, esbuild)");
+    sh(Command::new("npm").current_dir(&dir).args(["ci", "--no-audit", "--no-fund", "--loglevel=error"]))?;
+    std::fs::write(&stamp, lock)?;
+    step("Browser client for the detection tests: ready");
+    Ok(())
 }
 
 /// The integration tests' Python venv (Synapse, clients, pytest), unless tests/requirements.txt

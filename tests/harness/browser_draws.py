@@ -1,0 +1,167 @@
+"""Detection judged on a real browser's traffic (issue 11): matrix-js-sdk in headless Chromium
+(harness/browser.py), as a legitimate reader and as a drawn scrape.
+
+- `BrowserExport`: a member signs in on a new browser (a fresh device, as opening Element Web
+  does), its sync loop starts, and after a while it exports the big room the way Element's
+  "Export chat" does: `createMessagesRequest` backwards from the live end, 1,000 events a
+  page, to the room's start. The sync loop goes on. A legitimate heavy reader: it must never
+  reach 1.0, and a real browser's head must carry no fingerprint mark.
+- `BrowserScrape`: a drawn scrape (`draws.draw`'s ranges: pace, page size, room order,
+  requests after each room) run from the same page: every joined room to its start, beside the
+  SDK's own sync loop, starting each room from the sync's `prev_batch` when the draw says so.
+  Nothing in its requests marks a script: it is judged on what it reads.
+
+Both log in through the harness (an anonymous request) and hand the token to the page.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .attacks import AttackStats
+from .browser import BrowserClient
+from .draws import Draw, Reader, draw
+from .matrix import MatrixClient, Recorder
+from .world import World
+
+BROWSER_INDEX = 2000
+
+
+def browser_draw(seed: int, index: int) -> Draw:
+    """The `index`-th browser scrape's parameters: `draw`'s ranges (indices from
+    `BROWSER_INDEX` up); a browser always syncs, and starts rooms from the sync's `prev_batch`
+    when the drawn scrape would have had a sync loop."""
+    d = draw(seed, BROWSER_INDEX + index)
+    return replace(d, sync_loop=True, from_sync=d.sync_loop, user_agent="HeadlessChrome (matrix-js-sdk)",
+                   library="browser")
+
+
+def _login(world: World, account, device: str) -> str:
+    s = world.synapse
+    c = MatrixClient(s.host, s.port, None, user_id=account.user_id, recorder=Recorder(), name="browser-login")
+    try:
+        return c.login(account.name, account.password, device_id=device)["access_token"]
+    finally:
+        c.close()
+
+
+def _base_url(world: World) -> str:
+    return f"http://{world.synapse.host}:{world.synapse.port}"
+
+
+class BrowserScrape:
+    """One drawn scrape run by matrix-js-sdk in headless Chromium (see the module docstring).
+    The interface is `draws.DrawnScrape`'s."""
+
+    library = "browser"
+
+    def __init__(self, world: World, seed: int, *, params: Draw):
+        self.name = f"web{params.index % 1000:02d}"
+        self.world = world
+        self.params = params
+        self.seed = seed
+        self.account = world.owner
+        self.stats = AttackStats()
+        self.token: str | None = None
+        self.t_first: float | None = None
+        self.outcome = "not run"
+        self.failure: str | None = None
+        self.syncs = 0
+        self.sync_failure: str | None = None
+        self.device = f"WEB{random.Random(f'{self.name}-{seed}').randrange(10**6)}"
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"vigie-{self.name}-"))
+
+    def prepare(self) -> str:
+        self.token = _login(self.world, self.account, self.device)
+        return self.token
+
+    def run(self, stop: threading.Event, max_seconds: float = 90.0) -> None:
+        p = self.params
+        task = {"kind": "scrape", "pace": p.pace, "limit": p.limit, "interleave": p.interleave,
+                "after": list(p.after_room), "fromSync": p.from_sync}
+        client = BrowserClient(base_url=_base_url(self.world), user_id=self.account.user_id, device_id=self.device,
+                               token=self.token, task=task, seed=self.seed * 1000 + p.index, workdir=self._workdir,
+                               name=self.name)
+        try:
+            client.start()
+            while not client.done.is_set():
+                if stop.wait(0.2):
+                    client.stop("detected")
+                    break
+                if client.t_first is not None and time.monotonic() >= client.t_first + max_seconds:
+                    client.stop("deadline")
+                    break
+            client.done.wait(30)
+            self.t_first = client.t_first
+            self.outcome = client.status.get("outcome", "no status")
+            if self.outcome.startswith("error"):
+                self.failure = self.outcome
+        except Exception as e:  # noqa: BLE001
+            self.outcome = "error"
+            self.failure = str(e)
+        finally:
+            self._read(client.status)
+            client.close()
+
+    def _read(self, status: dict) -> None:
+        st = self.stats
+        st.requests.update(status.get("requests") or {})
+        st.pages = int(status.get("pages") or 0)
+        st.events = int(status.get("events") or 0)
+        st.empty_pages = int(status.get("emptyPages") or 0)
+        st.rooms = set(status.get("rooms") or [])
+        errors = list(status.get("errors") or [])
+        st.errors.extend(errors)
+        st.statuses[200] += max(0, sum(st.requests.values()) - len(errors))
+        for e in errors:
+            st.statuses[0] += 1
+        self.syncs = int(status.get("syncs") or 0)
+
+
+class BrowserExport(Reader):
+    name = "browser_export"
+
+    def prepare(self) -> str:
+        room = self.world.big_room
+        assert room, "the world has no big room to export"
+        self.room = room
+        # Not the member whose Element session OneRoomExport uses: two exports of one token
+        # would be one reader's doing twice.
+        members = [a for a in self.world.normal if room in a.rooms]
+        self.account = members[-1] if len(members) > 1 else members[0]
+        self.device = f"WEB{self.rng.randrange(10**6)}"
+        self.token = _login(self.world, self.account, self.device)
+        self.delay = self.rng.uniform(20.0, 60.0)
+        self._workdir = Path(tempfile.mkdtemp(prefix="vigie-browser-export-"))
+        self.status: dict = {}
+        return self.token
+
+    def script(self, stop: threading.Event) -> None:
+        client = BrowserClient(base_url=_base_url(self.world), user_id=self.account.user_id, device_id=self.device,
+                               token=self.token, task={"kind": "export", "room": self.room, "delay": self.delay},
+                               seed=7, workdir=self._workdir, name=self.name)
+        try:
+            client.start()
+            self.t_first = client.t_first
+            stop.wait()
+        finally:
+            self.status = client.status
+            self.t_first = client.t_first
+            client.close()
+        self.stats.requests.update(self.status.get("requests") or {})
+        self.stats.events = int(self.status.get("events") or 0)
+        self.stats.rooms = set(self.status.get("rooms") or [])
+        self.stats.errors.extend(self.status.get("errors") or [])
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        want = self.world.messages.get(self.room, 0)
+        if self.status.get("outcome") != "exhausted" or self.stats.events < want:
+            p.append(f"{self.name}: {self.stats.events} events of {want}, outcome {self.status.get('outcome')}, "
+                     f"{self.status.get('syncs', 0)} syncs")
+        return p

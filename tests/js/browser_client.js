@@ -1,0 +1,169 @@
+// A Matrix client in a real browser, for the integration tests (tests/harness/browser.py).
+//
+// matrix-js-sdk is the SDK Element Web is built on; run in headless Chromium, every request
+// it makes is the browser's own: Chromium's user agent, Origin and Sec-Fetch-* headers, CORS
+// preflights, HTTP/1.1 keep-alive as the network stack does it. The tests use it where the
+// harness's own HTTP client would only be our idea of a browser: a member exporting a room
+// as Element's "Export chat" does, and a scrape run from a browser to look like Element.
+//
+// The page asks the harness that served it (same origin) for its task: /config gives the
+// homeserver, the access token (kept in memory, never logged) and the task; /stop says
+// whether to stop; /status receives what the client did after every request.
+
+import { ClientEvent, Direction, EventTimeline, createClient } from "matrix-js-sdk";
+
+// mulberry32: a seeded generator, so that a draw's pauses and room order repeat.
+function rng(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+const status = {
+  requests: {},
+  pages: 0,
+  events: 0,
+  emptyPages: 0,
+  rooms: [],
+  syncs: 0,
+  errors: [],
+  outcome: "starting",
+};
+
+async function post(path, body) {
+  try {
+    await fetch(path, { method: "POST", body: JSON.stringify(body) });
+  } catch {
+    // The harness went away: nothing to report to.
+  }
+}
+
+class Stop extends Error {}
+
+async function main() {
+  const cfg = await (await fetch("/config")).json();
+  const random = rng(cfg.seed || 1);
+  const client = createClient({
+    baseUrl: cfg.baseUrl,
+    accessToken: cfg.token,
+    userId: cfg.userId,
+    deviceId: cfg.deviceId,
+  });
+  client.on(ClientEvent.Sync, (state) => {
+    if (state === "SYNCING" || state === "PREPARED") status.syncs += 1;
+  });
+  const prepared = new Promise((resolve) => {
+    client.on(ClientEvent.Sync, (state) => {
+      if (state === "PREPARED") resolve();
+    });
+  });
+  // What Element Web starts with: a lazy-loading sync loop with a small initial timeline.
+  await client.startClient({ initialSyncLimit: 20, lazyLoadMembers: true });
+  await prepared;
+  status.outcome = "synced";
+  await post("/status", status);
+
+  const task = cfg.task;
+  // A member does not export the moment the tab opens.
+  if (task.delay) await sleep(1000 * task.delay);
+  let first = true;
+  let nextAt = 0;
+  const pace = task.pace || 0;
+  // One request of the task: the pace, the harness's stop, the first-request mark.
+  async function call(what, fn) {
+    const wait = nextAt - Date.now();
+    if (wait > 0) await sleep(wait);
+    const stop = await (await fetch("/stop")).json();
+    if (stop.stop) throw new Stop(stop.why || "stopped");
+    if (first) {
+      first = false;
+      await post("/first", {});
+    }
+    status.requests[what] = (status.requests[what] || 0) + 1;
+    try {
+      return await fn();
+    } catch (e) {
+      status.errors.push(`${what}: ${e.httpStatus || ""} ${e.errcode || e.name || ""}`.slice(0, 200));
+      return null;
+    } finally {
+      nextAt = Date.now() + 1000 * pace * (0.7 + 0.6 * random());
+      await post("/status", status);
+    }
+  }
+  const seen = new Set();
+  async function page(room, from, limit) {
+    const res = await call("messages", () => client.createMessagesRequest(room, from, limit, Direction.Backward));
+    if (!res) return [false, null];
+    const chunk = res.chunk || [];
+    status.pages += 1;
+    status.events += chunk.length;
+    if (!seen.has(room)) {
+      seen.add(room);
+      status.rooms.push(room);
+    }
+    if (!chunk.length) status.emptyPages += 1;
+    if (!chunk.length || !res.end) return [false, null];
+    return [true, res.end];
+  }
+
+  try {
+    if (task.kind === "export") {
+      // Element's Exporter: /messages backwards from the live end, 1,000 events a page,
+      // following `end` until the room's start.
+      let from = null;
+      for (;;) {
+        const [more, next] = await page(task.room, from, 1000);
+        if (!more) break;
+        from = next;
+      }
+    } else if (task.kind === "scrape") {
+      const joined = await call("joined_rooms", () => client.getJoinedRooms());
+      const rooms = (joined && joined.joined_rooms) || [];
+      for (let i = rooms.length - 1; i > 0; i--) {
+        const j = Math.floor(random() * (i + 1));
+        [rooms[i], rooms[j]] = [rooms[j], rooms[i]];
+      }
+      const start = (room) => {
+        if (!task.fromSync) return null;
+        const r = client.getRoom(room);
+        return r ? r.getLiveTimeline().getPaginationToken(EventTimeline.BACKWARDS) : null;
+      };
+      const open = [];
+      while (rooms.length || open.length) {
+        while (rooms.length && open.length < task.interleave) {
+          const room = rooms.pop();
+          open.push({ room, from: start(room) });
+        }
+        for (const cur of [...open]) {
+          const [more, next] = await page(cur.room, cur.from, task.limit);
+          if (more) {
+            cur.from = next;
+            continue;
+          }
+          open.splice(open.indexOf(cur), 1);
+          for (const what of task.after || []) {
+            if (what === "members") await call("members", () => client.members(cur.room));
+            else await call("state", () => client.roomState(cur.room));
+          }
+        }
+      }
+    }
+    status.outcome = "exhausted";
+  } catch (e) {
+    status.outcome = e instanceof Stop ? e.message : `error: ${e}`.slice(0, 200);
+  }
+  await post("/status", status);
+  // Like a member's open tab: the sync loop goes on until the harness closes the browser.
+}
+
+main().catch((e) => {
+  status.outcome = `error: ${e}`.slice(0, 200);
+  post("/status", status);
+});
