@@ -147,7 +147,6 @@ class BrowserExport(Reader):
                                seed=7, workdir=self._workdir, name=self.name)
         try:
             client.start()
-            self.t_first = client.t_first
             stop.wait()
         finally:
             self.status = client.status
