@@ -327,3 +327,30 @@ def test_metrics_parser(text):
     assert m.sum_by("vigie_token_requests_total", "endpoint", token="00112233aabbccdd") == {"sync": 5, "send": 2}
     assert m.total("vigie_probes_attached") == 6
     assert m.get_value("vigie_probes_attached") == 6
+
+
+def test_drawn_scrapes_page_rooms_turn_about_each_from_where_it_was_opened():
+    import random
+
+    from harness.draws import RoomOrder
+
+    opened = []
+
+    def start(room):
+        opened.append(room)
+        return f"prev-{room}"
+
+    order = RoomOrder(["a", "b", "c"], random.Random(1), 2, start)
+    pages = []
+    while turn := order.turn():
+        for cur in turn:
+            pages.append(tuple(cur))
+            cur[1] = None if cur[1] is None else (cur[1] + "+" if len(cur[1]) < 7 else None)
+            if cur[1] is None:
+                order.finish(cur)
+    rooms = [p[0] for p in pages]
+    assert sorted(set(rooms)) == ["a", "b", "c"] and len(opened) == 3, (rooms, opened)
+    # Two rooms at a time, turn about: the first two pages are of two different rooms, each
+    # room started from its own `start`, and a third room opens only once one is finished.
+    assert rooms[0] != rooms[1] and pages[0][1] == f"prev-{rooms[0]}"
+    assert opened.index(rooms[-1]) == 2

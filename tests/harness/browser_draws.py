@@ -16,16 +16,14 @@ Both log in through the harness (an anonymous request) and hand the token to the
 
 from __future__ import annotations
 
-import random
 import tempfile
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from .attacks import AttackStats
 from .browser import BrowserClient
-from .draws import Draw, Reader, draw
+from .draws import Draw, Reader, ThirdPartyScrape, draw
 from .matrix import MatrixClient, Recorder
 from .world import World
 
@@ -54,26 +52,15 @@ def _base_url(world: World) -> str:
     return f"http://{world.synapse.host}:{world.synapse.port}"
 
 
-class BrowserScrape:
+class BrowserScrape(ThirdPartyScrape):
     """One drawn scrape run by matrix-js-sdk in headless Chromium (see the module docstring).
-    The interface is `draws.DrawnScrape`'s."""
+    The room order is tests/js/browser_client.js's (the same rule as `draws.RoomOrder`)."""
 
-    library = "browser"
+    prefix = "web"
 
     def __init__(self, world: World, seed: int, *, params: Draw):
-        self.name = f"web{params.index % 1000:02d}"
-        self.world = world
-        self.params = params
-        self.seed = seed
-        self.account = world.owner
-        self.stats = AttackStats()
-        self.token: str | None = None
-        self.t_first: float | None = None
-        self.outcome = "not run"
-        self.failure: str | None = None
-        self.syncs = 0
-        self.sync_failure: str | None = None
-        self.device = f"WEB{random.Random(f'{self.name}-{seed}').randrange(10**6)}"
+        super().__init__(world, seed, params=params)
+        self.device = f"WEB{self.rng.randrange(10**6)}"
         self._workdir = Path(tempfile.mkdtemp(prefix=f"vigie-{self.name}-"))
 
     def prepare(self) -> str:

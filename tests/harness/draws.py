@@ -37,7 +37,7 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from .attacks import Attack
+from .attacks import Attack, AttackStats
 from .matrix import CLIENT_V3, MatrixClient, MatrixError, Recorder
 from .world import ELEMENT_FILTER, ELEMENT_USER_AGENTS, Account, World, browser_headers, prev_batches, sentence
 
@@ -100,6 +100,51 @@ def nio_draw(seed: int, index: int) -> Draw:
     """The parameters of the `index`-th matrix-nio scrape: drawn from the same ranges as
     `draw`'s (other draws: indices from `NIO_INDEX` up), with nio's own user agent."""
     return replace(draw(seed, NIO_INDEX + index), user_agent="matrix-nio (aiohttp)", library="nio")
+
+
+class RoomOrder:
+    """The order a drawn scrape reads rooms in, whoever makes its requests: shuffled, then
+    `interleave` rooms paged turn about, each started from `start(room)` (a `prev_batch`, or
+    None for the live end) when it is opened."""
+
+    def __init__(self, rooms: list[str], rng: random.Random, interleave: int, start):
+        self.todo = list(rooms)
+        rng.shuffle(self.todo)
+        self.interleave = interleave
+        self.start = start
+        self.open: list[list] = []  # [room, from]
+
+    def turn(self) -> list[list]:
+        """The rooms to page once each now, in order (empty when every room is read)."""
+        while self.todo and len(self.open) < self.interleave:
+            room = self.todo.pop()
+            self.open.append([room, self.start(room)])
+        return list(self.open)
+
+    def finish(self, cur: list) -> None:
+        self.open.remove(cur)
+
+
+class ThirdPartyScrape:
+    """What `run_draws` reads from a drawn scrape made by another client than the harness's
+    (matrix-nio, a browser): the same fields `Attack` keeps."""
+
+    prefix = "ext"
+
+    def __init__(self, world: World, seed: int, *, params: Draw):
+        self.name = f"{self.prefix}{params.index % 1000:02d}"
+        self.world = world
+        self.params = params
+        self.seed = seed
+        self.rng = random.Random(f"{self.name}-{seed}")
+        self.account = world.owner
+        self.stats = AttackStats()
+        self.token: str | None = None
+        self.t_first: float | None = None
+        self.outcome = "not run"
+        self.failure: str | None = None
+        self.syncs = 0
+        self.sync_failure: str | None = None
 
 
 class DrawnScrape(Attack):
@@ -171,21 +216,18 @@ class DrawnScrape(Attack):
                 self.call("state", lambda: self.client.state(room))
 
     def script(self) -> None:
-        rooms = self.joined_rooms()
-        self.rng.shuffle(rooms)
-        if self.params.from_sync:
+        p = self.params
+        order = RoomOrder(self.joined_rooms(), self.rng, p.interleave,
+                          lambda room: self.prev.get(room) if p.from_sync else None)
+        if p.from_sync:
             self.first_sync.wait(20)
-        open_rooms: list[list] = []  # [room, from]
-        while rooms or open_rooms:
-            while rooms and len(open_rooms) < self.params.interleave:
-                room = rooms.pop()
-                open_rooms.append([room, self.prev.get(room) if self.params.from_sync else None])
-            for cur in list(open_rooms):
+        while turn := order.turn():
+            for cur in turn:
                 more, nxt = self._page(cur[0], cur[1])
                 if more:
                     cur[1] = nxt
                 else:
-                    open_rooms.remove(cur)
+                    order.finish(cur)
                     self._after(cur[0])
 
 

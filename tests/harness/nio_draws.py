@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import threading
 import time
 import traceback
@@ -33,8 +32,7 @@ from nio import (
     SyncResponse,
 )
 
-from .attacks import AttackStats
-from .draws import Draw
+from .draws import Draw, RoomOrder, ThirdPartyScrape
 from .util import HarnessError
 from .world import World
 
@@ -49,24 +47,13 @@ def _status(response) -> int:
     return int(getattr(transport, "status", 0) or 0)
 
 
-class NioScrape:
+class NioScrape(ThirdPartyScrape):
     """One drawn scrape, every request made by matrix-nio (see the module docstring)."""
 
-    library = "nio"
+    prefix = "nio"
 
     def __init__(self, world: World, seed: int, *, params: Draw):
-        self.name = f"nio{params.index % 1000:02d}"
-        self.world = world
-        self.params = params
-        self.rng = random.Random(f"{self.name}-{seed}")
-        self.account = world.owner
-        self.stats = AttackStats()
-        self.token: str | None = None
-        self.t_first: float | None = None
-        self.outcome = "not run"
-        self.failure: str | None = None
-        self.syncs = 0
-        self.sync_failure: str | None = None
+        super().__init__(world, seed, params=params)
         self.prev: dict[str, str] = {}
         self._pace = (0.7 * params.pace, 1.3 * params.pace)
         self._next_at = 0.0
@@ -168,23 +155,20 @@ class NioScrape:
             self.sync_failure = traceback.format_exc(limit=2)
 
     async def _script(self) -> None:
+        p = self.params
         r = await self._call("joined_rooms", self.client.joined_rooms)
-        rooms = list(r.rooms) if isinstance(r, JoinedRoomsResponse) else []
-        self.rng.shuffle(rooms)
-        if self.params.from_sync:
+        order = RoomOrder(list(r.rooms) if isinstance(r, JoinedRoomsResponse) else [], self.rng, p.interleave,
+                          lambda room: self.prev.get(room) if p.from_sync else None)
+        if p.from_sync:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._first_sync.wait(), 20)
-        open_rooms: list[list] = []  # [room, from]
-        while rooms or open_rooms:
-            while rooms and len(open_rooms) < self.params.interleave:
-                room = rooms.pop()
-                open_rooms.append([room, self.prev.get(room) if self.params.from_sync else None])
-            for cur in list(open_rooms):
+        while turn := order.turn():
+            for cur in turn:
                 more, nxt = await self._page(cur[0], cur[1])
                 if more:
                     cur[1] = nxt
                 else:
-                    open_rooms.remove(cur)
+                    order.finish(cur)
                     await self._after(cur[0])
 
     async def _page(self, room: str, start: str | None) -> tuple[bool, str | None]:
