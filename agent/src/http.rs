@@ -275,35 +275,41 @@ fn parse_with<'b>(
     let mut transfer_encoding = false;
     let mut keep_alive = false;
     for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-        if is("authorization") {
-            out.authorization.get_or_insert(h.value);
-        } else if is("user-agent") {
-            out.user_agent.get_or_insert(h.value);
-        } else if is("x-forwarded-for") {
-            out.forwarded_for.get_or_insert(h.value);
-        } else if is("content-length") {
-            let n = parse_content_length(h.value)?;
-            if out.content_length.is_some_and(|prev| prev != n) {
-                return Err(HeadError::ConflictingLength);
+        let Some(field) = Field::of(h.name.as_bytes()) else { continue };
+        match field {
+            Field::Authorization => {
+                out.authorization.get_or_insert(h.value);
             }
-            out.content_length = Some(n);
-        } else if is("transfer-encoding") {
-            // Codings accumulate across headers; only the last one frames the body.
-            if let Some(last) = list_items(h.value).last() {
-                transfer_encoding = true;
-                out.chunked = last.eq_ignore_ascii_case(b"chunked");
+            Field::UserAgent => {
+                out.user_agent.get_or_insert(h.value);
             }
-        } else if is("connection") {
-            for token in list_items(h.value) {
-                out.connection_close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            Field::ForwardedFor => {
+                out.forwarded_for.get_or_insert(h.value);
             }
-        } else if is("expect") {
-            out.expect_continue |= trim(h.value).eq_ignore_ascii_case(b"100-continue");
-        } else if is("sec-fetch-mode") || is("origin") {
-            out.browser_fetch = true;
+            Field::ContentLength => {
+                let n = parse_content_length(h.value)?;
+                if out.content_length.is_some_and(|prev| prev != n) {
+                    return Err(HeadError::ConflictingLength);
+                }
+                out.content_length = Some(n);
+            }
+            Field::TransferEncoding => {
+                // Codings accumulate across headers; only the last one frames the body.
+                if let Some(last) = list_items(h.value).last() {
+                    transfer_encoding = true;
+                    out.chunked = last.eq_ignore_ascii_case(b"chunked");
+                }
+            }
+            Field::Connection => {
+                for token in list_items(h.value) {
+                    out.connection_close |= token.eq_ignore_ascii_case(b"close");
+                    keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+            }
+            Field::Expect => {
+                out.expect_continue |= trim(h.value).eq_ignore_ascii_case(b"100-continue");
+            }
+            Field::BrowserFetch => out.browser_fetch = true,
         }
     }
     if transfer_encoding {
@@ -318,6 +324,83 @@ fn parse_with<'b>(
         out.connection_close = true;
     }
     Ok(out)
+}
+
+/// The headers a head is read for; every other header is skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    Authorization,
+    UserAgent,
+    ForwardedFor,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Expect,
+    /// `Sec-Fetch-Mode` or `Origin` (see [`RequestHead::browser_fetch`]).
+    BrowserFetch,
+}
+
+/// The one list of the names read, lowercase (names match in any case).
+const FIELDS: [(&str, Field); 9] = [
+    ("authorization", Field::Authorization),
+    ("user-agent", Field::UserAgent),
+    ("x-forwarded-for", Field::ForwardedFor),
+    ("content-length", Field::ContentLength),
+    ("transfer-encoding", Field::TransferEncoding),
+    ("connection", Field::Connection),
+    ("expect", Field::Expect),
+    ("sec-fetch-mode", Field::BrowserFetch),
+    ("origin", Field::BrowserFetch),
+];
+
+/// Header names are compared in blocks of this many bytes, zero-padded: longer than every
+/// name in [`FIELDS`].
+const NAME_BLOCK: usize = 32;
+/// Names of one length in [`FIELDS`], at most.
+const FIELDS_PER_LEN: usize = 2;
+
+/// A name of [`FIELDS`], zero-padded to a block, and its field.
+type Known = ([u8; NAME_BLOCK], Field);
+
+/// [`FIELDS`] by name length, built from the list at compile time. A header name is folded
+/// to lowercase once, in a block, and compared whole with the one or two names of its length:
+/// comparing it byte by byte with all nine names was about 7 % of the agent's instructions.
+const FIELDS_BY_LEN: [[Option<Known>; FIELDS_PER_LEN]; NAME_BLOCK] = {
+    let mut table: [[Option<Known>; FIELDS_PER_LEN]; NAME_BLOCK] = [[None; FIELDS_PER_LEN]; NAME_BLOCK];
+    let mut i = 0;
+    while i < FIELDS.len() {
+        let (name, field) = (FIELDS[i].0.as_bytes(), FIELDS[i].1);
+        let mut block = [0u8; NAME_BLOCK];
+        let mut b = 0;
+        while b < name.len() {
+            assert!(!name[b].is_ascii_uppercase(), "FIELDS names are lowercase");
+            block[b] = name[b];
+            b += 1;
+        }
+        let slots = &mut table[name.len()];
+        let mut s = 0;
+        while s < FIELDS_PER_LEN && slots[s].is_some() {
+            s += 1;
+        }
+        assert!(s < FIELDS_PER_LEN, "more FIELDS names of one length than FIELDS_PER_LEN");
+        slots[s] = Some((block, field));
+        i += 1;
+    }
+    table
+};
+
+impl Field {
+    /// The field a header name is, in any case.
+    fn of(name: &[u8]) -> Option<Field> {
+        let candidates = FIELDS_BY_LEN.get(name.len())?;
+        if candidates.iter().all(Option::is_none) {
+            return None;
+        }
+        let mut folded = [0u8; NAME_BLOCK];
+        folded.get_mut(..name.len())?.copy_from_slice(name);
+        folded.make_ascii_lowercase();
+        candidates.iter().flatten().find(|(known, _)| *known == folded).map(|&(_, field)| field)
+    }
 }
 
 /// httparse reports a non-UTF-8 target as a bad token; tell the two apart by looking at the
@@ -344,21 +427,34 @@ fn split_target(target: &str) -> (&str, &str) {
         Some(rest) => (rest, true),
         None => (target, false),
     };
-    let (before_fragment, _) = rest.split_once('#').unwrap_or((rest, ""));
-    let (path, query) = before_fragment.split_once('?').unwrap_or((before_fragment, ""));
+    // '?' and '#' are ASCII, so the bytes found are char boundaries; searched as bytes, with
+    // memchr, rather than as chars (a char search, with a search for "://" first, was about
+    // 5 % of the agent's instructions).
+    let (path, query) = match memchr::memchr2(b'?', b'#', rest.as_bytes()).and_then(|i| rest.split_at_checked(i)) {
+        Some((path, after)) => match after.strip_prefix('?') {
+            Some(query) => (path, memchr::memchr(b'#', query.as_bytes()).and_then(|i| query.get(..i)).unwrap_or(query)),
+            None => (path, ""),
+        },
+        None => (rest, ""),
+    };
     let path = if path.is_empty() && absolute { "/" } else { path };
     (path, query)
 }
 
 /// For an absolute-form target ("scheme://authority/path?q"), what follows the authority.
 fn strip_scheme_and_authority(target: &str) -> Option<&str> {
-    let (scheme, rest) = target.split_once("://")?;
-    let mut chars = scheme.chars();
-    let valid_scheme = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-    if !valid_scheme {
+    // A scheme is a letter, then letters, digits, '+', '-' or '.': the run of those ends
+    // where "://" must start (no earlier "://" can exist, ':' is not among them), so an
+    // origin-form target ('/' first) is done without a search.
+    let bytes = target.as_bytes();
+    if !bytes.first().is_some_and(u8::is_ascii_alphabetic) {
         return None;
     }
+    let scheme_len = bytes
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')))
+        .unwrap_or(bytes.len());
+    let rest = target.get(scheme_len..)?.strip_prefix("://")?;
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     rest.get(authority_end..)
 }
@@ -595,6 +691,51 @@ mod tests {
         assert_eq!(p("/p?q=1#frag"), pq("/p", "q=1"));
         assert_eq!(p("*"), pq("*", ""));
         assert_eq!(p("/redirect?to=http://x/y"), pq("/redirect", "to=http://x/y"));
+    }
+
+    /// The byte searches against the plain reading of RFC 9112 §3.2 they replace: the first
+    /// "://" after a valid scheme, then the fragment, then the query, by chars.
+    #[test]
+    fn targets_split_as_by_their_plain_reading() {
+        fn by_chars(target: &str) -> (&str, &str) {
+            let absolute = target.split_once("://").and_then(|(scheme, rest)| {
+                let mut chars = scheme.chars();
+                let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+                    && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+                valid.then(|| rest.get(rest.find(['/', '?', '#']).unwrap_or(rest.len())..)).flatten()
+            });
+            let rest = absolute.unwrap_or(target);
+            let (before_fragment, _) = rest.split_once('#').unwrap_or((rest, ""));
+            let (path, query) = before_fragment.split_once('?').unwrap_or((before_fragment, ""));
+            (if path.is_empty() && absolute.is_some() { "/" } else { path }, query)
+        }
+        let parts = ["", "/", "?", "#", "://", ":", "a", "h+t.p-s", "1x", "é", "/p", "q=1", "x://y", "%3F"];
+        let mut n = 0;
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    let target = format!("{a}{b}{c}");
+                    assert_eq!(split_target(&target), by_chars(&target), "{target:?}");
+                    n += 1;
+                }
+            }
+        }
+        assert_eq!(n, parts.len().pow(3));
+    }
+
+    #[test]
+    fn every_field_is_found_by_its_name_in_any_case_and_nothing_else_is() {
+        for (name, field) in FIELDS {
+            assert_eq!(Field::of(name.as_bytes()), Some(field), "{name}");
+            assert_eq!(Field::of(name.to_ascii_uppercase().as_bytes()), Some(field), "{name}");
+            let mut near = name.as_bytes().to_vec();
+            near[0] ^= 1;
+            assert_eq!(Field::of(&near), None, "{name}");
+            assert_eq!(Field::of(&name.as_bytes()[1..]), None, "{name}");
+        }
+        for other in ["", "host", "accept", "content-type", "accept-language", "sec-fetch-site", "x-forwarded-forx"] {
+            assert_eq!(Field::of(other.as_bytes()), None, "{other}");
+        }
     }
 
     #[test]
