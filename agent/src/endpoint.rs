@@ -137,26 +137,47 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Classified<'a> {
     if method.eq_ignore_ascii_case("OPTIONS") {
         return other;
     }
-    let path = path.split(['?', '#']).next().unwrap_or(path);
+    // The delimiters are ASCII: searched as bytes (searched as chars, here and in the splits
+    // below, they were 12 % of the agent's instructions per request).
+    let path = memchr::memchr2(b'?', b'#', path.as_bytes()).and_then(|end| path.get(..end)).unwrap_or(path);
     let Some(rest) = path.strip_prefix("/_matrix/") else {
         return other;
     };
-    let (api, rest) = rest.split_once('/').unwrap_or((rest, ""));
-    let (version, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    let (api, rest) = split_segment(rest);
+    let (version, rest) = split_segment(rest.unwrap_or(""));
+    let rest = rest.unwrap_or("");
     if !is_version(version) {
         return other;
     }
-    let mut segments = [""; SEGMENTS];
-    let mut count = 0usize;
-    for (slot, segment) in segments.iter_mut().zip(rest.split('/')) {
-        *slot = segment;
-        count = count.saturating_add(1);
-    }
+    let (segments, count) = first_segments(rest);
     let segments = segments.get(..count).unwrap_or(&[]);
     match api {
         "client" => client(version, rest, segments),
         "media" => Classified { endpoint: media(segments, true), room_id: None },
         _ => other,
+    }
+}
+
+/// The first [`SEGMENTS`] segments of a path (as `split('/')` gives them), and how many there
+/// are of those.
+fn first_segments(path: &str) -> ([&str; SEGMENTS], usize) {
+    let mut segments = [""; SEGMENTS];
+    let mut count = 0usize;
+    let mut tail = Some(path);
+    for slot in segments.iter_mut() {
+        let Some((segment, after)) = tail.map(split_segment) else { break };
+        *slot = segment;
+        count = count.saturating_add(1);
+        tail = after;
+    }
+    (segments, count)
+}
+
+/// The first segment of a path and what follows its '/', if one does.
+fn split_segment(path: &str) -> (&str, Option<&str>) {
+    match path.bytes().position(|b| b == b'/').and_then(|i| path.split_at_checked(i)) {
+        Some((segment, slash_rest)) => (segment, slash_rest.get(1..)),
+        None => (path, None),
     }
 }
 
@@ -392,6 +413,23 @@ mod tests {
             "*",
         ] {
             assert_eq!(class("GET", p), Endpoint::Other, "{p}");
+        }
+    }
+
+    #[test]
+    fn segments_are_those_of_a_split_on_slashes() {
+        let parts = ["", "/", "//", "a", "bc/", "é", "/x/"];
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    for d in parts {
+                        let path = format!("{a}{b}{c}{d}/{a}{c}");
+                        let (segments, count) = first_segments(&path);
+                        let want: Vec<&str> = path.split('/').take(SEGMENTS).collect();
+                        assert_eq!(&segments[..count], &want[..], "{path:?}");
+                    }
+                }
+            }
         }
     }
 
