@@ -175,10 +175,7 @@ fn first_segments(path: &str) -> ([&str; SEGMENTS], usize) {
 
 /// The first segment of a path and what follows its '/', if one does.
 fn split_segment(path: &str) -> (&str, Option<&str>) {
-    match path.bytes().position(|b| b == b'/').and_then(|i| path.split_at_checked(i)) {
-        Some((segment, slash_rest)) => (segment, slash_rest.get(1..)),
-        None => (path, None),
-    }
+    crate::http::split_ascii(path, b'/').map_or((path, None), |(segment, after)| (segment, Some(after)))
 }
 
 /// `r0`, `unstable`, or `v` and up to three digits.
