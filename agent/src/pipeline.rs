@@ -186,8 +186,7 @@ impl State {
                 let (tracker, mut feed) = self.feed(rx.ts_ns);
                 feed.health.recv_events += 1;
                 // What was sent before this receive answered the request before it.
-                tracker.on_sent_total(rx.conn, rx.ts_ns, sent_total, Some(recv_seq), &mut feed);
-                tracker.on_recv(rx.conn, rx.ts_ns, rx.bytes, rx.data, rx.blind, &mut feed);
+                tracker.on_socket_recv(rx, sent_total, recv_seq, &mut feed);
             }
             Record::TlsRecv { rx, tie } => {
                 let (tracker, mut feed) = self.feed(rx.ts_ns);
