@@ -725,8 +725,14 @@ fn read_head(rx: &Receive<'_>, conn: &mut Conn, mut pos: u64, sink: &mut impl Si
             conn.desync(ParseFailure::NotHttp, sink);
             return None;
         }
+        if let Some((end, parsed)) = http::parse_whole_head(seen)
+            && let Some(head) = seen.get(..end)
+        {
+            // The common case: a whole head in one receive, framed and parsed in place at once.
+            begin_request(rx, conn, head, parsed, sink);
+            return Some(pos + end as u64);
+        }
         if let Some(end) = http::head_end(seen) {
-            // The common case: a whole head in one receive, parsed in place.
             return start_request(rx, conn, &seen[..end], sink).then_some(pos + end as u64);
         }
         if uncaptured_tail {
@@ -768,13 +774,20 @@ fn read_head(rx: &Receive<'_>, conn: &mut Conn, mut pos: u64, sink: &mut impl Si
 /// A complete head: attribute the connection to it and report it. Returns false when the
 /// head was refused (the connection is then desynchronised).
 fn start_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], sink: &mut impl Sink) -> bool {
-    let parsed = match http::parse_framed_head(head) {
-        Ok(parsed) => parsed,
+    match http::parse_framed_head(head) {
+        Ok(parsed) => {
+            begin_request(rx, conn, head, parsed, sink);
+            true
+        }
         Err(e) => {
             conn.desync(ParseFailure::Head(e), sink);
-            return false;
+            false
         }
-    };
+    }
+}
+
+/// A complete head, parsed: attribute the connection to it and report it.
+fn begin_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], parsed: http::RequestHead<'_>, sink: &mut impl Sink) {
     let mut tap = rx.tap.borrow_mut();
     conn.own = tap.is_own(head);
     if conn.own {
@@ -785,7 +798,7 @@ fn start_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], sink: &mut impl
         conn.expect_continue = parsed.expect_continue;
         conn.phase = Phase::after_head(&parsed);
         sink.own_request();
-        return true;
+        return;
     }
     let classified = endpoint::classify(parsed.method, parsed.path);
     let label = token::label_for_request(rx.token_key, &parsed);
@@ -817,7 +830,6 @@ fn start_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], sink: &mut impl
         browser_fetch: parsed.browser_fetch,
         connection_close: parsed.connection_close,
     });
-    true
 }
 
 #[cfg(test)]

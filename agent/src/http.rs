@@ -215,8 +215,8 @@ pub fn parse_head(buf: &[u8]) -> Result<RequestHead<'_>, HeadError> {
 }
 
 /// Parse a head the caller already framed: `head` ends just past its blank line (as
-/// [`head_end`] found it). The connection tracker frames every head before parsing it, so
-/// this spares it a second scan for the blank line.
+/// [`head_end`] found it). The connection tracker frames the heads [`parse_whole_head`] does
+/// not read, so this spares it a second scan for the blank line.
 pub fn parse_framed_head(head: &[u8]) -> Result<RequestHead<'_>, HeadError> {
     if head.len() > MAX_HEAD_BYTES {
         return Err(HeadError::TooLarge);
@@ -232,6 +232,28 @@ pub fn parse_framed_head(head: &[u8]) -> Result<RequestHead<'_>, HeadError> {
         }
         other => other,
     }
+}
+
+/// A whole, well-formed head at the start of `buf`, framed and parsed in one pass: its end
+/// (what [`head_end`] finds) and what [`parse_framed_head`] returns for the bytes up to it.
+/// `None` when the strict parse does not complete (a partial or refused head, more than
+/// [`HEADERS_FIRST_TRY`] headers) or the head is refused anyway (too large, an ambiguous body
+/// length): the caller then frames and parses as for any head, and gets the reason.
+///
+/// The ends agree because a head the strict parse completes is empty lines, then lines that
+/// neither hold a '\n' nor start with '\r' or '\n', each ended by "\r\n" or "\n", then an
+/// empty line: the first line end followed by an empty line is its last. Framing first cost
+/// a scan of every head for its blank line, about 6 % of the agent's instructions.
+pub fn parse_whole_head(buf: &[u8]) -> Option<(usize, RequestHead<'_>)> {
+    let mut headers = [const { MaybeUninit::uninit() }; HEADERS_FIRST_TRY];
+    let mut req = httparse::Request::new(&mut []);
+    let Ok(httparse::Status::Complete(end)) = req.parse_with_uninit_headers(buf, &mut headers) else {
+        return None;
+    };
+    if end > MAX_HEAD_BYTES {
+        return None;
+    }
+    Some((end, read_fields(&req).ok()?))
 }
 
 /// `lenient`: skip header lines whose value holds a control byte instead of refusing the
@@ -259,6 +281,11 @@ fn parse_with<'b>(
         }
         Err(e) => return Err(map_error(e, head)),
     }
+    read_fields(&req)
+}
+
+/// What the accounting needs from a request httparse completed.
+fn read_fields<'b>(req: &httparse::Request<'_, 'b>) -> Result<RequestHead<'b>, HeadError> {
     let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version) else {
         return Err(HeadError::BadRequestLine);
     };
@@ -648,6 +675,61 @@ mod tests {
             }
             assert_eq!(head_end(&buf), by_lines(&buf), "{buf:?}");
         }
+    }
+
+    /// Framed and parsed at once, a head gets the end `head_end` finds and what
+    /// `parse_framed_head` reads up to it; heads it does not read go the usual way.
+    #[test]
+    fn a_whole_head_read_at_once_is_framed_and_parsed_as_usual() {
+        let starts: [&[u8]; 4] =
+            [b"GET /_matrix/client/v3/sync?since=s1 HTTP/1.1", b"POST /p HTTP/1.0", b"GET", b"\x16\x03"];
+        let headers: [&[u8]; 10] = [
+            b"Host: h",
+            b"Authorization: Bearer syt_a",
+            b"Content-Length: 3",
+            b"Content-Length: 4",
+            b"Transfer-Encoding: chunked",
+            b"X-A: \x01",
+            b"Bad Name: x",
+            b" folded",
+            b"\r",
+            b"Connection: close, Keep-Alive",
+        ];
+        let ends: [&[u8]; 4] = [b"\r\n", b"\n", b"\r", b""];
+        let tails: [&[u8]; 3] = [b"", b"body{}", b"GET /b HTTP/1.1\r\n\r\n"];
+        let mut x: u32 = 0x1234_5678;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as usize % n
+        };
+        let (mut read, mut tried) = (0, 0);
+        while tried < 100_000 {
+            tried += 1;
+            let mut buf = Vec::new();
+            for _ in 0..next(3) {
+                buf.extend_from_slice(ends[next(2)]);
+            }
+            // Mostly well-formed line ends, now and then a bare '\r' or none.
+            let eol = [0, 0, 0, 1, 1, 2, 3];
+            buf.extend_from_slice(starts[next(10).min(3)]);
+            buf.extend_from_slice(ends[eol[next(7)]]);
+            for _ in 0..next(5) {
+                buf.extend_from_slice(headers[next(16).min(9)]);
+                buf.extend_from_slice(ends[eol[next(7)]]);
+            }
+            buf.extend_from_slice(ends[eol[next(7)]]);
+            buf.extend_from_slice(tails[next(3)]);
+            if let Some((end, head)) = parse_whole_head(&buf) {
+                read += 1;
+                assert_eq!(head_end(&buf), Some(end), "{:?}", String::from_utf8_lossy(&buf));
+                assert_eq!(parse_framed_head(&buf[..end]), Ok(head), "{:?}", String::from_utf8_lossy(&buf));
+            }
+        }
+        assert!(read > 2_000, "{read} of {tried}");
+        let huge = element_head("/x").into_iter().chain(std::iter::repeat_n(b'a', MAX_HEAD_BYTES)).collect::<Vec<_>>();
+        assert_eq!(parse_whole_head(&huge).map(|(end, _)| end), head_end(&huge));
     }
 
     #[test]
