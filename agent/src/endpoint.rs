@@ -143,17 +143,13 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Classified<'a> {
     let Some(rest) = path.strip_prefix("/_matrix/") else {
         return other;
     };
-    // Only two APIs have classes, whatever their version: matched as prefixes, and the
-    // version (a few bytes) looked at byte by byte, cheaper than calls into memchr.
+    // Only two APIs have classes, whatever their version: matched as prefixes, not searched.
     let (client_api, rest) = match (rest.strip_prefix("client/"), rest.strip_prefix("media/")) {
         (Some(rest), _) => (true, rest),
         (None, Some(rest)) => (false, rest),
         (None, None) => return other,
     };
-    let (version, rest) = match rest.bytes().position(|b| b == b'/').and_then(|i| rest.split_at_checked(i)) {
-        Some((version, slash_rest)) => (version, slash_rest.get(1..).unwrap_or("")),
-        None => (rest, ""),
-    };
+    let (version, rest) = crate::http::split_ascii_near(rest, b'/').unwrap_or((rest, ""));
     if !is_version(version) {
         return other;
     }
