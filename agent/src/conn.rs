@@ -331,12 +331,6 @@ impl Table {
         self.entry(key, now_ns)
     }
 
-    /// A connection's held head bytes went from `before` to `after` (other connections may
-    /// have been evicted meanwhile, their bytes already taken off).
-    fn held_changed(&mut self, before: usize, after: usize) {
-        self.head_bytes = self.head_bytes.saturating_sub(before) + after;
-    }
-
     /// Make room when `key` is new and the table full.
     fn room_for(&mut self, key: ConnKey) {
         if self.conns.len() >= self.max && !self.conns.contains_key(&key) {
@@ -363,6 +357,12 @@ impl Table {
         });
         conn.last_seen_ns = now_ns;
         conn
+    }
+
+    /// A connection's held head bytes went from `before` to `after` (other connections may
+    /// have been evicted meanwhile, their bytes already taken off).
+    fn held_changed(&mut self, before: usize, after: usize) {
+        self.head_bytes = self.head_bytes.saturating_sub(before) + after;
     }
 
     /// Drop the quietest sixteenth of the table (at least one connection) in one pass, so a
@@ -581,8 +581,8 @@ impl Tracker {
         let before = conn.buffered();
         let others = head_bytes.saturating_sub(before);
         let (total, data) = (rx.bytes, rx.data);
-        let head = Receive { token_key: &self.key, tap: &self.tap, key, now_ns: rx.ts_ns, total, data, others };
-        recv(conn, &head, rx.blind, sink);
+        let receive = Receive { token_key: &self.key, tap: &self.tap, key, now_ns: rx.ts_ns, total, data, others };
+        recv(conn, &receive, rx.blind, sink);
         let after = conn.buffered();
         self.table.held_changed(before, after);
     }
