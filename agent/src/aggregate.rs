@@ -138,6 +138,20 @@ impl TokenState {
     fn activity_at(&self, now_s: f64, tau_s: f64) -> f64 {
         self.activity * (-(now_s - self.last_seen_s).max(0.0) / tau_s).exp()
     }
+
+    /// A request now.
+    fn seen(&mut self, now_s: f64, tau_s: f64) {
+        self.activity = self.activity_at(now_s, tau_s) + 1.0;
+        self.last_seen_s = now_s;
+    }
+}
+
+/// A request, and what the detector counted for it, to `series`.
+fn count_request(series: &mut ByEndpoint, class: Class, tally: &Tally) {
+    series.slot(class).requests += 1;
+    if !tally.is_empty() {
+        series.1.add(tally);
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -250,13 +264,32 @@ impl Aggregator {
     }
 
     pub fn request(&mut self, token: Option<TokenLabel>, class: Class, now_s: f64) {
-        if let Some(label) = token {
-            self.touch(label, now_s);
-            if let Some(t) = self.tokens.get_mut(&label) {
-                t.classes |= class_bit(class);
-            }
+        self.request_tallied(token, class, now_s, &Tally::default());
+    }
+
+    /// A request and what the detector counted for it (see [`Tally`]; nothing for a request
+    /// without a token), both to the series the request goes to: a known token is looked
+    /// up once, where counting them apart looked it up four times.
+    pub fn request_tallied(&mut self, token: Option<TokenLabel>, class: Class, now_s: f64, tally: &Tally) {
+        let Some(label) = token else {
+            self.anonymous.slot(class).requests += 1;
+            return;
+        };
+        let tau = self.limits.activity_tau_s;
+        if let Some(t) = self.tokens.get_mut(&label) {
+            t.seen(now_s, tau);
+            t.classes |= class_bit(class);
+            let series = match &mut t.slot {
+                Slot::Own(counts) | Slot::Held(counts) => counts,
+                Slot::Folded => &mut self.overflow,
+            };
+            return count_request(series, class, tally);
         }
-        self.series(token).slot(class).requests += 1;
+        self.track(label, now_s);
+        if let Some(t) = self.tokens.get_mut(&label) {
+            t.classes |= class_bit(class);
+        }
+        count_request(self.series(token), class, tally);
     }
 
     pub fn response_bytes(&mut self, token: Option<TokenLabel>, class: Class, bytes: u64) {
@@ -281,13 +314,9 @@ impl Aggregator {
         self.unattributed_bytes += bytes;
     }
 
-    fn touch(&mut self, label: TokenLabel, now_s: f64) {
-        let tau = self.limits.activity_tau_s;
-        if let Some(t) = self.tokens.get_mut(&label) {
-            t.activity = t.activity_at(now_s, tau) + 1.0;
-            t.last_seen_s = now_s;
-            return;
-        }
+    /// Start tracking a token not seen before, if there is room, with an export slot if one
+    /// is free, else held, else folded.
+    fn track(&mut self, label: TokenLabel, now_s: f64) {
         if self.tokens.len() >= self.limits.max_tokens {
             self.tokens_untracked += 1;
             return;
@@ -510,6 +539,37 @@ mod tests {
         agg.release_held();
         assert!(agg.held.is_empty());
         assert_eq!(total_of_everything(&agg).requests, 10 + HOLD_MAX as u64 + 10);
+    }
+
+    /// One look-up for a request and its tally counts what the two calls counted, whatever
+    /// the token's slot: own, held, folded, untracked, anonymous.
+    #[test]
+    fn a_tallied_request_counts_as_a_request_then_its_tally() {
+        let limits = Limits { top_k: 3, max_tokens: 40, ..Limits::default() };
+        let (mut apart, mut together) = (Aggregator::new(limits), Aggregator::new(limits));
+        let tally = Tally { pages: 1, page_weight_16: 24, ..Tally::default() };
+        for i in 0..400u32 {
+            let token = (i % 7 != 0).then(|| TokenLabel([(i * 31 % 50) as u8, 1, 0, 0, 0, 0, 0, 0]));
+            let class = c(if i % 3 == 0 { Endpoint::Messages } else { Endpoint::Sync });
+            let t = if i % 3 == 0 { tally } else { Tally::default() };
+            apart.request(token, class, f64::from(i));
+            if let Some(label) = token {
+                apart.tally(label, &t);
+            }
+            together.request_tallied(token, class, f64::from(i), &t);
+            if i % 50 == 49 {
+                apart.release_held();
+                together.release_held();
+            }
+        }
+        let seen = |agg: &Aggregator| {
+            let mut own: Vec<_> = agg.exported().map(|(l, e)| (l, e.iter().collect::<Vec<_>>(), *e.tally())).collect();
+            own.sort_by_key(|(l, _, _)| *l);
+            let overflow = (agg.overflow().iter().collect::<Vec<_>>(), *agg.overflow().tally());
+            (own, overflow, agg.anonymous().iter().collect::<Vec<_>>(), agg.stats().tokens_untracked)
+        };
+        assert_eq!(seen(&apart), seen(&together));
+        assert!(seen(&apart).3 > 0 && !seen(&apart).0.is_empty());
     }
 
     #[test]

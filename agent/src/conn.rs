@@ -19,6 +19,7 @@ use std::collections::HashMap;
 
 use crate::endpoint;
 use crate::http::{self, MAX_HEAD_BYTES};
+use crate::record;
 use crate::token::{self, TokenKey};
 use crate::vocab::{Attribution, ConnKey, Vantage};
 use zeroize::Zeroize;
@@ -326,9 +327,19 @@ struct Table {
 
 impl Table {
     fn get(&mut self, key: ConnKey, now_ns: u64) -> &mut Conn {
+        self.room_for(key);
+        self.entry(key, now_ns)
+    }
+
+    /// Make room when `key` is new and the table full.
+    fn room_for(&mut self, key: ConnKey) {
         if self.conns.len() >= self.max && !self.conns.contains_key(&key) {
             self.make_room();
         }
+    }
+
+    /// The connection, made if new (after [`Table::room_for`]), seen at `now_ns`.
+    fn entry(&mut self, key: ConnKey, now_ns: u64) -> &mut Conn {
         let gone_sent = &mut self.gone_sent;
         let conn = self.conns.entry(key).or_insert_with(|| Conn {
             phase: Phase::head(),
@@ -346,6 +357,12 @@ impl Table {
         });
         conn.last_seen_ns = now_ns;
         conn
+    }
+
+    /// A connection's held head bytes went from `before` to `after` (other connections may
+    /// have been evicted meanwhile, their bytes already taken off).
+    fn held_changed(&mut self, before: usize, after: usize) {
+        self.head_bytes = self.head_bytes.saturating_sub(before) + after;
     }
 
     /// Drop the quietest sixteenth of the table (at least one connection) in one pass, so a
@@ -540,68 +557,78 @@ impl Tracker {
     /// A receive of `total` bytes of which the first `data.len()` were captured.
     /// `blind` says nothing was captured because the kernel knew no buffer for it.
     pub fn on_recv(&mut self, key: ConnKey, now_ns: u64, total: u64, data: &[u8], blind: bool, sink: &mut impl Sink) {
-        let before = self.table.conns.get(&key).map_or(0, Conn::buffered);
-        let others = self.table.head_bytes.saturating_sub(before);
-        self.recv(key, now_ns, total, data, blind, others, sink);
-        let after = self.table.conns.get(&key).map_or(0, Conn::buffered);
-        // `recv` may have evicted other connections (and their buffers) to make room.
-        self.table.head_bytes = self.table.head_bytes.saturating_sub(before) + after;
+        // Read before a new connection makes room: what the others held then.
+        let head_bytes = self.table.head_bytes;
+        let conn = self.table.get(key, now_ns);
+        let before = conn.buffered();
+        let others = head_bytes.saturating_sub(before);
+        let rx = Receive { token_key: &self.key, tap: &self.tap, key, now_ns, total, data, others };
+        recv(conn, &rx, blind, sink);
+        let after = conn.buffered();
+        self.table.held_changed(before, after);
     }
 
-    /// `on_recv` without the bookkeeping of buffered heads; `others` is what the other
-    /// connections hold.
-    #[allow(clippy::too_many_arguments)]
-    fn recv(
-        &mut self,
-        key: ConnKey,
-        now_ns: u64,
-        total: u64,
-        data: &[u8],
-        blind: bool,
-        others: usize,
-        sink: &mut impl Sink,
-    ) {
-        let conn = self.table.get(key, now_ns);
-        if !settle_role(conn, key.vantage, data, blind, sink) {
-            return;
-        }
-        if let Phase::Http2(frames) = &mut conn.phase {
-            return walk_http2(frames, key.vantage, total, if blind { &[] } else { data }, sink);
-        }
-        // A receive after the response started begins a new request, whatever we thought
-        // the request body still held (the server may answer early, or the body was chunked).
-        if conn.answering && !matches!(conn.phase, Phase::Head(_)) {
-            conn.phase = Phase::head();
-        }
-        if blind {
-            return skip_blind(conn, total, sink);
-        }
-        let rx = Receive { token_key: &self.key, tap: &self.tap, key, now_ns, total, data, others };
-        let mut pos: u64 = 0;
-        while pos < total {
-            let seen = data.get(pos as usize..).unwrap_or(&[]);
-            match &mut conn.phase {
-                Phase::Desync => {
-                    if pos == 0 && !seen.is_empty() && http::looks_like_request_start(seen) {
-                        conn.phase = Phase::head();
-                        continue;
-                    }
-                    return;
+    /// A socket receive record: the running send total read after it (`on_sent_total`, with
+    /// the receive's number), then the receive itself (`on_recv`), on one look-up of the
+    /// connection instead of four.
+    pub fn on_socket_recv(&mut self, rx: record::Receive<'_>, sent_total: u64, recv_seq: u32, sink: &mut impl Sink) {
+        let key = rx.conn;
+        self.table.room_for(key);
+        let head_bytes = self.table.head_bytes;
+        let conn = self.table.entry(key, rx.ts_ns);
+        conn.recv_seq = recv_seq;
+        Self::account_total(conn, key.vantage, sent_total, sink);
+        let before = conn.buffered();
+        let others = head_bytes.saturating_sub(before);
+        let (total, data) = (rx.bytes, rx.data);
+        let receive = Receive { token_key: &self.key, tap: &self.tap, key, now_ns: rx.ts_ns, total, data, others };
+        recv(conn, &receive, rx.blind, sink);
+        let after = conn.buffered();
+        self.table.held_changed(before, after);
+    }
+}
+
+/// A receive on `conn`, without the bookkeeping of buffered heads.
+fn recv(conn: &mut Conn, rx: &Receive<'_>, blind: bool, sink: &mut impl Sink) {
+    let (key, total, data) = (rx.key, rx.total, rx.data);
+    if !settle_role(conn, key.vantage, data, blind, sink) {
+        return;
+    }
+    if let Phase::Http2(frames) = &mut conn.phase {
+        return walk_http2(frames, key.vantage, total, if blind { &[] } else { data }, sink);
+    }
+    // A receive after the response started begins a new request, whatever we thought
+    // the request body still held (the server may answer early, or the body was chunked).
+    if conn.answering && !matches!(conn.phase, Phase::Head(_)) {
+        conn.phase = Phase::head();
+    }
+    if blind {
+        return skip_blind(conn, total, sink);
+    }
+    let mut pos: u64 = 0;
+    while pos < total {
+        let seen = data.get(pos as usize..).unwrap_or(&[]);
+        match &mut conn.phase {
+            Phase::Desync => {
+                if pos == 0 && !seen.is_empty() && http::looks_like_request_start(seen) {
+                    conn.phase = Phase::head();
+                    continue;
                 }
-                Phase::ChunkedBody | Phase::Http2(_) => return,
-                Phase::Body(rest) => {
-                    let take = (*rest).min(total - pos);
-                    *rest -= take;
-                    pos += take;
-                    if *rest == 0 {
-                        conn.phase = Phase::head();
-                    }
-                }
-                Phase::Head(_) => match read_head(&rx, conn, pos, sink) {
-                    Some(next) => pos = next,
-                    None => return,
-                },
+                return;
             }
+            Phase::ChunkedBody | Phase::Http2(_) => return,
+            Phase::Body(rest) => {
+                let take = (*rest).min(total - pos);
+                *rest -= take;
+                pos += take;
+                if *rest == 0 {
+                    conn.phase = Phase::head();
+                }
+            }
+            Phase::Head(_) => match read_head(rx, conn, pos, sink) {
+                Some(next) => pos = next,
+                None => return,
+            },
         }
     }
 }
@@ -698,8 +725,14 @@ fn read_head(rx: &Receive<'_>, conn: &mut Conn, mut pos: u64, sink: &mut impl Si
             conn.desync(ParseFailure::NotHttp, sink);
             return None;
         }
+        if let Some((end, parsed)) = http::parse_whole_head(seen)
+            && let Some(head) = seen.get(..end)
+        {
+            // The common case: a whole head in one receive, framed and parsed in place at once.
+            begin_request(rx, conn, head, parsed, sink);
+            return Some(pos + end as u64);
+        }
         if let Some(end) = http::head_end(seen) {
-            // The common case: a whole head in one receive, parsed in place.
             return start_request(rx, conn, &seen[..end], sink).then_some(pos + end as u64);
         }
         if uncaptured_tail {
@@ -741,13 +774,20 @@ fn read_head(rx: &Receive<'_>, conn: &mut Conn, mut pos: u64, sink: &mut impl Si
 /// A complete head: attribute the connection to it and report it. Returns false when the
 /// head was refused (the connection is then desynchronised).
 fn start_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], sink: &mut impl Sink) -> bool {
-    let parsed = match http::parse_framed_head(head) {
-        Ok(parsed) => parsed,
+    match http::parse_framed_head(head) {
+        Ok(parsed) => {
+            begin_request(rx, conn, head, parsed, sink);
+            true
+        }
         Err(e) => {
             conn.desync(ParseFailure::Head(e), sink);
-            return false;
+            false
         }
-    };
+    }
+}
+
+/// A complete head, parsed: attribute the connection to it and report it.
+fn begin_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], parsed: http::RequestHead<'_>, sink: &mut impl Sink) {
     let mut tap = rx.tap.borrow_mut();
     conn.own = tap.is_own(head);
     if conn.own {
@@ -758,7 +798,7 @@ fn start_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], sink: &mut impl
         conn.expect_continue = parsed.expect_continue;
         conn.phase = Phase::after_head(&parsed);
         sink.own_request();
-        return true;
+        return;
     }
     let classified = endpoint::classify(parsed.method, parsed.path);
     let label = token::label_for_request(rx.token_key, &parsed);
@@ -790,7 +830,6 @@ fn start_request(rx: &Receive<'_>, conn: &mut Conn, head: &[u8], sink: &mut impl
         browser_fetch: parsed.browser_fetch,
         connection_close: parsed.connection_close,
     });
-    true
 }
 
 #[cfg(test)]
@@ -799,7 +838,7 @@ mod tests {
     use crate::endpoint::Endpoint;
     use crate::token::TokenLabel;
 
-    #[derive(Default)]
+    #[derive(Default, Debug, PartialEq)]
     struct Recorder {
         requests: Vec<(Option<TokenLabel>, Endpoint, Option<String>)>,
         bytes: Vec<(Attribution, u64)>,
@@ -957,6 +996,55 @@ mod tests {
         let unknown = ConnKey { id: 1, ..C };
         assert!(!t.on_polled_total(unknown, 50, 0, &mut s), "a connection the agent does not track is left alone");
         assert_eq!(t.poll_targets(10, 0), vec![(C, 2)]);
+    }
+
+    /// A socket receive record read on one look-up counts exactly as its running total and
+    /// its receive read apart, through evictions, split heads, garbage and blind receives.
+    #[test]
+    fn a_socket_receive_is_its_total_then_its_receive() {
+        let (mut apart, mut together) = (Tracker::new(key(), 3), Tracker::new(key(), 3));
+        let (mut a, mut b) = (Recorder::default(), Recorder::default());
+        let head = get("/_matrix/client/v3/sync", "syt_a");
+        let (first, rest) = head.split_at(20);
+        let pieces: [&[u8]; 5] =
+            [&head, first, rest, b"\x16\x03garbage", b"PUT /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nab"];
+        let mut x: u32 = 0x2545_f491;
+        let mut sent = [0u64; 5];
+        for step in 0..4000u64 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let id = u64::from(x % 5);
+            let conn = ConnKey { id, ..C };
+            sent[id as usize] += u64::from(x >> 20) % 3 * 100;
+            let data = pieces[(x >> 8) as usize % pieces.len()];
+            let (total, blind) = match (x >> 12) % 8 {
+                0 => (data.len() as u64 + 40, false),
+                1 => (64, true),
+                _ => (data.len() as u64, false),
+            };
+            let captured = if blind { &[][..] } else { data };
+            let seq = step as u32;
+            apart.on_sent_total(conn, step, sent[id as usize], Some(seq), &mut a);
+            apart.on_recv(conn, step, total, captured, blind, &mut a);
+            let rx = record::Receive { conn, ts_ns: step, bytes: total, data: captured, blind };
+            together.on_socket_recv(rx, sent[id as usize], seq, &mut b);
+            if x.is_multiple_of(97) {
+                apart.on_close(conn, &mut a);
+                together.on_close(conn, &mut b);
+                sent[id as usize] = 0;
+            }
+            assert_eq!(a, b, "step {step}");
+            assert_eq!(apart.table.head_bytes, together.table.head_bytes, "step {step}");
+            assert_eq!(apart.stats().connections, together.stats().connections, "step {step}");
+            let polled = |t: &Tracker| {
+                let mut v = t.poll_targets(10, 0);
+                v.sort_by_key(|(k, seq)| (k.id, *seq));
+                v
+            };
+            assert_eq!(polled(&apart), polled(&together), "step {step}");
+        }
+        assert!(!a.requests.is_empty() && !a.failures.is_empty() && apart.stats().evicted > 0);
     }
 
     #[test]

@@ -137,27 +137,49 @@ pub fn classify<'a>(method: &str, path: &'a str) -> Classified<'a> {
     if method.eq_ignore_ascii_case("OPTIONS") {
         return other;
     }
-    let path = path.split(['?', '#']).next().unwrap_or(path);
+    // The delimiters are ASCII: searched as bytes (searched as chars, here and in the splits
+    // below, they were 12 % of the agent's instructions per request).
+    let path = memchr::memchr2(b'?', b'#', path.as_bytes()).and_then(|end| path.get(..end)).unwrap_or(path);
     let Some(rest) = path.strip_prefix("/_matrix/") else {
         return other;
     };
-    let (api, rest) = rest.split_once('/').unwrap_or((rest, ""));
-    let (version, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    // Only two APIs have classes, whatever their version: matched as prefixes, not searched.
+    let (client_api, rest) = match (rest.strip_prefix("client/"), rest.strip_prefix("media/")) {
+        (Some(rest), _) => (true, rest),
+        (None, Some(rest)) => (false, rest),
+        (None, None) => return other,
+    };
+    let (version, rest) = crate::http::split_ascii_near(rest, b'/').unwrap_or((rest, ""));
     if !is_version(version) {
         return other;
     }
+    let (segments, count) = first_segments(rest);
+    let segments = segments.get(..count).unwrap_or(&[]);
+    if client_api {
+        client(version, rest, segments)
+    } else {
+        Classified { endpoint: media(segments, true), room_id: None }
+    }
+}
+
+/// The first [`SEGMENTS`] segments of a path (as `split('/')` gives them), and how many there
+/// are of those.
+fn first_segments(path: &str) -> ([&str; SEGMENTS], usize) {
     let mut segments = [""; SEGMENTS];
     let mut count = 0usize;
-    for (slot, segment) in segments.iter_mut().zip(rest.split('/')) {
+    let mut tail = Some(path);
+    for slot in segments.iter_mut() {
+        let Some((segment, after)) = tail.map(split_segment) else { break };
         *slot = segment;
         count = count.saturating_add(1);
+        tail = after;
     }
-    let segments = segments.get(..count).unwrap_or(&[]);
-    match api {
-        "client" => client(version, rest, segments),
-        "media" => Classified { endpoint: media(segments, true), room_id: None },
-        _ => other,
-    }
+    (segments, count)
+}
+
+/// The first segment of a path and what follows its '/', if one does.
+fn split_segment(path: &str) -> (&str, Option<&str>) {
+    crate::http::split_ascii(path, b'/').map_or((path, None), |(segment, after)| (segment, Some(after)))
 }
 
 /// `r0`, `unstable`, or `v` and up to three digits.
@@ -380,6 +402,12 @@ mod tests {
             "/_matrix/client/api/v1/sync",
             "/_matrix/client/v12345/sync",
             "/_matrix/client/sync",
+            "/_matrix/client",
+            "/_matrix/client/",
+            "/_matrix/clients/v3/sync",
+            "/_matrix/media",
+            "/_matrix/mediav3/download/x",
+            "/_matrix/v3/sync",
             "/_matrix/federation/v1/send/txn",
             "/_matrix/client/v3/keys/device_signing/upload",
             "/_matrix/client/v3/rooms/!a:b/context/",
@@ -392,6 +420,23 @@ mod tests {
             "*",
         ] {
             assert_eq!(class("GET", p), Endpoint::Other, "{p}");
+        }
+    }
+
+    #[test]
+    fn segments_are_those_of_a_split_on_slashes() {
+        let parts = ["", "/", "//", "a", "bc/", "é", "/x/"];
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    for d in parts {
+                        let path = format!("{a}{b}{c}{d}/{a}{c}");
+                        let (segments, count) = first_segments(&path);
+                        let want: Vec<&str> = path.split('/').take(SEGMENTS).collect();
+                        assert_eq!(&segments[..count], &want[..], "{path:?}");
+                    }
+                }
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use vigie_common::COUNTER_COUNT;
 
 use crate::aggregate::{Aggregator, Class, Limits};
 use crate::conn::{Http2Event, ParseFailure, RequestSeen, Sink, Tracker};
-use crate::detect::{DetectConfig, Detector};
+use crate::detect::{DetectConfig, Detector, Tally};
 use crate::endpoint::Endpoint;
 use crate::record::{self, Record};
 use crate::token::TokenKey;
@@ -85,13 +85,12 @@ struct Feed<'a> {
 impl Sink for Feed<'_> {
     fn request(&mut self, request: &RequestSeen<'_>) {
         let a = request.attribution;
-        self.aggregator.request(a.token, class(a), self.now_s);
-        if a.vantage == self.detect_vantage {
-            let tally = self.detector.on_request(request, self.now_s);
-            if let Some(token) = a.token {
-                self.aggregator.tally(token, &tally);
-            }
-        }
+        let tally = if a.vantage == self.detect_vantage {
+            self.detector.on_request(request, self.now_s)
+        } else {
+            Tally::default()
+        };
+        self.aggregator.request_tallied(a.token, class(a), self.now_s, &tally);
     }
 
     fn response_bytes(&mut self, a: Attribution, bytes: u64) {
@@ -186,8 +185,7 @@ impl State {
                 let (tracker, mut feed) = self.feed(rx.ts_ns);
                 feed.health.recv_events += 1;
                 // What was sent before this receive answered the request before it.
-                tracker.on_sent_total(rx.conn, rx.ts_ns, sent_total, Some(recv_seq), &mut feed);
-                tracker.on_recv(rx.conn, rx.ts_ns, rx.bytes, rx.data, rx.blind, &mut feed);
+                tracker.on_socket_recv(rx, sent_total, recv_seq, &mut feed);
             }
             Record::TlsRecv { rx, tie } => {
                 let (tracker, mut feed) = self.feed(rx.ts_ns);

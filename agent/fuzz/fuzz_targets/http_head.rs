@@ -12,6 +12,11 @@ fuzz_target!(|data: &[u8]| {
         // The tracker parses heads it framed itself: the same answer as the whole buffer's.
         assert_eq!(http::parse_framed_head(&data[..end]), http::parse_head(data));
     }
+    // The tracker reads a well-formed head in one pass when it can: the same end, the same head.
+    if let Some((end, head)) = http::parse_whole_head(data) {
+        assert_eq!(http::head_end(data), Some(end));
+        assert_eq!(http::parse_framed_head(&data[..end]), Ok(head));
+    }
     let key = token::TokenKey::from_bytes([0x42; 32]);
     if let Ok(head) = http::parse_head(data) {
         let classified = endpoint::classify(head.method, head.path);

@@ -73,8 +73,12 @@ impl Clients {
         }
     }
 
+    /// Entry `i`, empty when its box was never made.
     fn get(&self, i: usize) -> Seen {
-        self.iter().nth(i).copied().unwrap_or_default()
+        match i.checked_sub(1) {
+            None => self.first,
+            Some(j) => self.rest.as_ref().and_then(|r| r.get(j)).copied().unwrap_or_default(),
+        }
     }
 
     /// A request from client `fp` (0: unknown, ignored) on a token first seen at
@@ -82,6 +86,11 @@ impl Clients {
     pub fn see(&mut self, fp: u32, now: u32, token_first_s: u32, grace_s: u32) -> bool {
         if fp == 0 {
             return false;
+        }
+        if self.rest.is_none() && self.first.fp == fp {
+            // The token's only client, again (nearly every request): no other client to mark.
+            self.first.last_s = now;
+            return self.first.flags & LATE != 0;
         }
         let known = self.iter().position(|s| s.fp == fp);
         let i = match known {

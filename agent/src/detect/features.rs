@@ -158,6 +158,12 @@ impl TokenState {
     /// Move the rings to `now`, folding completed minutes into the baseline unless the token
     /// is suspect (an attacker must not teach its token that scraping is normal).
     pub fn advance(&mut self, now: u32, cfg: &DetectConfig) {
+        // The rings and the sketches are moved here together (a sketch's insert moves it to
+        // the same `now`), so within the second they are at there is nothing to do: the
+        // case of nearly every request and response of a busy token.
+        if now <= self.rings.head_s() {
+            return;
+        }
         let minute = now / Ring::M10.granularity();
         let head = self.rings.head_s() / Ring::M10.granularity();
         if minute > head {

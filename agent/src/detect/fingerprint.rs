@@ -60,8 +60,9 @@ pub fn known_agent(agent: &[u8]) -> bool {
 
 /// Whether the head contradicts a browser user agent.
 pub fn mismatch(agent: &[u8], browser_fetch: bool, connection_close: bool) -> bool {
-    let claims_browser = agent.get(..8).is_some_and(|p| p.eq_ignore_ascii_case(b"mozilla/"));
-    claims_browser && (!browser_fetch || connection_close)
+    // The head's two bits first: a browser's head, as most are, needs no look at the agent.
+    let claims_browser = || agent.first_chunk::<8>().is_some_and(|p| p.map(|b| b.to_ascii_lowercase()) == *b"mozilla/");
+    (!browser_fetch || connection_close) && claims_browser()
 }
 
 fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
@@ -97,5 +98,7 @@ mod tests {
         assert!(mismatch(chrome, true, true), "a browser keeps its connections");
         assert!(!mismatch(b"Element/1.6.28 (Android 14)", false, false), "apps send no Sec-Fetch");
         assert!(!mismatch(b"python-requests/2.32.3", false, true), "no claim, no contradiction");
+        assert!(mismatch(b"MOZILLA/5.0", false, false), "the claim in any case");
+        assert!(!mismatch(b"Mozilla", false, false) && !mismatch(b"Mozilla-5.0", false, false));
     }
 }

@@ -386,10 +386,8 @@ impl Rings {
 
     /// Add an extra word (its payload's high bits beyond [`EXTRA_BITS`] are dropped).
     pub fn add_extra(&mut self, payload: u32) {
-        let i = self.free_slot();
-        if let Some(c) = self.cells.get_mut(i) {
-            *c = Self::extra_cell(payload);
-        }
+        let Cell { key, value } = Self::extra_cell(payload);
+        self.make(key, value);
     }
 
     fn extra_cell(payload: u32) -> Cell {
@@ -426,29 +424,35 @@ impl Rings {
             if key == NO_KEY {
                 continue;
             }
-            let v = match at {
-                Some(i) => self.cells.get_mut(i).map(|c| &mut c.value),
-                None => {
-                    // New cells last: a new slot may compact the slice and move the others.
-                    let i = self.free_slot();
-                    self.cells.get_mut(i).map(|c| {
-                        *c = Cell { key, value: 0 };
-                        &mut c.value
-                    })
-                }
-            };
-            if let Some(v) = v {
-                *v = v.saturating_add(n);
+            match at.and_then(|i| self.cells.get_mut(i)) {
+                Some(c) => c.value = c.value.saturating_add(n),
+                None => self.make(key, n),
             }
         }
     }
 
+    /// A new cell: in a free slot, the slice growing by half when there is none (which
+    /// moves no live cell: indices found before stay valid).
+    fn make(&mut self, key: u16, value: u16) {
+        let i = self.free_slot();
+        if let Some(c) = self.cells.get_mut(i) {
+            *c = Cell { key, value };
+        }
+    }
+
     /// Where each of `keys` is (`NO_KEY` is never found), in one pass: the request path
-    /// calls this for every counter it bumps.
+    /// calls this for every counter it bumps. `keys` are grouped by ring, `K / 3` of each in
+    /// the order of `Ring::ALL`, and a cell is compared only with its own ring's.
     fn find<const K: usize>(&self, keys: [u16; K]) -> [Option<usize>; K] {
+        const { assert!(K.is_multiple_of(Ring::ALL.len())) };
+        let per_ring = K / Ring::ALL.len();
         let mut at = [None; K];
         for (i, c) in self.cells.iter().enumerate() {
-            for (k, a) in keys.iter().zip(at.iter_mut()) {
+            // Extras and free cells are in no ring.
+            let Some(ring) = c.ring() else { continue };
+            let group = ring as usize * per_ring..(ring as usize + 1) * per_ring;
+            let (Some(keys), Some(at)) = (keys.get(group.clone()), at.get_mut(group)) else { continue };
+            for (k, a) in keys.iter().zip(at) {
                 if c.key == *k {
                     *a = Some(i);
                 }
@@ -474,35 +478,22 @@ impl Rings {
             }
         }
         let found = self.find(keys);
-        let get = |cells: &[Cell], at: Option<usize>| at.and_then(|i| cells.get(i)).map_or(0, |c| c.value);
-        let mut new = [None; 6];
-        for r in 0..3 {
-            if keys[2 * r] == NO_KEY {
+        for (halves, at) in keys.chunks_exact(2).zip(found.chunks_exact(2)) {
+            let (&[lo_key, hi_key], &[lo_at, hi_at]) = (halves, at) else { continue };
+            if lo_key == NO_KEY {
                 continue;
             }
-            let (lo, hi) = (get(&self.cells, found[2 * r]), get(&self.cells, found[2 * r + 1]));
+            let value = |at: Option<usize>| at.and_then(|i| self.cells.get(i)).map_or(0, |c| c.value);
+            let (lo, hi) = (value(lo_at), value(hi_at));
             let sum = (u32::from(hi) << 16 | u32::from(lo)).saturating_add(n);
             let (h, l) = ((sum >> 16) as u16, sum as u16);
-            if l != 0 || lo != 0 {
-                new[2 * r] = Some(l);
-            }
-            if h != 0 {
-                new[2 * r + 1] = Some(h);
-            }
-        }
-        // Existing cells first, then new ones (a new slot may compact the slice).
-        for ((v, at), key) in new.iter().zip(found).zip(keys) {
-            if let (Some(v), Some(i)) = (v, at)
-                && let Some(c) = self.cells.get_mut(i)
-            {
-                *c = Cell { key, value: *v };
-            }
-        }
-        for ((v, at), key) in new.into_iter().zip(found).zip(keys) {
-            if let (Some(v), None) = (v, at) {
-                let i = self.free_slot();
-                if let Some(c) = self.cells.get_mut(i) {
-                    *c = Cell { key, value: v };
+            for (key, at, v, write) in [(lo_key, lo_at, l, l != 0 || lo != 0), (hi_key, hi_at, h, h != 0)] {
+                if !write {
+                    continue;
+                }
+                match at.and_then(|i| self.cells.get_mut(i)) {
+                    Some(c) => c.value = v,
+                    None => self.make(key, v),
                 }
             }
         }
