@@ -387,7 +387,10 @@ impl Aggregator {
         let k = self.limits.top_k;
         let pinned: LabelSet = suspects.into_iter().collect();
         // The `k` most active tokens that are not suspects, least active on top.
-        let mut top: BinaryHeap<Reverse<(Activity, TokenLabel)>> = BinaryHeap::with_capacity(k + 1);
+        // Sized by what can be ranked, not by `top_k` alone: a configured top_k far above the
+        // tokens tracked (the config fuzzer's 146,744,073) must not allocate gigabytes.
+        let mut top: BinaryHeap<Reverse<(Activity, TokenLabel)>> =
+            BinaryHeap::with_capacity(k.min(self.tokens.len()).saturating_add(1));
         let before = self.tokens.len();
         let own = &mut self.own;
         self.tokens.retain(|label, t| {
@@ -513,6 +516,20 @@ mod tests {
         agg.release_held();
         assert_eq!(own(&agg, 3), None);
         assert_eq!(agg.overflow().total(), Counts { requests: 1, bytes: 100 });
+    }
+
+    #[test]
+    fn a_top_k_far_above_the_tokens_tracked_ranks_them_without_allocating_for_it() {
+        // The config fuzzer's OOM: top_k = 146,744,073 preallocated a 2.35 GB heap at the
+        // first rebalance. At usize::MAX / 64 a heap that size cannot even be asked for.
+        let mut agg = Aggregator::new(Limits { top_k: usize::MAX / 64, ..Limits::default() });
+        for n in 1..=3 {
+            agg.request(label(n), c(Endpoint::Sync), 0.0);
+        }
+        agg.rebalance(1.0, [], 0);
+        for n in 1..=3 {
+            assert_eq!(own(&agg, n).map(|c| c.requests), Some(1));
+        }
     }
 
     #[test]
