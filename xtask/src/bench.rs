@@ -18,7 +18,7 @@
 //!    vigie, with the floor and with vigie.
 //!
 //! Options: `--duration SECS` (per load run, default 10), `--runs N` (runs per mode and
-//! case, default 3), `--only plain,tls,synapse,pipeline,loss,bystander`, `--connections N` (default 64),
+//! case, default 3), `--only plain,tls,synapse,pipeline,loss,bystander,idle`, `--connections N` (default 64),
 //! `--loss-connections N` (default 256), `--synapse-connections N` (default 16), `--nice N` (priority of nginx, wrk and vigie, default
 //! -10: the machine may be shared), `--vigie-bin PATH` (measure another build of the agent),
 //! `--keep` (keep the temporary directory).
@@ -292,7 +292,10 @@ impl Options {
         let mut o = Options {
             duration: 10,
             runs: 3,
-            only: ["plain", "tls", "synapse", "pipeline", "loss", "bystander"].into_iter().map(String::from).collect(),
+            only: ["plain", "tls", "synapse", "pipeline", "loss", "bystander", "idle"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
             connections: 64,
             loss_connections: 256,
             synapse_connections: 16,
@@ -316,7 +319,7 @@ impl Options {
                 "--nice" => o.nice = value()?.parse().context("--nice N")?,
                 "--vigie-bin" => o.vigie_bin = Some(PathBuf::from(value()?)),
                 _ => bail!(
-                    "usage: cargo xtask bench [--duration SECS] [--runs N] [--only plain,tls,synapse,pipeline,loss,bystander] \
+                    "usage: cargo xtask bench [--duration SECS] [--runs N] [--only plain,tls,synapse,pipeline,loss,bystander,idle] \
                      [--connections N] [--loss-connections N] [--synapse-connections N] [--nice N] [--vigie-bin PATH] [--keep]"
                 ),
             }
@@ -1311,6 +1314,51 @@ impl Bench {
         Ok(out)
     }
 
+    /// What an agent costs when there is nothing to count: nginx with one keep-alive
+    /// connection that made one request with a token and then stays open, the agent watching
+    /// it. Its CPU time from the kernel's scheduler statistics (nanoseconds, every thread)
+    /// and its context switches (each is a wakeup), over `IDLE_SECS`, after a few seconds
+    /// for its start-up work to end.
+    fn idle(&mut self) -> Result<Idle> {
+        step(&format!(
+            "Idle agent: nginx with one idle keep-alive connection (one request with a token), vigie watching; \
+             its CPU time and context switches over {IDLE_SECS} s"
+        ));
+        self.wait_quiet()?;
+        let nginx = self.start_nginx(false, 1, None)?;
+        let agent = self.start_vigie(&Watch::Port(nginx.port), None)?;
+        let mut conn = TcpStream::connect(("127.0.0.1", nginx.port)).context("connecting to nginx")?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(
+            b"GET /_matrix/client/v3/sync HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+              Authorization: Bearer syt_aWRsZQ_idleIdleIdleIdleIdle_0a1b2c\r\n\r\n",
+        )?;
+        let mut answer = [0u8; 4096];
+        let got = conn.read(&mut answer).context("reading nginx's answer")?;
+        if !answer[..got].starts_with(b"HTTP/1.1 200") {
+            bail!("nginx answered {:?}", String::from_utf8_lossy(&answer[..got.min(80)]));
+        }
+        nap(Duration::from_secs(5))?;
+        let pid = agent.proc.pid();
+        let (cpu0, switches0) = task_cpu_and_switches(pid);
+        let t0 = Instant::now();
+        nap(Duration::from_secs(IDLE_SECS))?;
+        let (cpu1, switches1) = task_cpu_and_switches(pid);
+        let secs = t0.elapsed().as_secs_f64();
+        let counted = metric(&agent.scrape()?, "vigie_token_requests_total", &[]);
+        drop(conn);
+        let out = Idle {
+            core_pct: (cpu1.saturating_sub(cpu0)) as f64 / 1e9 / secs * 100.0,
+            wakeups_per_s: (switches1.saturating_sub(switches0)) as f64 / secs,
+            counted,
+        };
+        println!(
+            "  idle agent: {:.3} % of a core, {:.1} context switches/s over {secs:.0} s; it counted {counted:.0} request(s)",
+            out.core_pct, out.wakeups_per_s
+        );
+        Ok(out)
+    }
+
     fn pipeline(&mut self) -> Result<PipelineOut> {
         step("Userspace pipeline: cargo run --release -p vigie --example pipeline_bench (one core, no kernel)");
         let log = self.dir().join("pipeline.out");
@@ -1408,9 +1456,13 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let loss = if only.contains("loss") { Some(bench.loss()?) } else { None };
     let pipeline = if only.contains("pipeline") { Some(bench.pipeline()?) } else { None };
     let bystander = if only.contains("bystander") { Some(bench.bystander()?) } else { None };
+    let idle = if only.contains("idle") { Some(bench.idle()?) } else { None };
     let mut report = report(&bench, &plain, &tls, &synapse, loss.as_ref(), pipeline.as_ref());
     if let Some(b) = &bystander {
         report.push_str(&bystander_report(b));
+    }
+    if let Some(i) = &idle {
+        report.push_str(&idle_report(i));
     }
     println!("\n{report}");
     let path = root().join("target/bench-report.md");
@@ -1875,6 +1927,60 @@ fn report(
 }
 
 const BYSTANDER_TRIPS: usize = 500_000;
+
+/// How long the idle case watches the agent.
+const IDLE_SECS: u64 = 60;
+
+/// The idle case: the agent's share of a core, its wakeups, and what it counted (the one
+/// request, a check that it was watching).
+struct Idle {
+    core_pct: f64,
+    wakeups_per_s: f64,
+    counted: f64,
+}
+
+fn idle_report(i: &Idle) -> String {
+    format!(
+        "\nAn agent with nothing to count (nginx, one idle keep-alive connection after one request with a token; \
+         CPU from /proc/PID/task/*/schedstat, {IDLE_SECS} s):\n\n\
+         | measure | value | target | |\n|---|---|---|---|\n\
+         | idle agent: share of a core | {:.3} % | <= 0.2 % | {} |\n\
+         | idle agent: context switches (wakeups) per second | {:.1} | | |\n\
+         | requests it counted (the one made) | {:.0} | 1 | {} |\n",
+        i.core_pct,
+        pass(i.core_pct <= 0.2),
+        i.wakeups_per_s,
+        i.counted,
+        pass(i.counted == 1.0)
+    )
+}
+
+/// CPU time (ns, from schedstat) and context switches (voluntary and not) of every thread
+/// of `pid`, summed.
+fn task_cpu_and_switches(pid: u32) -> (u64, u64) {
+    let (mut cpu, mut switches) = (0u64, 0u64);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return (0, 0) };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        if let Some(ns) = std::fs::read_to_string(dir.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        {
+            cpu += ns;
+        }
+        if let Ok(status) = std::fs::read_to_string(dir.join("status")) {
+            for line in status.lines() {
+                if let Some(v) = line
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    switches += v.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    (cpu, switches)
+}
 
 /// ns per socket call in each mode (without, floor, with vigie), one figure per round.
 #[derive(Default)]
