@@ -142,6 +142,9 @@ impl RespondSettings {
     }
 }
 
+/// Longest admin token file read: an access token is a few dozen bytes.
+const MAX_TOKEN_FILE: usize = 4096;
+
 /// Read the admin token file: a regular file, mode 0600 or stricter (a token others can read
 /// may already have leaked, and it can lock every account). Errors never show its content.
 pub fn load_admin_token(path: &Path) -> Result<Zeroizing<String>> {
@@ -162,11 +165,20 @@ pub fn load_admin_token(path: &Path) -> Result<Zeroizing<String>> {
             path.display()
         );
     }
-    if meta.len() > 4096 {
+    if meta.len() > MAX_TOKEN_FILE as u64 {
         bail!("admin token file {} is {} bytes long: not an access token", path.display(), meta.len());
     }
-    let mut raw = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
-    file.read_to_end(&mut raw).with_context(|| format!("reading admin token file {}", path.display()))?;
+    // Room for one byte more than a token file may hold, and never more read: a file that
+    // grew since the size check cannot make the buffer reallocate, which would leave a copy
+    // of the token in freed memory that Zeroizing never sees.
+    let mut raw = Zeroizing::new(Vec::with_capacity(MAX_TOKEN_FILE + 1));
+    (&mut file)
+        .take(MAX_TOKEN_FILE as u64 + 1)
+        .read_to_end(&mut raw)
+        .with_context(|| format!("reading admin token file {}", path.display()))?;
+    if raw.len() > MAX_TOKEN_FILE {
+        bail!("admin token file {} grew past {MAX_TOKEN_FILE} bytes while read: not an access token", path.display());
+    }
     let trimmed = raw.trim_ascii();
     if trimmed.is_empty() {
         bail!("admin token file {} is empty", path.display());
