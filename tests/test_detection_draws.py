@@ -13,8 +13,9 @@ population of test_detection.py throughout. Then, concurrently (vigie scores per
   on a fresh login of the hijacked account, each running until its token reaches 1.0 or 300 s
   after its first request;
 - the legitimate heavy readers: the four of harness/draws.py (one-room export, moderation
-  bot, key-backup restore, bridge) and a member exporting the big room from a real browser
-  (harness/browser_draws.py), from the start to the end.
+  bot, key-backup restore, bridge), and two members in a real browser (harness/browser_draws.py):
+  one exporting the big room, one catching up on every room on a new laptop, from the start to
+  the end.
 
 Asserted: every draw with pace <= 3 s reaches 1.0 within 60 s of its first request, every
 draw with pace <= 10 s within 300 s; no legitimate reader and no population token ever
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.browser_draws import BrowserExport, BrowserScrape, browser_draw
+from harness.browser_draws import BrowserCatchUp, BrowserExport, BrowserScrape, browser_draw
 from harness.draws import READERS, Draw, DrawnScrape, Reader, draw, nio_draw
 from harness.matrix import Recorder
 from harness.monitor import ALERT, ScoreMonitor
@@ -59,7 +60,7 @@ BROWSER_DRAWS = int(os.environ.get("VIGIE_BROWSER_DRAWS") or max(2, DRAWS // 8))
 ALL_DRAWS = DRAWS + NIO_DRAWS + BROWSER_DRAWS
 # By default every draw at once: one wave of at most 300 s keeps the CI run bounded.
 CONCURRENCY = int(os.environ.get("VIGIE_DRAWS_CONCURRENCY") or ALL_DRAWS)
-ALL_READERS = (*READERS, BrowserExport)
+ALL_READERS = (*READERS, BrowserExport, BrowserCatchUp)
 WARMUP_S = 30.0
 
 

@@ -55,7 +55,10 @@ class BrowserClient:
     - `{"kind": "export", "room": ROOM}`: Element's "Export chat", 1,000 events a page from
       the live end to the room's start;
     - `{"kind": "scrape", "pace": S, "limit": N, "interleave": K, "after": [...],
-      "fromSync": bool}`: every joined room to its start, as `draws.DrawnScrape` does.
+      "fromSync": bool}`: every joined room to its start, as `draws.DrawnScrape` does;
+    - `{"kind": "catchup", "pages": [LO, HI], "dwell": [LO_S, HI_S], "reply": P}`: every joined
+      room opened once, LO-HI back-pages of 20 events through the SDK's timeline (as Element's
+      room view scrolls), a dwell on each, the read marker moved, a reply with probability P.
     Then it keeps syncing until the browser is closed.
     """
 

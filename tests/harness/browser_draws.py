@@ -151,3 +151,49 @@ class BrowserExport(Reader):
             p.append(f"{self.name}: {self.stats.events} events of {want}, outcome {self.status.get('outcome')}, "
                      f"{self.status.get('syncs', 0)} syncs")
         return p
+
+
+class BrowserCatchUp(Reader):
+    """A member back on a new laptop catching up in a real browser: every joined room opened in
+    turn as Element's room view does (the sync's timeline, then 1-4 back-pages of 20 events as
+    the member scrolls up, 2-8 s spent on each (a skim: it must be done within the readers' 4
+    minutes), the read marker moved, a reply now and then).
+    Rooms of a few dozen messages are read to their first event this way: the false alarm the
+    finished-room and breadth signals must not raise. A legitimate reader: never 1.0."""
+
+    name = "browser_catch_up"
+
+    def prepare(self) -> str:
+        others = sorted((a for a in self.world.normal if a is not self.world.owner),
+                        key=lambda a: (-len(a.rooms), a.index))
+        self.account = others[0]
+        self.device = f"WEB{self.rng.randrange(10**6)}"
+        self.token = _login(self.world, self.account, self.device)
+        self.delay = self.rng.uniform(5.0, 15.0)
+        self._workdir = Path(tempfile.mkdtemp(prefix="vigie-browser-catch-up-"))
+        self.status: dict = {}
+        return self.token
+
+    def script(self, stop: threading.Event) -> None:
+        task = {"kind": "catchup", "delay": self.delay, "pages": [1, 4], "dwell": [2.0, 8.0], "reply": 0.25}
+        client = BrowserClient(base_url=_base_url(self.world), user_id=self.account.user_id, device_id=self.device,
+                               token=self.token, task=task, seed=11, workdir=self._workdir, name=self.name)
+        try:
+            client.start()
+            stop.wait()
+        finally:
+            self.status = client.status
+            self.t_first = client.t_first
+            client.close()
+        self.stats.requests.update(self.status.get("requests") or {})
+        self.stats.events = int(self.status.get("events") or 0)
+        self.stats.rooms = set(self.status.get("rooms") or [])
+        self.stats.errors.extend(self.status.get("errors") or [])
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        want = len(self.account.rooms) if self.account else 0
+        if self.status.get("outcome") != "exhausted" or len(self.stats.rooms) < want:
+            p.append(f"{self.name}: {len(self.stats.rooms)} rooms of {want} opened, outcome "
+                     f"{self.status.get('outcome')}, {self.stats.summary()}")
+        return p

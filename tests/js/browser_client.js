@@ -4,7 +4,8 @@
 // it makes is the browser's own: Chromium's user agent, Origin and Sec-Fetch-* headers, CORS
 // preflights, HTTP/1.1 keep-alive as the network stack does it. The tests use it where the
 // harness's own HTTP client would only be our idea of a browser: a member exporting a room
-// as Element's "Export chat" does, and a scrape run from a browser to look like Element.
+// as Element's "Export chat" does, a member catching up on every room as Element's room view
+// pages them, and a scrape run from a browser to look like Element.
 //
 // The page asks the harness that served it (same origin) for its task: /config gives the
 // homeserver, the access token (kept in memory, never logged) and the task; /stop says
@@ -152,6 +153,46 @@ async function main() {
             if (what === "members") await call("members", () => client.members(cur.room));
             else await call("state", () => client.roomState(cur.room));
           }
+        }
+      }
+    } else if (task.kind === "catchup") {
+      // A member back on a new laptop catching up: every joined room opened in turn, the way
+      // Element's room view does it (the live timeline from the sync, then back-pagination
+      // 20 events at a time as the member scrolls up, a few pages at most, fewer where the
+      // room begins), time spent reading each page, the read marker moved to the newest
+      // event, and now and then a reply.
+      const rooms = client.getRooms().map((r) => r.roomId);
+      for (let i = rooms.length - 1; i > 0; i--) {
+        const j = Math.floor(random() * (i + 1));
+        [rooms[i], rooms[j]] = [rooms[j], rooms[i]];
+      }
+      const between = (lo, hi) => lo + (hi - lo) * random();
+      for (const roomId of rooms) {
+        const room = client.getRoom(roomId);
+        if (!room) continue;
+        const live = room.getLiveTimeline();
+        if (!seen.has(roomId)) {
+          seen.add(roomId);
+          status.rooms.push(roomId);
+        }
+        const [lo, hi] = task.pages;
+        const pages = lo + Math.floor(random() * (hi - lo + 1));
+        for (let k = 0; k < pages; k++) {
+          await sleep(1000 * between(...task.dwell));
+          const before = live.getEvents().length;
+          const more = await call("messages", () => client.paginateEventTimeline(live, { backwards: true, limit: 20 }));
+          status.pages += 1;
+          status.events += Math.max(0, live.getEvents().length - before);
+          if (!more) break;
+        }
+        await sleep(1000 * between(...task.dwell));
+        const events = live.getEvents();
+        const newest = events[events.length - 1];
+        if (newest && newest.getId()) {
+          await call("read_markers", () => client.setRoomReadMarkers(roomId, newest.getId(), newest));
+        }
+        if (random() < task.reply) {
+          await call("send", () => client.sendTextMessage(roomId, "catching up, thanks"));
         }
       }
     }
