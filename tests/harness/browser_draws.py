@@ -156,8 +156,7 @@ class BrowserExport(Reader):
 class BrowserCatchUp(Reader):
     """A member back on a new laptop catching up in a real browser: every joined room opened in
     turn as Element's room view does (the sync's timeline, then 1-4 back-pages of 20 events as
-    the member scrolls up, 2-8 s spent on each (a skim: it must be done within the readers' 4
-    minutes), the read marker moved, a reply now and then).
+    the member scrolls up, 2-8 s spent on each), the read marker moved, a reply now and then).
     Rooms of a few dozen messages are read to their first event this way: the false alarm the
     finished-room and breadth signals must not raise. A legitimate reader: never 1.0."""
 
@@ -172,18 +171,28 @@ class BrowserCatchUp(Reader):
         self.delay = self.rng.uniform(5.0, 15.0)
         self._workdir = Path(tempfile.mkdtemp(prefix="vigie-browser-catch-up-"))
         self.status: dict = {}
+        self._client: BrowserClient | None = None
         return self.token
+
+    def busy(self) -> bool:
+        client = self._client
+        return client is not None and client.status.get("outcome") in (None, "starting", "synced")
 
     def script(self, stop: threading.Event) -> None:
         task = {"kind": "catchup", "delay": self.delay, "pages": [1, 4], "dwell": [2.0, 8.0], "reply": 0.25}
+        # The page's own generator draws the room order, pages and dwells: seeded from the
+        # run's seed, so that each seed is another member's sitting.
         client = BrowserClient(base_url=_base_url(self.world), user_id=self.account.user_id, device_id=self.device,
-                               token=self.token, task=task, seed=11, workdir=self._workdir, name=self.name)
+                               token=self.token, task=task, seed=self.rng.randrange(1, 2**31), workdir=self._workdir,
+                               name=self.name)
+        self._client = client
         try:
             client.start()
             stop.wait()
         finally:
             self.status = client.status
             self.t_first = client.t_first
+            self._client = None
             client.close()
         self.stats.requests.update(self.status.get("requests") or {})
         self.stats.events = int(self.status.get("events") or 0)

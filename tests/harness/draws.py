@@ -325,6 +325,10 @@ class Reader:
     def script(self, stop: threading.Event) -> None:
         raise NotImplementedError
 
+    def busy(self) -> bool:
+        """Whether it still has work it means to finish before it is stopped."""
+        return False
+
     def sync_loop(self, stop: threading.Event, c: MatrixClient, since: str | None, filter_id: str | None,
                   timeout: tuple[int, int] = (2000, 10000), on=None) -> None:
         while not stop.is_set():
