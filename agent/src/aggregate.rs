@@ -107,6 +107,16 @@ enum Slot {
     Folded,
 }
 
+impl Slot {
+    /// The series this slot's increments go to.
+    fn series<'a>(&'a mut self, overflow: &'a mut ByEndpoint) -> &'a mut ByEndpoint {
+        match self {
+            Slot::Own(counts) | Slot::Held(counts) => counts,
+            Slot::Folded => overflow,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct TokenState {
     slot: Slot,
@@ -257,9 +267,9 @@ impl Aggregator {
     /// The series an increment for this token goes to right now.
     fn series(&mut self, token: Option<TokenLabel>) -> &mut ByEndpoint {
         let Some(label) = token else { return &mut self.anonymous };
-        match self.tokens.get_mut(&label).map(|t| &mut t.slot) {
-            Some(Slot::Own(counts) | Slot::Held(counts)) => counts,
-            Some(Slot::Folded) | None => &mut self.overflow,
+        match self.tokens.get_mut(&label) {
+            Some(t) => t.slot.series(&mut self.overflow),
+            None => &mut self.overflow,
         }
     }
 
@@ -279,11 +289,7 @@ impl Aggregator {
         if let Some(t) = self.tokens.get_mut(&label) {
             t.seen(now_s, tau);
             t.classes |= class_bit(class);
-            let series = match &mut t.slot {
-                Slot::Own(counts) | Slot::Held(counts) => counts,
-                Slot::Folded => &mut self.overflow,
-            };
-            return count_request(series, class, tally);
+            return count_request(t.slot.series(&mut self.overflow), class, tally);
         }
         self.track(label, now_s);
         if let Some(t) = self.tokens.get_mut(&label) {

@@ -557,31 +557,33 @@ impl Tracker {
     /// A receive of `total` bytes of which the first `data.len()` were captured.
     /// `blind` says nothing was captured because the kernel knew no buffer for it.
     pub fn on_recv(&mut self, key: ConnKey, now_ns: u64, total: u64, data: &[u8], blind: bool, sink: &mut impl Sink) {
-        // Read before a new connection makes room: what the others held then.
-        let head_bytes = self.table.head_bytes;
-        let conn = self.table.get(key, now_ns);
-        let before = conn.buffered();
-        let others = head_bytes.saturating_sub(before);
-        let rx = Receive { token_key: &self.key, tap: &self.tap, key, now_ns, total, data, others };
-        recv(conn, &rx, blind, sink);
-        let after = conn.buffered();
-        self.table.held_changed(before, after);
+        let rx = record::Receive { conn: key, ts_ns: now_ns, bytes: total, data, blind };
+        self.receive(rx, None, sink);
     }
 
     /// A socket receive record: the running send total read after it (`on_sent_total`, with
     /// the receive's number), then the receive itself (`on_recv`), on one look-up of the
     /// connection instead of four.
     pub fn on_socket_recv(&mut self, rx: record::Receive<'_>, sent_total: u64, recv_seq: u32, sink: &mut impl Sink) {
+        self.receive(rx, Some((sent_total, recv_seq)), sink);
+    }
+
+    /// A receive, after the connection's running send total and the receive's number when
+    /// the record carries them, with the bookkeeping of buffered heads.
+    fn receive(&mut self, rx: record::Receive<'_>, sent: Option<(u64, u32)>, sink: &mut impl Sink) {
         let key = rx.conn;
+        // What the other connections hold once a new one has made room.
         self.table.room_for(key);
         let head_bytes = self.table.head_bytes;
         let conn = self.table.entry(key, rx.ts_ns);
-        conn.recv_seq = recv_seq;
-        Self::account_total(conn, key.vantage, sent_total, sink);
+        if let Some((sent_total, recv_seq)) = sent {
+            conn.recv_seq = recv_seq;
+            Self::account_total(conn, key.vantage, sent_total, sink);
+        }
         let before = conn.buffered();
         let others = head_bytes.saturating_sub(before);
-        let (total, data) = (rx.bytes, rx.data);
-        let receive = Receive { token_key: &self.key, tap: &self.tap, key, now_ns: rx.ts_ns, total, data, others };
+        let (now_ns, total, data) = (rx.ts_ns, rx.bytes, rx.data);
+        let receive = Receive { token_key: &self.key, tap: &self.tap, key, now_ns, total, data, others };
         recv(conn, &receive, rx.blind, sink);
         let after = conn.buffered();
         self.table.held_changed(before, after);
