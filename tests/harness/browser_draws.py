@@ -110,66 +110,25 @@ class BrowserScrape(ThirdPartyScrape):
         self.syncs = int(status.get("syncs") or 0)
 
 
-class BrowserExport(Reader):
-    name = "browser_export"
+class BrowserReader(Reader):
+    """A legitimate reader in a real browser, on a new device of `account()`: the page does
+    `task()` after a drawn delay once its sync loop is prepared, then syncs on until the
+    reader is stopped. `busy()` while the task is under way."""
+
+    delay_s = (20.0, 60.0)
+
+    def account_for(self):
+        raise NotImplementedError
+
+    def task(self) -> dict:
+        raise NotImplementedError
 
     def prepare(self) -> str:
-        room = self.world.big_room
-        assert room, "the world has no big room to export"
-        self.room = room
-        # Not the member whose Element session OneRoomExport uses: two exports of one token
-        # would be one reader's doing twice.
-        members = [a for a in self.world.normal if room in a.rooms]
-        self.account = members[-1] if len(members) > 1 else members[0]
+        self.account = self.account_for()
         self.device = f"WEB{self.rng.randrange(10**6)}"
         self.token = _login(self.world, self.account, self.device)
-        self.delay = self.rng.uniform(20.0, 60.0)
-        self._workdir = Path(tempfile.mkdtemp(prefix="vigie-browser-export-"))
-        self.status: dict = {}
-        return self.token
-
-    def script(self, stop: threading.Event) -> None:
-        client = BrowserClient(base_url=_base_url(self.world), user_id=self.account.user_id, device_id=self.device,
-                               token=self.token, task={"kind": "export", "room": self.room, "delay": self.delay},
-                               seed=7, workdir=self._workdir, name=self.name)
-        try:
-            client.start()
-            stop.wait()
-        finally:
-            self.status = client.status
-            self.t_first = client.t_first
-            client.close()
-        self.stats.requests.update(self.status.get("requests") or {})
-        self.stats.events = int(self.status.get("events") or 0)
-        self.stats.rooms = set(self.status.get("rooms") or [])
-        self.stats.errors.extend(self.status.get("errors") or [])
-
-    def problems(self) -> list[str]:
-        p = super().problems()
-        want = self.world.messages.get(self.room, 0)
-        if self.status.get("outcome") != "exhausted" or self.stats.events < want:
-            p.append(f"{self.name}: {self.stats.events} events of {want}, outcome {self.status.get('outcome')}, "
-                     f"{self.status.get('syncs', 0)} syncs")
-        return p
-
-
-class BrowserCatchUp(Reader):
-    """A member back on a new laptop catching up in a real browser: every joined room opened in
-    turn as Element's room view does (the sync's timeline, then 1-4 back-pages of 20 events as
-    the member scrolls up, 2-8 s spent on each), the read marker moved, a reply now and then).
-    Rooms of a few dozen messages are read to their first event this way: the false alarm the
-    finished-room and breadth signals must not raise. A legitimate reader: never 1.0."""
-
-    name = "browser_catch_up"
-
-    def prepare(self) -> str:
-        others = sorted((a for a in self.world.normal if a is not self.world.owner),
-                        key=lambda a: (-len(a.rooms), a.index))
-        self.account = others[0]
-        self.device = f"WEB{self.rng.randrange(10**6)}"
-        self.token = _login(self.world, self.account, self.device)
-        self.delay = self.rng.uniform(5.0, 15.0)
-        self._workdir = Path(tempfile.mkdtemp(prefix="vigie-browser-catch-up-"))
+        self.delay = self.rng.uniform(*self.delay_s)
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"vigie-{self.name}-"))
         self.status: dict = {}
         self._client: BrowserClient | None = None
         return self.token
@@ -179,12 +138,11 @@ class BrowserCatchUp(Reader):
         return client is not None and client.status.get("outcome") in (None, "starting", "synced")
 
     def script(self, stop: threading.Event) -> None:
-        task = {"kind": "catchup", "delay": self.delay, "pages": [1, 4], "dwell": [2.0, 8.0], "reply": 0.25}
-        # The page's own generator draws the room order, pages and dwells: seeded from the
-        # run's seed, so that each seed is another member's sitting.
+        # The page's own generator draws what the task leaves to chance (room order, pages,
+        # dwells): seeded from the run's seed, so that each seed is another sitting.
         client = BrowserClient(base_url=_base_url(self.world), user_id=self.account.user_id, device_id=self.device,
-                               token=self.token, task=task, seed=self.rng.randrange(1, 2**31), workdir=self._workdir,
-                               name=self.name)
+                               token=self.token, task={**self.task(), "delay": self.delay},
+                               seed=self.rng.randrange(1, 2**31), workdir=self._workdir, name=self.name)
         self._client = client
         try:
             client.start()
@@ -198,6 +156,49 @@ class BrowserCatchUp(Reader):
         self.stats.events = int(self.status.get("events") or 0)
         self.stats.rooms = set(self.status.get("rooms") or [])
         self.stats.errors.extend(self.status.get("errors") or [])
+
+
+class BrowserExport(BrowserReader):
+    name = "browser_export"
+
+    def account_for(self):
+        room = self.world.big_room
+        assert room, "the world has no big room to export"
+        self.room = room
+        # Not the member whose Element session OneRoomExport uses: two exports of one token
+        # would be one reader's doing twice.
+        members = [a for a in self.world.normal if room in a.rooms]
+        return members[-1] if len(members) > 1 else members[0]
+
+    def task(self) -> dict:
+        return {"kind": "export", "room": self.room}
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        want = self.world.messages.get(self.room, 0)
+        if self.status.get("outcome") != "exhausted" or self.stats.events < want:
+            p.append(f"{self.name}: {self.stats.events} events of {want}, outcome {self.status.get('outcome')}, "
+                     f"{self.status.get('syncs', 0)} syncs")
+        return p
+
+
+class BrowserCatchUp(BrowserReader):
+    """A member back on a new laptop catching up in a real browser: every joined room opened in
+    turn as Element's room view does (the sync's timeline, then 1-4 back-pages of 20 events as
+    the member scrolls up, 2-8 s spent on each), the read marker moved, a reply now and then.
+    Rooms of a few dozen messages are read to their first event this way: the false alarm the
+    finished-room and breadth signals must not raise. A legitimate reader: never 1.0."""
+
+    name = "browser_catch_up"
+    delay_s = (5.0, 15.0)
+
+    def account_for(self):
+        others = sorted((a for a in self.world.normal if a is not self.world.owner),
+                        key=lambda a: (-len(a.rooms), a.index))
+        return others[0]
+
+    def task(self) -> dict:
+        return {"kind": "catchup", "pages": [1, 4], "dwell": [2.0, 8.0], "reply": 0.25}
 
     def problems(self) -> list[str]:
         p = super().problems()
