@@ -133,6 +133,10 @@ pub struct DetectConfig {
     /// History pages in 10 min with no sync loop: no client pages for minutes without one.
     pub headless_pages_10m: Ramp,
     pub headless_weight: f64,
+    /// History pages in 10 min (`headless_pages_10m`) by a token that syncs but has not
+    /// written to any room (no message, receipt, read marker or typing) in 10 min weigh this
+    /// much at full: a sync loop with nobody in front of it, the fig leaf a scraper keeps.
+    pub silent_sync_weight: f64,
 
     // --- breadth over depth ---------------------------------------------------------------
     /// A token whose history reads (10 min and 1 h) cover fewer rooms than this is a
@@ -278,6 +282,7 @@ impl Default for DetectConfig {
             headless_reads_1m: Ramp::new(3.0, 15.0),
             headless_pages_10m: Ramp::new(10.0, 30.0),
             headless_weight: 0.5,
+            silent_sync_weight: 0.25,
 
             breadth_rooms: 3.0,
             narrow_reading_cap: 0.6,

@@ -4,7 +4,7 @@
 //! eight rooms last paged, four user agents and four addresses, four EWMAs. Each has a fixed
 //! upper size, but a token pays only for what it uses: non-zero ring counters, the rooms it
 //! named (registers only past 64 of them), the rooms it paged, its second and later clients.
-//! [`TokenState`] itself is 184 bytes; tests pin it, what ordinary tokens cost in all, and
+//! [`TokenState`] itself is 192 bytes; tests pin it, what ordinary tokens cost in all, and
 //! the bound for any token. Allocation happens only when a token uses something new.
 
 use crate::endpoint::Endpoint;
@@ -103,6 +103,8 @@ pub struct TokenState {
     last_sync_s: Stamp,
     /// Latest key-backup read made while the token was young.
     young_key_read_s: Stamp,
+    /// Latest write to a room (see [`Shape::acts`]): someone is in front of the client.
+    last_act_s: Stamp,
     /// The ≈1 min, ≈10 min and ≈1 h rings of counters.
     rings: Rings,
     /// Rooms read through history (pages, `/context`, room `/initialSync`), ≈10 min and
@@ -131,6 +133,7 @@ impl TokenState {
             last_s: now,
             last_sync_s: Stamp::NEVER,
             young_key_read_s: Stamp::NEVER,
+            last_act_s: Stamp::NEVER,
             rings: Rings::new(now),
             sketches: RoomSketches::new([now / ROOMS_10M_EPOCH, now / ROOMS_10M_EPOCH, now / ROOMS_1H_EPOCH]),
             rooms: RoomTable::default(),
@@ -212,6 +215,9 @@ impl TokenState {
         // that room's history is part of reading it, not other activity (see below).
         let mut other_request = !matches!(s.endpoint, Some(Endpoint::Sync | Endpoint::SlidingSync));
         self.addresses.see(s.address, now, self.first_s, grace);
+        if s.acts {
+            self.last_act_s = Stamp::at(now);
+        }
         if let Some(room) = s.room {
             self.sketches.insert(Sketch::Touched, now / ROOMS_10M_EPOCH, room, &mut self.rings);
         }
@@ -359,6 +365,7 @@ impl TokenState {
             + f64::from(t1.get(Count::MediaDownloads)) / QUARTERS;
         let young_key_read = self.young_key_read_s.get().is_some_and(|s| now.saturating_sub(s) < 600);
         let live = self.last_sync_s.get().is_some_and(|s| f64::from(now.saturating_sub(s)) <= cfg.live_sync_s);
+        let acted_10m = self.last_act_s.get().is_some_and(|s| now.saturating_sub(s) < 600);
         let rooms_10m = self.sketches.estimate(Sketch::Read, now / ROOMS_10M_EPOCH, &self.rings).round();
         Features {
             age_s: f64::from(now.saturating_sub(self.first_s)),
@@ -387,6 +394,7 @@ impl TokenState {
             full_sync_10m: t10.weight(Count::FullSyncWeight, SIXTEENTHS),
             reads_1m,
             live,
+            acted_10m,
             late_agent: self.agents.late_since(since_10m),
             late_address: self.addresses.late_since(since_10m),
             foreign_10m: f64::from(t10.get(Count::ForeignReads)),
@@ -470,6 +478,8 @@ pub struct Features {
     pub reads_1m: f64,
     /// An incremental sync within `live_sync_s`.
     pub live: bool,
+    /// A write to a room (a message, receipt, read marker, typing…) in the last 10 minutes.
+    pub acted_10m: bool,
     pub late_agent: Option<Late>,
     pub late_address: Option<Late>,
     pub foreign_10m: f64,

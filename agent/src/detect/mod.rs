@@ -10,9 +10,9 @@
 //!   pages, many rooms, deep paging, `/context` with large limits, media downloads, searches,
 //!   key-backup reads, full syncs);
 //! - corroborating reasons, capped below 1: a new client on an established token, reads
-//!   without a sync loop, volume far above the token's own past (per-minute EWMAs) or above
-//!   the host's other tokens (median and MAD, with floors so a small population does not
-//!   make everyone an outlier);
+//!   without a sync loop (or beside one whose token never writes to a room), volume far
+//!   above the token's own past (per-minute EWMAs) or above the host's other tokens (median
+//!   and MAD, with floors so a small population does not make everyone an outlier);
 //! - hard ceilings, each adding 1.
 //!
 //! `docs/detection.md` describes the model, every threshold ([`DetectConfig`]) and tuning.

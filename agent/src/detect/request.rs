@@ -24,6 +24,10 @@ const MAX_FILTER_SCANNED: usize = 2048;
 pub struct Shape {
     pub endpoint: Option<Endpoint>,
     pub get: bool,
+    /// A write to a room (POST, PUT or DELETE on a path naming one): a message, a receipt or
+    /// read marker, typing, a state or membership change. What a person in front of a
+    /// client does; no SDK makes one on its own.
+    pub acts: bool,
     /// Hash of the room id the path names.
     pub room: Option<u64>,
     /// Fingerprint of `from` (pagination token), 0 when absent.
@@ -54,6 +58,7 @@ impl Shape {
             mismatch: req.user_agent.is_some_and(|ua| mismatch(ua, req.browser_fetch, req.connection_close)),
             ..Shape::default()
         };
+        s.acts = s.room.is_some() && ["POST", "PUT", "DELETE"].iter().any(|m| req.method.eq_ignore_ascii_case(m));
         let wants_query = matches!(
             endpoint,
             Endpoint::Messages
@@ -227,6 +232,21 @@ mod tests {
         assert_eq!(shape(Endpoint::Sync, "GET", f).limit, Some(1000));
         assert_eq!(shape(Endpoint::Sync, "GET", "filter={\"limit\":5}").limit, Some(5));
         assert_eq!(shape(Endpoint::Sync, "GET", "filter=0").limit, None, "a filter id");
+    }
+
+    #[test]
+    fn a_write_to_a_room_is_a_person_acting_and_a_read_or_a_roomless_write_is_not() {
+        // A receipt or read marker (`Other`), a message, typing, a state change.
+        for (e, m) in
+            [(Endpoint::Other, "POST"), (Endpoint::Send, "PUT"), (Endpoint::Other, "put"), (Endpoint::State, "PUT")]
+        {
+            assert!(shape(e, m, "").acts, "{e:?} {m}");
+        }
+        assert!(!shape(Endpoint::Messages, "GET", "dir=b").acts);
+        assert!(!shape(Endpoint::Members, "HEAD", "").acts);
+        // What an SDK writes on its own names no room: key uploads, filters, to-device.
+        let keys = super::super::sim::seen(Some(TokenLabel([1; 8])), Endpoint::Keys, "POST", None, "", None, None);
+        assert!(!Shape::of(&keys).acts);
     }
 
     #[test]

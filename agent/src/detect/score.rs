@@ -34,7 +34,8 @@ pub enum Reason {
     ScrapePattern,
     /// A user agent or address that appeared on an established token, next to the old one.
     NewClient,
-    /// Reads with no incremental `/sync` going: a script, not an interactive client.
+    /// Reads with no incremental `/sync` going, or beside a sync loop whose token writes to
+    /// no room (no message, receipt, read marker, typing): nobody in front of the client.
     Headless,
     /// A reading token's client is no known Matrix client, or its head contradicts its
     /// user agent.
@@ -263,9 +264,22 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
     new_client += (f.foreign_10m * c.foreign_read_weight).min(c.foreign_reads_cap);
     e.set(Reason::NewClient, new_client, c.new_client_cap.min(0.99));
 
-    if !f.live {
-        let h = c.headless_reads_1m.eval(f.reads_1m).max(c.headless_pages_10m.eval(f.pages_10m)).min(1.0);
-        e.set(Reason::Headless, h * c.headless_weight, c.headless_weight.min(0.99));
+    // Reading with no client in front of it: no sync loop at all, or one whose token never
+    // writes to a room (no message, receipt, read marker, typing), which every client does
+    // when a person reads new events in it. The second is weaker: a member can read rooms
+    // they had already read, and a sync loop is some evidence of a client. It weighs paging
+    // for minutes only, not a minute's reads: opening rooms on a new device (members lazily
+    // loaded, a page each) makes those before the person has anything to acknowledge.
+    let pages = c.headless_pages_10m.eval(f.pages_10m);
+    let h = if !f.live {
+        c.headless_reads_1m.eval(f.reads_1m).max(pages).min(1.0) * c.headless_weight
+    } else if !f.acted_10m {
+        pages.min(1.0) * c.silent_sync_weight.min(c.headless_weight)
+    } else {
+        0.0
+    };
+    if h > 0.0 {
+        e.set(Reason::Headless, h, c.headless_weight.min(0.99));
     }
 
     if f.history_1m + f.history_10m > 0.0 || f.reads_1m > 0.0 {
@@ -362,7 +376,7 @@ mod tests {
     }
 
     fn interactive() -> Features {
-        Features { live: true, ..Features::default() }
+        Features { live: true, acted_10m: true, ..Features::default() }
     }
 
     #[test]
@@ -380,6 +394,7 @@ mod tests {
         assert_eq!(score(&interactive()).total(), 0.0);
         let ordinary = Features {
             live: true,
+            acted_10m: true,
             history_1m: 3.0,
             history_10m: 6.0,
             pages_1m: 3.0,

@@ -701,7 +701,7 @@ fn rooms_paged_turn_about_are_a_scrape_pattern_and_one_room_after_another_is_not
 }
 
 #[test]
-fn paging_for_minutes_without_any_sync_is_headless_at_any_pace() {
+fn paging_for_minutes_with_no_sync_or_a_sync_nobody_acts_in_is_headless_at_any_pace() {
     // One page every 15 s for 10 minutes (4 reads a minute: the reads ramp barely moves).
     let slow = |c: &Client| {
         (0..40u32)
@@ -713,13 +713,46 @@ fn paging_for_minutes_without_any_sync_is_headless_at_any_pace() {
     };
     let script = attacker("Element/1.6.28 (Android 14)");
     let (headless, _) = peak_reason(slow(&script), T0 + 620.0, script.token, "headless");
-    let app = Client::new(sim::label(8), "Element/1.6.28 (Android 14)");
+    // A sync loop kept beside the same pages, and nothing written to any room: a fig leaf.
+    let fig_leaf = Client::new(sim::label(8), "Element/1.6.28 (Android 14)");
+    let mut reqs = slow(&fig_leaf);
+    reqs.extend(syncs(&fig_leaf, 30.0, T0 + 620.0));
+    let (silent, _) = peak_reason(reqs, T0 + 620.0, fig_leaf.token, "headless");
+    // A member reading the same pages in the app, who moves the read marker of each room
+    // as they read it (every client does on new events) and so is in front of the client.
+    let app = Client::new(sim::label(9), "Element/1.6.28 (Android 14)");
     let mut reqs = slow(&app);
     reqs.extend(syncs(&app, 30.0, T0 + 620.0));
+    for r in 0..5u32 {
+        let at = T0 + 5.0 + f64::from(r * 8) * 15.0 + 2.0;
+        reqs.push(app.req(at, Endpoint::Other, "POST", Some(&sim::room(r)), String::new(), 60));
+    }
     let (live, _) = peak_reason(reqs, T0 + 620.0, app.token, "headless");
-    eprintln!("slow paging: headless {headless:.2} without a sync loop, {live:.2} with one");
+    // A new device opening six rooms it has nothing new to acknowledge in: each room's
+    // members (loaded lazily) and a page, within a minute, beside its sync loop.
+    let device = Client::new(sim::label(10), "Element/1.6.28 (Android 14)");
+    let mut reqs = syncs(&device, 30.0, T0 + 300.0);
+    for r in 0..6u32 {
+        let at = T0 + 10.0 + f64::from(r) * 8.0;
+        reqs.push(device.req(at, Endpoint::Members, "GET", Some(&sim::room(r)), String::new(), 3_000));
+        reqs.push(device.req(
+            at + 1.0,
+            Endpoint::Messages,
+            "GET",
+            Some(&sim::room(r)),
+            "dir=b&from=s1&limit=20".into(),
+            20_000,
+        ));
+    }
+    let (opening, _) = peak_reason(reqs, T0 + 300.0, device.token, "headless");
+    eprintln!(
+        "slow paging: headless {headless:.2} without a sync loop, {silent:.2} with one nobody acts in, \
+         {live:.2} in an app; a new device opening rooms {opening:.2}"
+    );
     assert!(headless >= 0.45, "{headless:.2}");
+    assert!((0.2..=0.25).contains(&silent), "{silent:.2}");
     assert_eq!(live, 0.0);
+    assert_eq!(opening, 0.0, "a minute's reads before anything is new are no fig leaf");
 }
 
 #[test]
