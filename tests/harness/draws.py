@@ -7,8 +7,10 @@ ranges rather than written to pass (issue 11).
   (log-uniform), rooms shuffled and sometimes interleaved (two or three rooms paged turn about),
   `/members` and/or `/state` after each room or not, a `/sync` long-poll kept alive beside the
   scrape or not (and, with one, half the time each room's paging started from that sync's
-  `prev_batch` as Element's is), an Element user agent or a script's. The scripts send no
-  browser headers whatever user agent they claim.
+  `prev_batch` as Element's is), an Element user agent or a script's, and in a quarter of the
+  draws each room's private read marker (`m.fully_read`) moved to its newest event when the
+  room is opened, as a scraper would to dodge the *silent sync* mark (a token that writes to no
+  room). The scripts send no browser headers whatever user agent they claim.
 - Legitimate heavy readers, each on its own token:
   - `OneRoomExport`: a member's own Element session (its population token, user agent and
     address; its sync loop keeps going) exports the big room as Element's "Export chat" does:
@@ -61,6 +63,9 @@ class Draw:
     sync_loop: bool
     user_agent: str
     from_sync: bool = False  # with a sync loop: start each room from the sync's prev_batch, as Element does
+    # Move each room's private read marker to its newest event when opening it: a write to
+    # the room, which every person's client makes and a scraper makes to look attended.
+    marks_read: bool = False
     # Who makes the requests: the tests' client, "nio" (harness/nio_draws.py) or "browser"
     # (harness/browser_draws.py).
     library: str = "harness"
@@ -78,7 +83,8 @@ class Draw:
         return (f"pace {self.pace:4.1f}s limit {self.limit:4d} interleave {self.interleave} "
                 f"after {'+'.join(self.after_room) or '-':13} "
                 f"sync {'prev' if self.from_sync else 'yes' if self.sync_loop else 'no':4} "
-                f"ua {self.library if self.library != 'harness' else 'element' if self.element_agent else 'script'}")
+                f"ua {self.library if self.library != 'harness' else 'element' if self.element_agent else 'script'}"
+                + (" marks read" if self.marks_read else ""))
 
 
 def draw(seed: int, index: int) -> Draw:
@@ -89,8 +95,9 @@ def draw(seed: int, index: int) -> Draw:
     after = rng.choice([(), (), ("members",), ("state",), ("members", "state")])
     sync_loop = rng.random() < 0.5
     ua = rng.choice(ELEMENT_USER_AGENTS) if rng.random() < 0.5 else rng.choice(SCRIPT_AGENTS)
-    from_sync = sync_loop and rng.random() < 0.5  # drawn last: the earlier draws stay what they were
-    return Draw(index, pace, limit, interleave, after, sync_loop, ua, from_sync)
+    from_sync = sync_loop and rng.random() < 0.5  # drawn after the rest: the earlier draws stay what they were
+    marks_read = rng.random() < 0.25  # drawn last, for the same reason
+    return Draw(index, pace, limit, interleave, after, sync_loop, ua, from_sync, marks_read)
 
 
 NIO_INDEX = 1000
@@ -160,6 +167,7 @@ class DrawnScrape(Attack):
         self.sync_failure: str | None = None
         self.prev: dict[str, str] = {}
         self.first_sync = threading.Event()
+        self.marked: set[str] = set()
 
     def _sync_loop(self, stop: threading.Event) -> None:
         c = self._client(self.token)
@@ -204,6 +212,9 @@ class DrawnScrape(Attack):
         self.stats.rooms.add(room)
         if not chunk:
             self.stats.empty_pages += 1
+        if self.params.marks_read and room not in self.marked and chunk and chunk[0].get("event_id"):
+            self.marked.add(room)
+            self.call("read_markers", lambda: c.read_markers(room, chunk[0]["event_id"]))
         if not chunk or not r.get("end"):
             return False, None
         return True, r["end"]

@@ -856,6 +856,11 @@ class MatrixClient:
         path = f"{CLIENT_V3}/rooms/{self._enc(room_id)}/receipt/m.read/{self._enc(event_id)}"
         self._json("POST", path, "other", json_body={})
 
+    def read_markers(self, room_id: str, fully_read: str) -> None:
+        """Move the private read marker (`m.fully_read`, which no other member sees)."""
+        path = f"{CLIENT_V3}/rooms/{self._enc(room_id)}/read_markers"
+        self._json("POST", path, "other", json_body={"m.fully_read": fully_read})
+
     # -- rooms ----------------------------------------------------------------------------------
     def send_message(self, room_id: str, body: str, txn_id: str | None = None) -> str:
         path = f"{CLIENT_V3}/rooms/{self._enc(room_id)}/send/m.room.message/{quote(txn_id or self._new_txn(), safe='')}"

@@ -99,6 +99,7 @@ async function main() {
     }
   }
   const seen = new Set();
+  const marked = new Set();
   async function page(room, from, limit) {
     const res = await call("messages", () => client.createMessagesRequest(room, from, limit, Direction.Backward));
     if (!res) return [false, null];
@@ -110,6 +111,11 @@ async function main() {
       status.rooms.push(room);
     }
     if (!chunk.length) status.emptyPages += 1;
+    if (task.marksRead && chunk.length && chunk[0].event_id && !marked.has(room)) {
+      // The private read marker only (m.fully_read): a write to the room no other member sees.
+      marked.add(room);
+      await call("read_markers", () => client.setRoomReadMarkersHttpRequest(room, chunk[0].event_id));
+    }
     if (!chunk.length || !res.end) return [false, null];
     return [true, res.end];
   }
