@@ -363,9 +363,9 @@ impl TokenState {
             + f64::from(t1.get(Count::Search))
             + f64::from(t1.get(Count::RoomReads))
             + f64::from(t1.get(Count::MediaDownloads)) / QUARTERS;
-        let young_key_read = self.young_key_read_s.get().is_some_and(|s| now.saturating_sub(s) < 600);
+        let young_key_read = self.young_key_read_s.within(now, 600);
         let live = self.last_sync_s.get().is_some_and(|s| f64::from(now.saturating_sub(s)) <= cfg.live_sync_s);
-        let acted_10m = self.last_act_s.get().is_some_and(|s| now.saturating_sub(s) < 600);
+        let acted_10m = self.last_act_s.within(now, 600);
         let rooms_10m = self.sketches.estimate(Sketch::Read, now / ROOMS_10M_EPOCH, &self.rings).round();
         Features {
             age_s: f64::from(now.saturating_sub(self.first_s)),
@@ -434,6 +434,11 @@ impl Stamp {
 
     pub fn get(self) -> Option<u32> {
         (self != Self::NEVER).then_some(self.0)
+    }
+
+    /// It came, less than `secs` before `now`.
+    pub fn within(self, now: u32, secs: u32) -> bool {
+        self.get().is_some_and(|s| now.saturating_sub(s) < secs)
     }
 }
 

@@ -279,7 +279,7 @@ impl Detector {
         let cfg = &self.cfg;
         let memory = secs(cfg.alert_memory_s);
         for (label, t) in self.tokens.iter_mut() {
-            let latched = t.last_alert_s.get().is_some_and(|a| now.saturating_sub(a) < memory);
+            let latched = t.last_alert_s.within(now, memory);
             if !(t.dirty || t.score > 0.0 || latched) {
                 continue;
             }
@@ -299,7 +299,7 @@ impl Detector {
             }
             t.score = score as f32;
             t.dirty = false;
-            let latched = t.last_alert_s.get().is_some_and(|a| now.saturating_sub(a) < memory);
+            let latched = t.last_alert_s.within(now, memory);
             if score > 0.0 || latched {
                 let start = self.reasons.len();
                 self.reasons.extend(ev.reasons().map(|(r, v)| (r.as_str(), v)));
@@ -323,9 +323,7 @@ impl Detector {
         let idle = secs(self.cfg.idle_expiry_s);
         let memory = secs(self.cfg.alert_memory_s);
         let before = self.tokens.len();
-        self.tokens.retain(|_, t| {
-            now.saturating_sub(t.last_s) < idle || t.last_alert_s.get().is_some_and(|a| now.saturating_sub(a) < memory)
-        });
+        self.tokens.retain(|_, t| now.saturating_sub(t.last_s) < idle || t.last_alert_s.within(now, memory));
         self.stats.tokens_expired += (before - self.tokens.len()) as u64;
     }
 
