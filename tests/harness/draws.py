@@ -167,7 +167,6 @@ class DrawnScrape(Attack):
         self.sync_failure: str | None = None
         self.prev: dict[str, str] = {}
         self.first_sync = threading.Event()
-        self.marked: set[str] = set()
 
     def _sync_loop(self, stop: threading.Event) -> None:
         c = self._client(self.token)
@@ -207,13 +206,13 @@ class DrawnScrape(Attack):
         if r is None:
             return False, None
         chunk = r.get("chunk") or []
+        opened = room not in self.stats.rooms  # the room's first page
         self.stats.pages += 1
         self.stats.events += len(chunk)
         self.stats.rooms.add(room)
         if not chunk:
             self.stats.empty_pages += 1
-        if self.params.marks_read and room not in self.marked and chunk and chunk[0].get("event_id"):
-            self.marked.add(room)
+        if self.params.marks_read and opened and chunk and chunk[0].get("event_id"):
             self.call("read_markers", lambda: c.read_markers(room, chunk[0]["event_id"]))
         if not chunk or not r.get("end"):
             return False, None

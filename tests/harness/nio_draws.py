@@ -55,7 +55,6 @@ class NioScrape(ThirdPartyScrape):
     def __init__(self, world: World, seed: int, *, params: Draw):
         super().__init__(world, seed, params=params)
         self.prev: dict[str, str] = {}
-        self._marked: set[str] = set()
         self._pace = (0.7 * params.pace, 1.3 * params.pace)
         self._next_at = 0.0
         self._deadline = float("inf")
@@ -177,13 +176,13 @@ class NioScrape(ThirdPartyScrape):
                                                                            limit=self.params.limit))
         if not isinstance(r, RoomMessagesResponse):
             return False, None
+        opened = room not in self.stats.rooms  # the room's first page
         self.stats.pages += 1
         self.stats.events += len(r.chunk)
         self.stats.rooms.add(room)
         if not r.chunk:
             self.stats.empty_pages += 1
-        if self.params.marks_read and room not in self._marked and r.chunk:
-            self._marked.add(room)
+        if self.params.marks_read and opened and r.chunk:
             newest = r.chunk[0].event_id
             await self._call("read_markers", lambda: self.client.room_read_markers(room, fully_read_event=newest))
         if not r.chunk or not r.end:

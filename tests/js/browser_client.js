@@ -99,21 +99,20 @@ async function main() {
     }
   }
   const seen = new Set();
-  const marked = new Set();
   async function page(room, from, limit) {
     const res = await call("messages", () => client.createMessagesRequest(room, from, limit, Direction.Backward));
     if (!res) return [false, null];
     const chunk = res.chunk || [];
     status.pages += 1;
     status.events += chunk.length;
-    if (!seen.has(room)) {
+    const opened = !seen.has(room);
+    if (opened) {
       seen.add(room);
       status.rooms.push(room);
     }
     if (!chunk.length) status.emptyPages += 1;
-    if (task.marksRead && chunk.length && chunk[0].event_id && !marked.has(room)) {
+    if (task.marksRead && opened && chunk.length && chunk[0].event_id) {
       // The private read marker only (m.fully_read): a write to the room no other member sees.
-      marked.add(room);
       await call("read_markers", () => client.setRoomReadMarkersHttpRequest(room, chunk[0].event_id));
     }
     if (!chunk.length || !res.end) return [false, null];
