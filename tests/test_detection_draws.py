@@ -11,7 +11,7 @@ population of test_detection.py throughout. Then, concurrently (vigie scores per
   matrix-js-sdk in headless Chromium, a real browser beside its own sync loop
   (harness/browser_draws.py), at most `VIGIE_DRAWS_CONCURRENCY` (default: all) at a time, each
   on a fresh login of the hijacked account, each running until its token reaches 1.0 or 300 s
-  after its first request;
+  after its first request (`VIGIE_DRAW_HORIZON_S` longer, to see how late a miss is caught);
 - the legitimate heavy readers: the four of harness/draws.py (one-room export, moderation
   bot, key-backup restore, bridge), and two members in a real browser (harness/browser_draws.py):
   one exporting the big room, one catching up on every room on a new laptop, from the start to
@@ -52,7 +52,10 @@ from harness.synapse import Synapse
 from harness.util import HarnessError
 from harness.world import World, build_world
 
-DRAW_MAX_S = 300.0
+# How long a draw runs if it is not flagged: its 300 s target by default. `cargo xtask detect
+# --horizon S` lets the misses run on, to say how late they are caught (the targets and the
+# verdict are unchanged).
+DRAW_MAX_S = max(300.0, float(os.environ.get("VIGIE_DRAW_HORIZON_S") or "300"))
 SEED = int(os.environ.get("VIGIE_DRAWS_SEED") or os.environ.get("VIGIE_TEST_SEED") or "1")
 DRAWS = int(os.environ.get("VIGIE_DRAWS", "8"))
 NIO_DRAWS = int(os.environ.get("VIGIE_NIO_DRAWS") or max(2, DRAWS // 4))
