@@ -303,8 +303,10 @@ impl Aggregator {
     }
 
     /// What the detector counted for this token's request (see [`Tally`]), to the series the
-    /// request itself went to.
-    pub fn tally(&mut self, token: TokenLabel, tally: &Tally) {
+    /// request itself went to. The pipeline uses [`Aggregator::request_tallied`], one look-up
+    /// for both; this two-call form is the reference the tests hold it to.
+    #[cfg(test)]
+    pub(crate) fn tally(&mut self, token: TokenLabel, tally: &Tally) {
         if !tally.is_empty() {
             self.series(Some(token)).1.add(tally);
         }
