@@ -241,9 +241,12 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
     e.set(Reason::KeyBackup, young + c.key_reads_10m.eval(f.key_reads_10m), 1.0);
     e.set(Reason::FullSync, c.full_sync_10m.eval(f.full_sync_10m), 1.0);
 
+    // Reaching rooms' first events is a scrape's trait only in a token that does little else,
+    // as for whole rooms above: a chatty member scrolling back through small rooms between
+    // messages reaches their starts too.
     let pattern = [
         c.fromless_10m.eval(f.fromless_10m),
-        c.finished_10m.eval(f.finished_10m),
+        c.finished_10m.eval(f.finished_10m) * share,
         c.harvests_10m.eval(f.harvests_10m),
         share,
         c.resumed_10m.eval(f.resumed_10m),

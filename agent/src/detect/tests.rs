@@ -647,6 +647,43 @@ fn whole_rooms_taken_by_a_token_that_does_little_else_are_breadth_and_a_chatty_r
 }
 
 #[test]
+fn rooms_reached_to_their_start_are_a_scrape_pattern_only_for_a_token_that_does_little_else() {
+    // Eight small rooms in ten minutes, each scrolled back from its timeline's prev_batch to
+    // its first event in three to five pages: a heavy Element user switching rooms every
+    // minute and scrolling back in each, as the suite's heavy user does: it peaked at 0.90 in
+    // a 12-minute draws run, about 0.2 of it from rooms' starts (its Synapse access log shows
+    // six or seven rooms' short last pages in ten minutes, among 700 sends and receipts).
+    let rooms = |c: &Client| {
+        (0..8u32)
+            .flat_map(|r| read_room(c, &sim::room(r), T0 + 5.0 + f64::from(r) * 70.0, 3.0, 3 + r % 3, false))
+            .collect::<Vec<_>>()
+    };
+    let ua = "Mozilla/5.0 (X11; Linux x86_64) Element/1.11.89";
+    let quiet = Client::new(sim::label(11), ua);
+    let mut reqs = rooms(&quiet);
+    reqs.extend(syncs(&quiet, 20.0, T0 + 600.0));
+    let (alone, _) = peak_reason(reqs, T0 + 600.0, quiet.token, "scrape_pattern");
+    let chatty = Client::new(sim::label(12), ua);
+    let mut reqs = rooms(&chatty);
+    reqs.extend(syncs(&chatty, 20.0, T0 + 600.0));
+    for k in 0..150u32 {
+        let room = sim::room((k / 18) % 8);
+        let t = T0 + f64::from(k) * 4.0;
+        reqs.push(chatty.req(t, Endpoint::Send, "PUT", Some(&room), String::new(), 90));
+        if k % 5 == 0 {
+            reqs.push(chatty.req(t + 0.5, Endpoint::Other, "POST", Some(&room), String::new(), 60));
+        }
+    }
+    let (between, score) = peak_reason(reqs, T0 + 600.0, chatty.token, "scrape_pattern");
+    eprintln!(
+        "eight rooms to their start: scrape_pattern {alone:.2} alone, {between:.2} between messages (score {score:.2})"
+    );
+    assert!(alone >= 0.5, "rooms' starts and the history share, nothing else: {alone:.2}");
+    assert_eq!(between, 0.0, "a chatty member reaching small rooms' starts is not scraping");
+    assert!(score < 0.5, "{score:.2}");
+}
+
+#[test]
 fn rooms_paged_turn_about_are_a_scrape_pattern_and_one_room_after_another_is_not() {
     // Three rooms paged turn about, each following its own `from` from a sync's prev_batch,
     // full pages only (no room finished within the window), one page every 9 s, beside a
