@@ -260,7 +260,7 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
     return "\n".join(lines), problems, missed
 
 
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(3600 + int(DRAW_MAX_S - 300.0))
 def test_drawn_scrapes_are_flagged_and_heavy_readers_never_are(draws_world, vigie_factory, tmp_path):
     vigie = vigie_factory(draws_world.synapse.port)
     t = time.monotonic()

@@ -59,8 +59,8 @@ pub fn run(args: &[String]) -> Result<()> {
     if draws == 0 || concurrency == 0 {
         bail!("--draws and --concurrency must be at least 1");
     }
-    if !(300..=3600).contains(&horizon) {
-        bail!("--horizon {horizon} is outside 300-3600 s (300 s is the slowest draw's target)");
+    if !(300..=1800).contains(&horizon) {
+        bail!("--horizon {horizon} is outside 300-1800 s (300 s is the slowest draw's target)");
     }
     setup()?;
     let bin = build_release()?;
