@@ -329,6 +329,29 @@ def test_metrics_parser(text):
     assert m.get_value("vigie_probes_attached") == 6
 
 
+def test_a_seed_reads_rooms_in_the_same_order_whatever_ids_and_listing_order_synapse_gives():
+    import random
+
+    from harness.draws import RoomOrder
+    from harness.world import World
+
+    def order(ids: list[str], listed: list[int]) -> list[int]:
+        """The build indices of the rooms in the order a seed-7 scrape reads them, in a world
+        whose rooms got `ids` and whose `/joined_rooms` lists them in `listed` order."""
+        w = World.__new__(World)
+        w.rooms, w.archive = ids[:4], {ids[4]: 10, ids[5]: 20}
+        opened = []
+        o = RoomOrder(w.in_build_order([ids[i] for i in listed]), random.Random(7), 1, lambda r: None)
+        while turn := o.turn():
+            opened.append(ids.index(turn[0][0]))
+            o.finish(turn[0])
+        return opened
+
+    first = order(["!q1", "!a2", "!m3", "!c4", "!z5", "!b6"], [0, 1, 2, 3, 4, 5])
+    again = order(["!x9", "!k8", "!d7", "!w6", "!e5", "!r4"], [5, 3, 1, 0, 4, 2])
+    assert sorted(first) == list(range(6)) and first == again, (first, again)
+
+
 def test_drawn_scrapes_page_rooms_turn_about_each_from_where_it_was_opened():
     import random
 

@@ -119,6 +119,7 @@ class RoomOrder:
     None for the live end) when it is opened."""
 
     def __init__(self, rooms: list[str], rng: random.Random, interleave: int, start):
+        # The same order in, the same order out: pass `World.in_build_order(rooms)`.
         self.todo = list(rooms)
         rng.shuffle(self.todo)
         self.interleave = interleave
@@ -231,7 +232,7 @@ class DrawnScrape(Attack):
 
     def script(self) -> None:
         p = self.params
-        order = RoomOrder(self.joined_rooms(), self.rng, p.interleave,
+        order = RoomOrder(self.world.in_build_order(self.joined_rooms()), self.rng, p.interleave,
                           lambda room: self.prev.get(room) if p.from_sync else None)
         if p.from_sync:
             self.first_sync.wait(20)

@@ -157,7 +157,8 @@ class NioScrape(ThirdPartyScrape):
     async def _script(self) -> None:
         p = self.params
         r = await self._call("joined_rooms", self.client.joined_rooms)
-        order = RoomOrder(list(r.rooms) if isinstance(r, JoinedRoomsResponse) else [], self.rng, p.interleave,
+        joined = list(r.rooms) if isinstance(r, JoinedRoomsResponse) else []
+        order = RoomOrder(self.world.in_build_order(joined), self.rng, p.interleave,
                           lambda room: self.prev.get(room) if p.from_sync else None)
         if p.from_sync:
             with contextlib.suppress(asyncio.TimeoutError):

@@ -172,6 +172,15 @@ class World:
     def owner(self) -> Account:
         return next(a for a in self.accounts if a.role == "owner")
 
+    def in_build_order(self, rooms) -> list[str]:
+        """`rooms` in the order the world made them (rooms it did not make last, by id). Room
+        ids are new in every world and `/joined_rooms` lists them in Synapse's order, so a
+        seeded shuffle of that list reads rooms in another order each run; shuffling this one
+        reads them in the same order, and a seed's draws can be compared before and after a
+        change."""
+        made = {room: i for i, room in enumerate([*self.rooms, *self.archive])}
+        return sorted(rooms, key=lambda r: (made.get(r, len(made)), r))
+
     def victim_candidates(self) -> list[Account]:
         """Normal users in 6 rooms or more: a stolen token that opens many rooms."""
         return [a for a in self.normal if len(a.rooms) >= 6]

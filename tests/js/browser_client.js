@@ -132,6 +132,11 @@ async function main() {
     } else if (task.kind === "scrape") {
       const joined = await call("joined_rooms", () => client.getJoinedRooms());
       const rooms = (joined && joined.joined_rooms) || [];
+      // The world's build order first (harness/world.py `in_build_order`), so that a seed
+      // shuffles the same list into the same order in every run, whatever ids the rooms got.
+      const made = new Map((task.buildOrder || []).map((room, i) => [room, i]));
+      const rank = (room) => (made.has(room) ? made.get(room) : made.size);
+      rooms.sort((a, b) => rank(a) - rank(b) || (a < b ? -1 : a > b ? 1 : 0));
       for (let i = rooms.length - 1; i > 0; i--) {
         const j = Math.floor(random() * (i + 1));
         [rooms[i], rooms[j]] = [rooms[j], rooms[i]];
