@@ -322,7 +322,7 @@ impl TokenState {
             if !self.rooms.in_session(fp, now, ROOM_SESSION_S) {
                 tally.rooms_paged += 1;
             }
-            let paged = self.rooms.page(fp, s.from, now, ROOM_SESSION_S);
+            let paged = self.rooms.page(fp, s.from, s.reaches_start, now, ROOM_SESSION_S);
             if paged.finished {
                 self.bump(tally, Count::RoomsFinished, 1);
             }

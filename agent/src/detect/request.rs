@@ -1,11 +1,13 @@
 //! What the detector needs from one request, read without allocating.
 //!
 //! Only the query parameters that matter for the endpoint are looked at: `from` and `limit`
-//! for history (not `dir`: paging forward from the start of a room reads it as surely as
-//! paging back from the end); `since`/`pos`, `full_state` and an inline `filter`'s `"limit"` for
-//! syncs; `version` for the key backup. Values are never stored: `from` is reduced to a
-//! fingerprint (to tell a new page from a retried one), numbers to integers. Anything
-//! unparsable falls back to the neutral reading (the default limit, "no `from`").
+//! for history (`dir` only to tell a backward page that reaches the room's first event, see
+//! [`Shape::reaches_start`]: otherwise paging forward from the start of a room reads it as
+//! surely as paging back from the end); `since`/`pos`, `full_state` and an inline `filter`'s
+//! `"limit"` for syncs; `version` for the key backup. Values are never stored: `from` is
+//! reduced to a fingerprint (to tell a new page from a retried one) and, for Synapse's
+//! topological tokens, the depth it names; numbers to integers. Anything unparsable falls
+//! back to the neutral reading (the default limit, "no `from`", not at the start).
 
 use crate::conn::RequestSeen;
 use crate::endpoint::Endpoint;
@@ -18,6 +20,10 @@ use super::hll::{fingerprint, hash64};
 const MAX_HEADER_HASHED: usize = 512;
 /// Longest inline filter scanned for a limit.
 const MAX_FILTER_SCANNED: usize = 2048;
+/// Synapse's `/messages` page size when `limit` is absent, and the most it serves
+/// (`synapse/streams/config.py`): the events a page can hold, whatever was asked.
+const SYNAPSE_DEFAULT_LIMIT: u32 = 10;
+const SYNAPSE_MAX_LIMIT: u32 = 1000;
 
 /// The request, reduced.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -32,6 +38,15 @@ pub struct Shape {
     pub room: Option<u64>,
     /// Fingerprint of `from` (pagination token), 0 when absent.
     pub from: u32,
+    /// A backward `/messages` page whose `from` is a Synapse topological token naming a depth
+    /// within the page's limit: it reaches the room's first event. Synapse's `end` token is
+    /// `t{depth}-{stream}…`, the depth of the page's oldest event; the events older than it
+    /// are the `depth - 1` before it in a room whose history is a line (events are numbered
+    /// from the creation event at 1; a room made on one server is a line, a federated one
+    /// may fork, so there this is "within a page of the start"). A scraper that lies about the
+    /// depth only hides the fact, and then the response's bytes still show a short last page
+    /// (see `rooms.rs`); no token makes a page look nearer the start than Synapse's own.
+    pub reaches_start: bool,
     /// `limit` (or an inline sync filter's largest `"limit"`), if given and numeric.
     pub limit: Option<u32>,
     /// `/sync?since=` or sliding sync `?pos=`: an incremental sync.
@@ -71,10 +86,19 @@ impl Shape {
         if !wants_query {
             return s;
         }
+        let (mut backward, mut from_depth, mut page_limit) = (false, None, None);
         for (key, value) in query_pairs(req.query) {
             match key {
-                "from" if !value.is_empty() => s.from = fingerprint(cap(value.as_bytes())),
-                "limit" => s.limit = parse_u32(value).or(s.limit),
+                "from" if !value.is_empty() => {
+                    s.from = fingerprint(cap(value.as_bytes()));
+                    from_depth = topological_depth(value);
+                }
+                "dir" => backward = value == "b",
+                "limit" => {
+                    let l = parse_u32(value);
+                    page_limit = l.or(page_limit);
+                    s.limit = l.or(s.limit);
+                }
                 "since" | "pos" if !value.is_empty() => s.incremental = true,
                 "full_state" => s.full_state = value.eq_ignore_ascii_case("true"),
                 "filter" => {
@@ -86,8 +110,27 @@ impl Shape {
                 _ => {}
             }
         }
+        if endpoint == Endpoint::Messages && backward {
+            // Only the query's `limit` bounds a page: a filter's is not Synapse's page size.
+            let page = page_limit.unwrap_or(SYNAPSE_DEFAULT_LIMIT).min(SYNAPSE_MAX_LIMIT);
+            s.reaches_start = from_depth.is_some_and(|d| d.saturating_sub(1) <= page);
+        }
         s
     }
+}
+
+/// The depth a Synapse topological pagination token names: `t{depth}-{stream}`, maybe
+/// followed by `_` and the other streams' positions. Anything else (a stream token `s…`, a
+/// sliding-sync position, another server's format) names none.
+fn topological_depth(from: &str) -> Option<u32> {
+    let rest = from.strip_prefix('t')?;
+    let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+    let (depth, after) = rest.split_at(digits);
+    let stream = after.strip_prefix('-')?;
+    if !stream.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    parse_u32(depth)
 }
 
 fn cap(b: &[u8]) -> &[u8] {
@@ -220,6 +263,30 @@ mod tests {
         assert_eq!(shape(Endpoint::Messages, "GET", "from=&limit=-3").from, 0);
         assert_eq!(shape(Endpoint::Messages, "GET", "limit=-3").limit, None);
         assert_eq!(shape(Endpoint::Messages, "GET", "limit=99999999999999999999").limit, Some(u32::MAX));
+    }
+
+    #[test]
+    fn a_backward_page_from_a_synapse_token_near_depth_one_reaches_the_rooms_start() {
+        let reaches = |q: &str| shape(Endpoint::Messages, "GET", q).reaches_start;
+        // Synapse's `end` names the depth of the page's oldest event: 12 - 1 events remain.
+        assert!(reaches("dir=b&from=t12-40_0_0_0_0_0_0_0_0&limit=11"));
+        assert!(reaches("dir=b&from=t12-40&limit=20"));
+        assert!(!reaches("dir=b&from=t13-40&limit=11"), "one event more than the page holds");
+        assert!(reaches("limit=11&from=t2-7&dir=b"), "in any order");
+        // No limit: Synapse's ten; a large one: at most Synapse's thousand.
+        assert!(reaches("dir=b&from=t11-3"));
+        assert!(!reaches("dir=b&from=t12-3"));
+        assert!(reaches("dir=b&from=t1001-3&limit=5000"));
+        assert!(!reaches("dir=b&from=t1002-3&limit=5000"));
+        // A filter's limit is not the page's.
+        assert!(!reaches("dir=b&from=t40-3&filter=%7B%22limit%22%3A100%7D"));
+        // Forward, or no direction (Synapse's default is forward), or another kind of token.
+        assert!(!reaches("dir=f&from=t2-7&limit=50"));
+        assert!(!reaches("from=t2-7&limit=50"));
+        for from in ["s72_5_0", "t12_3", "t-3", "t12-", "t12-x", "tx-1", "12-3", "", "t99999999999999999999-1"] {
+            assert!(!reaches(&format!("dir=b&from={from}&limit=50")), "{from:?}");
+        }
+        assert!(!shape(Endpoint::Context, "GET", "dir=b&from=t2-7&limit=50").reaches_start);
     }
 
     #[test]

@@ -12,9 +12,11 @@
 //! filled in order.
 //!
 //! What a scraper cannot help doing shows here too: it reads each room to its first event
-//! (the last page is empty, or much shorter than the room's full pages: the response bytes of
-//! each page are summed until the token's next page or room read closes it), and it often
-//! lists a room's members or state right after its history.
+//! (Synapse's token says the page starts within its limit of depth 1, or the last page is
+//! empty, or much shorter than the room's full pages: the response bytes of each page are
+//! summed until the token's next page or room read closes it), and it often lists a room's
+//! members or state right after its history. The bytes alone miss about half the rooms read
+//! at a small page size: a last page of 8 events out of 11 is not short.
 //!
 //! A scraper that pages two or three rooms turn about (so that no room is finished for
 //! minutes, and the finished count stays low) shows it the other way: nearly every page
@@ -63,16 +65,18 @@ const NONE: u8 = u8::MAX;
 pub struct RoomTable {
     /// At most [`ROOMS`]; a boxed slice, not a `Vec`: no spare capacity, 8 bytes less.
     entries: Box<[Entry]>,
-    /// The entry of the latest page whose bytes are still being counted, and those bytes.
+    /// The entry of the latest page whose bytes are still being counted, those bytes, and
+    /// whether its request said it reaches the room's first event.
     open: u8,
     open_bytes: u32,
+    open_reaches_start: bool,
     /// The entry of the token's latest page (open or closed).
     last: u8,
 }
 
 impl Default for RoomTable {
     fn default() -> Self {
-        RoomTable { entries: Box::default(), open: NONE, open_bytes: 0, last: NONE }
+        RoomTable { entries: Box::default(), open: NONE, open_bytes: 0, open_reaches_start: false, last: NONE }
     }
 }
 
@@ -106,13 +110,14 @@ impl RoomTable {
         }
     }
 
-    /// Close the open page: returns whether it finished its room (an empty page after a
-    /// `from`, or one under half the session's largest page). Bytes never seen (0) prove
-    /// nothing.
+    /// Close the open page: returns whether it finished its room (its request reached the
+    /// first event, or it was an empty page after a `from`, or one under half the session's
+    /// largest page). Bytes never seen (0) prove nothing: the page may not have been served.
     fn close(&mut self) -> bool {
-        let (open, bytes) = (self.open, self.open_bytes);
+        let (open, bytes, reaches_start) = (self.open, self.open_bytes, self.open_reaches_start);
         self.open = NONE;
         self.open_bytes = 0;
+        self.open_reaches_start = false;
         let Some(e) = self.entries.get_mut(usize::from(open)) else {
             return false;
         };
@@ -122,10 +127,11 @@ impl RoomTable {
         let empty = bytes < EMPTY_PAGE_BYTES && e.from != 0;
         let short = e.depth >= 2 && bytes.saturating_mul(2) < e.max_bytes;
         e.max_bytes = e.max_bytes.max(bytes);
-        if empty || short {
+        let finished = reaches_start || empty || short;
+        if finished {
             e.flags |= FINISHED;
         }
-        empty || short
+        finished
     }
 
     /// A `/members` or `/state` of `room`: whether it follows that room's history (paged
@@ -149,12 +155,14 @@ impl RoomTable {
     }
 
     /// A page of `room` (fingerprint, non-zero) with `from` (fingerprint, 0 if none), at
-    /// `now`. A room not paged for `session_s` starts a new session. Closes the previous
-    /// page (see [`Paged::finished`]) and opens this one.
-    pub fn page(&mut self, room: u32, from: u32, now: u32, session_s: u32) -> Paged {
+    /// `now`; `reaches_start` if its request says it reaches the room's first event. A room not
+    /// paged for `session_s` starts a new session. Closes the previous page (see
+    /// [`Paged::finished`]) and opens this one.
+    pub fn page(&mut self, room: u32, from: u32, reaches_start: bool, now: u32, session_s: u32) -> Paged {
         let finished = self.close();
         let last = self.last;
         let (depth, deeper_soon) = self.deepen(room, from, now, session_s);
+        self.open_reaches_start = reaches_start;
         // A page that goes deeper follows an earlier page of its room, so `last` is set.
         let resumed = deeper_soon && last != self.open;
         self.last = self.open;
@@ -241,12 +249,12 @@ mod tests {
     #[test]
     fn following_new_from_tokens_deepens_a_room_and_retries_do_not() {
         let mut t = RoomTable::default();
-        assert_eq!(t.page(7, 11, 0, 600).depth, 1);
-        assert_eq!(t.page(7, 12, 1, 600).depth, 2);
-        assert_eq!(t.page(7, 12, 2, 600).depth, 2, "the same from again is a retry");
-        assert_eq!(t.page(7, 13, 3, 600).depth, 3);
-        assert_eq!(t.page(7, 0, 4, 600).depth, 1, "back to the live end");
-        assert_eq!(t.page(7, 14, 2000, 600).depth, 1, "a new session after a pause");
+        assert_eq!(t.page(7, 11, false, 0, 600).depth, 1);
+        assert_eq!(t.page(7, 12, false, 1, 600).depth, 2);
+        assert_eq!(t.page(7, 12, false, 2, 600).depth, 2, "the same from again is a retry");
+        assert_eq!(t.page(7, 13, false, 3, 600).depth, 3);
+        assert_eq!(t.page(7, 0, false, 4, 600).depth, 1, "back to the live end");
+        assert_eq!(t.page(7, 14, false, 2000, 600).depth, 1, "a new session after a pause");
         assert_eq!(t.max_depth_since(0), 1);
     }
 
@@ -254,11 +262,11 @@ mod tests {
     fn rooms_started_in_the_last_minute_are_counted_up_to_the_table_size() {
         let mut t = RoomTable::default();
         for r in 1..=5u32 {
-            t.page(r, 1, r * 10, 600);
+            t.page(r, 1, false, r * 10, 600);
         }
         assert_eq!(t.started_since(25), 3);
         for r in 100..120u32 {
-            t.page(r, 1, 100, 600);
+            t.page(r, 1, false, 100, 600);
         }
         assert_eq!(t.started_since(100), ROOMS as u32);
         assert_eq!(t.started_since(0), ROOMS as u32);
@@ -268,11 +276,11 @@ mod tests {
     fn the_table_grows_with_the_rooms_paged_and_no_further() {
         let mut t = RoomTable::default();
         assert_eq!(t.entries.len(), 0);
-        t.page(1, 1, 0, 600);
-        t.page(1, 2, 1, 600);
+        t.page(1, 1, false, 0, 600);
+        t.page(1, 2, false, 1, 600);
         assert_eq!(t.entries.len(), 1);
         for r in 2..100u32 {
-            t.page(r, 1, r, 600);
+            t.page(r, 1, false, r, 600);
         }
         assert_eq!(t.entries.len(), ROOMS);
         assert_eq!(std::mem::size_of::<Entry>(), 24);
@@ -282,25 +290,55 @@ mod tests {
     fn a_room_read_to_its_start_is_finished_and_a_scrollback_is_not() {
         let mut t = RoomTable::default();
         // A scraper: full pages, then the short last one, then the next room.
-        t.page(1, 0, 0, 600);
+        t.page(1, 0, false, 0, 600);
         t.page_bytes(40_000);
-        t.page(1, 5, 1, 600);
+        t.page(1, 5, false, 1, 600);
         t.page_bytes(40_000);
-        t.page(1, 6, 2, 600);
+        t.page(1, 6, false, 2, 600);
         t.page_bytes(9_000);
-        assert!(t.page(2, 0, 3, 600).finished, "the short last page finished room 1");
+        assert!(t.page(2, 0, false, 3, 600).finished, "the short last page finished room 1");
         t.page_bytes(30_000);
         // A single full page, then an empty one after its `from`: the start too.
-        t.page(2, 7, 4, 600);
+        t.page(2, 7, false, 4, 600);
         t.page_bytes(400);
-        assert!(t.page(3, 9, 5, 600).finished);
+        assert!(t.page(3, 9, false, 5, 600).finished);
         // A reader: two full pages of a room with more history, and no more.
         t.page_bytes(20_000);
-        t.page(3, 10, 6, 600);
+        t.page(3, 10, false, 6, 600);
         t.page_bytes(19_000);
-        assert!(!t.page(4, 11, 7, 600).finished);
+        assert!(!t.page(4, 11, false, 7, 600).finished);
         // Bytes never seen prove nothing.
-        assert!(!t.page(5, 12, 8, 600).finished);
+        assert!(!t.page(5, 12, false, 8, 600).finished);
+    }
+
+    #[test]
+    fn a_page_whose_token_names_the_rooms_start_finishes_it_whatever_its_bytes() {
+        let mut t = RoomTable::default();
+        // Pages of 11 events; the room's last page holds 8 of them: not short by its bytes.
+        t.page(1, 0, false, 0, 600);
+        t.page_bytes(11_000);
+        t.page(1, 5, false, 1, 600);
+        t.page_bytes(11_000);
+        t.page(1, 6, true, 2, 600);
+        t.page_bytes(8_000);
+        assert!(t.page(2, 0, false, 3, 600).finished, "the request said it reaches the first event");
+        // The same last page with no such token: the bytes cannot tell.
+        t.page_bytes(11_000);
+        t.page(2, 7, false, 4, 600);
+        t.page_bytes(11_000);
+        t.page(2, 8, false, 5, 600);
+        t.page_bytes(8_000);
+        assert!(!t.page(3, 0, false, 6, 600).finished);
+        // A page never served proves nothing, whatever its request said.
+        t.page(3, 9, true, 7, 600);
+        assert!(!t.page(4, 0, false, 8, 600).finished);
+        // A room is finished once per session, however many pages reach its start.
+        t.page_bytes(5_000);
+        t.page(4, 10, true, 9, 600);
+        t.page_bytes(300);
+        assert!(t.page(4, 11, true, 10, 600).finished);
+        t.page_bytes(300);
+        assert!(!t.page(5, 0, false, 11, 600).finished, "room 4 was already finished");
     }
 
     #[test]
@@ -308,18 +346,18 @@ mod tests {
         let mut t = RoomTable::default();
         // Room 1: three pages following `from` tokens.
         for (i, from) in [0, 11, 12].into_iter().enumerate() {
-            t.page(1, from, i as u32, 600);
+            t.page(1, from, false, i as u32, 600);
             t.page_bytes(20_000);
         }
         // Room 2: one full page, then an empty one: read to its first event in two pages.
-        t.page(2, 0, 10, 600);
+        t.page(2, 0, false, 10, 600);
         t.page_bytes(20_000);
-        t.page(2, 21, 11, 600);
+        t.page(2, 21, false, 11, 600);
         t.page_bytes(300);
         // Room 3: two pages of scrollback, no more (the page before it closed room 2).
-        t.page(3, 31, 12, 600);
+        t.page(3, 31, false, 12, 600);
         t.page_bytes(20_000);
-        t.page(3, 32, 13, 600);
+        t.page(3, 32, false, 13, 600);
         assert_eq!(t.deep_since(0, 3.0), 2, "room 1 by depth, room 2 by its start");
         assert_eq!(t.deep_since(11, 3.0), 1, "room 1's last page is older than that");
         assert_eq!(t.deep_since(0, 2.0), 3, "at two pages deep, the scrollback counts too");
@@ -328,15 +366,15 @@ mod tests {
     #[test]
     fn members_right_after_a_rooms_history_is_a_harvest_once() {
         let mut t = RoomTable::default();
-        t.page(1, 0, 100, 600);
+        t.page(1, 0, false, 100, 600);
         t.page_bytes(30_000);
-        t.page(1, 3, 101, 600);
+        t.page(1, 3, false, 101, 600);
         t.page_bytes(2_000);
         let read = |after_history, harvest, finished| RoomRead { after_history, harvest, finished };
         assert_eq!(t.room_read(1, 102, 30), read(true, true, true), "after the room's short last page");
         assert_eq!(t.room_read(1, 103, 30), read(true, false, false), "part of the room's reading, harvested once");
         assert_eq!(t.room_read(9, 103, 30), read(false, false, false), "a room never paged");
-        t.page(2, 4, 200, 600);
+        t.page(2, 4, false, 200, 600);
         assert_eq!(t.room_read(2, 300, 30), read(false, false, false), "long after its history");
     }
 
@@ -347,7 +385,7 @@ mod tests {
         let mut resumed = 0;
         for round in 0..4u32 {
             for room in 1..=3u32 {
-                resumed += u32::from(t.page(room, 10 * room + round + 1, round * 3 + room, 600).resumed);
+                resumed += u32::from(t.page(room, 10 * room + round + 1, false, round * 3 + room, 600).resumed);
             }
         }
         assert_eq!(resumed, 9, "every page after the first round resumes its room");
@@ -355,27 +393,27 @@ mod tests {
         let mut t = RoomTable::default();
         for room in 1..=3u32 {
             for round in 0..4u32 {
-                assert!(!t.page(room, 10 * room + round + 1, room * 4 + round, 600).resumed);
+                assert!(!t.page(room, 10 * room + round + 1, false, room * 4 + round, 600).resumed);
             }
         }
         // Coming back to a room from its live end (no `from`), or after the session ended,
         // or retrying the same `from`, is not a resume.
         let mut t = RoomTable::default();
-        t.page(1, 5, 0, 600);
-        t.page(1, 6, 1, 600);
-        t.page(2, 7, 2, 600);
-        assert!(!t.page(1, 0, 3, 600).resumed, "back at the live end");
-        t.page(2, 8, 4, 600);
-        assert!(!t.page(1, 0, 5, 600).resumed, "a retried live end");
-        t.page(2, 9, 6, 600);
-        assert!(!t.page(1, 20, 2000, 600).resumed, "a new session after a pause");
-        t.page(2, 10, 2001, 600);
-        assert!(t.page(1, 21, 2002, 600).resumed, "deeper again after another room's page");
-        t.page(2, 11, 2003, 600);
-        assert!(!t.page(1, 21, 2004, 600).resumed, "the same `from` again is a retry");
-        t.page(2, 12, 2005, 600);
+        t.page(1, 5, false, 0, 600);
+        t.page(1, 6, false, 1, 600);
+        t.page(2, 7, false, 2, 600);
+        assert!(!t.page(1, 0, false, 3, 600).resumed, "back at the live end");
+        t.page(2, 8, false, 4, 600);
+        assert!(!t.page(1, 0, false, 5, 600).resumed, "a retried live end");
+        t.page(2, 9, false, 6, 600);
+        assert!(!t.page(1, 20, false, 2000, 600).resumed, "a new session after a pause");
+        t.page(2, 10, false, 2001, 600);
+        assert!(t.page(1, 21, false, 2002, 600).resumed, "deeper again after another room's page");
+        t.page(2, 11, false, 2003, 600);
+        assert!(!t.page(1, 21, false, 2004, 600).resumed, "the same `from` again is a retry");
+        t.page(2, 12, false, 2005, 600);
         assert!(
-            !t.page(1, 22, 2004 + RESUME_WITHIN_S + 1, 600).resumed,
+            !t.page(1, 22, false, 2004 + RESUME_WITHIN_S + 1, 600).resumed,
             "a scroll further back minutes later, within the session: a new sitting"
         );
     }
@@ -384,11 +422,11 @@ mod tests {
     fn a_room_paged_recently_is_not_evicted_by_a_new_one() {
         let mut t = RoomTable::default();
         for r in 1..=ROOMS as u32 {
-            t.page(r, 1, r, 600);
+            t.page(r, 1, false, r, 600);
         }
-        t.page(1, 2, 100, 600); // room 1 is now the most recent
-        t.page(99, 1, 101, 600); // evicts room 2, the least recent
-        assert_eq!(t.page(1, 3, 102, 600).depth, 3);
-        assert_eq!(t.page(2, 5, 103, 600).depth, 1);
+        t.page(1, 2, false, 100, 600); // room 1 is now the most recent
+        t.page(99, 1, false, 101, 600); // evicts room 2, the least recent
+        assert_eq!(t.page(1, 3, false, 102, 600).depth, 3);
+        assert_eq!(t.page(2, 5, false, 103, 600).depth, 1);
     }
 }

@@ -647,6 +647,44 @@ fn whole_rooms_taken_by_a_token_that_does_little_else_are_breadth_and_a_chatty_r
 }
 
 #[test]
+fn synapses_tokens_show_whole_rooms_whose_last_page_is_not_short() {
+    // Six rooms of 40 events, each from its timeline's prev_batch to its first event in pages
+    // of 11, one page every 8 s, beside a sync loop, from a known mobile client. Each room's
+    // last page holds 7 events, not short next to 11 by its bytes: only the `from` of that
+    // page, Synapse's `t8-…` (seven events left before it), says the room was read whole.
+    let ua = "Element/1.6.28 (Google Pixel 8; Android 14)";
+    let read = |c: &Client, synapse: bool| {
+        let mut reqs = syncs(c, 20.0, T0 + 300.0);
+        for r in 0..6u32 {
+            let room = sim::room(r);
+            // Synapse's `end` after each page of 11: the depth of its oldest event.
+            for (p, depth) in [41u32, 30, 19, 8].into_iter().enumerate() {
+                let from = match (p, synapse) {
+                    (0, _) => format!("s{}_7", 100 + r),
+                    (_, true) => format!("t{depth}-{}_7", 500 + depth),
+                    (_, false) => format!("opaque{r}x{p}"),
+                };
+                let events = if depth > 11 { 11 } else { depth - 1 };
+                let t = T0 + 5.0 + f64::from(r) * 40.0 + p as f64 * 8.0;
+                let q = format!("dir=b&from={from}&limit=11");
+                reqs.push(c.req(t, Endpoint::Messages, "GET", Some(&room), q, u64::from(events) * 900 + 400));
+            }
+        }
+        reqs
+    };
+    let opaque = Client::new(sim::label(13), ua);
+    let (bytes_only, _) = peak_reason(read(&opaque, false), T0 + 300.0, opaque.token, "rooms_breadth");
+    let synapse = Client::new(sim::label(14), ua);
+    let (tokens, score) = peak_reason(read(&synapse, true), T0 + 300.0, synapse.token, "rooms_breadth");
+    eprintln!("six rooms read whole in pages of 11: rooms_breadth {bytes_only:.2} by bytes, {tokens:.2} by tokens");
+    assert_eq!(bytes_only, 0.0, "no last page is short: the bytes cannot tell");
+    assert!(tokens >= 0.3, "five or six rooms read whole, nothing else: {tokens:.2}");
+    // What it is then scored on is what `whole_rooms_taken_by_a_token_that_does_little_else…`
+    // pins: corroborating, explained, not an alert by itself.
+    assert!(score < 1.0, "{score:.2}");
+}
+
+#[test]
 fn rooms_reached_to_their_start_are_a_scrape_pattern_only_for_a_token_that_does_little_else() {
     // Eight small rooms in ten minutes, each scrolled back from its timeline's prev_batch to
     // its first event in three to five pages: a heavy Element user switching rooms every
