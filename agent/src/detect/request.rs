@@ -42,10 +42,12 @@ pub struct Shape {
     /// within the page's limit: it reaches the room's first event. Synapse's `end` token is
     /// `t{depth}-{stream}…`, the depth of the page's oldest event; the events older than it
     /// are the `depth - 1` before it in a room whose history is a line (events are numbered
-    /// from the creation event at 1; a room made on one server is a line, a federated one
-    /// may fork, so there this is "within a page of the start"). A scraper that lies about the
-    /// depth only hides the fact, and then the response's bytes still show a short last page
-    /// (see `rooms.rs`); no token makes a page look nearer the start than Synapse's own.
+    /// from the creation event at 1; Synapse creates a room's events one at a time per
+    /// process). A history that forked (a federated room, or sends created at once by two
+    /// event-creator workers) has a few more events than depths, so there this is "within a
+    /// page of the start". A scraper that lies about the depth only hides the
+    /// fact, and then the response's bytes still show a short last page (see `rooms.rs`); a
+    /// made-up token near depth 1 makes Synapse serve the events near depth 1.
     pub reaches_start: bool,
     /// `limit` (or an inline sync filter's largest `"limit"`), if given and numeric.
     pub limit: Option<u32>,
