@@ -88,34 +88,28 @@ impl Shape {
         if !wants_query {
             return s;
         }
-        let (mut backward, mut from_depth, mut page_limit) = (false, None, None);
+        let (mut backward, mut from, mut page_limit, mut filter_limit) = (false, None, None, None);
         for (key, value) in query_pairs(req.query) {
             match key {
                 "from" if !value.is_empty() => {
                     s.from = fingerprint(cap(value.as_bytes()));
-                    from_depth = topological_depth(value);
+                    from = Some(value);
                 }
                 "dir" => backward = value == "b",
-                "limit" => {
-                    let l = parse_u32(value);
-                    page_limit = l.or(page_limit);
-                    s.limit = l.or(s.limit);
-                }
+                "limit" => page_limit = parse_u32(value).or(page_limit),
                 "since" | "pos" if !value.is_empty() => s.incremental = true,
                 "full_state" => s.full_state = value.eq_ignore_ascii_case("true"),
-                "filter" => {
-                    if let Some(l) = inline_filter_limit(value) {
-                        s.limit = Some(s.limit.map_or(l, |o| o.max(l)));
-                    }
-                }
+                "filter" => filter_limit = filter_limit.max(inline_filter_limit(value)),
                 "version" => s.version = true,
                 _ => {}
             }
         }
+        // `None` orders below any `Some`: the larger limit given, if any.
+        s.limit = page_limit.max(filter_limit);
         if endpoint == Endpoint::Messages && backward {
             // Only the query's `limit` bounds a page: a filter's is not Synapse's page size.
             let page = page_limit.unwrap_or(SYNAPSE_DEFAULT_LIMIT).min(SYNAPSE_MAX_LIMIT);
-            s.reaches_start = from_depth.is_some_and(|d| d.saturating_sub(1) <= page);
+            s.reaches_start = from.and_then(topological_depth).is_some_and(|d| d.saturating_sub(1) <= page);
         }
         s
     }
