@@ -71,7 +71,7 @@ class BrowserScrape(ThirdPartyScrape):
         p = self.params
         task = {"kind": "scrape", "pace": p.pace, "limit": p.limit, "interleave": p.interleave,
                 "after": list(p.after_room), "fromSync": p.from_sync, "marksRead": p.marks_read,
-                "buildOrder": self.world.in_build_order([*self.world.rooms, *self.world.archive])}
+                "buildOrder": self.world.build_order}
         client = BrowserClient(base_url=_base_url(self.world), user_id=self.account.user_id, device_id=self.device,
                                token=self.token, task=task, seed=self.seed * 1000 + p.index, workdir=self._workdir,
                                name=self.name)

@@ -178,8 +178,14 @@ class World:
         seeded shuffle of that list reads rooms in another order each run; shuffling this one
         reads them in the same order, and a seed's draws can be compared before and after a
         change."""
-        made = {room: i for i, room in enumerate([*self.rooms, *self.archive])}
+        made = {room: i for i, room in enumerate(self.build_order)}
         return sorted(rooms, key=lambda r: (made.get(r, len(made)), r))
+
+    @property
+    def build_order(self) -> list[str]:
+        """Every room the world made (live rooms, the big room, then the archive), in the
+        order it made them."""
+        return [*self.rooms, *self.archive]
 
     def victim_candidates(self) -> list[Account]:
         """Normal users in 6 rooms or more: a stolen token that opens many rooms."""
