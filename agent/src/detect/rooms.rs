@@ -313,32 +313,33 @@ mod tests {
 
     #[test]
     fn a_page_whose_token_names_the_rooms_start_finishes_it_whatever_its_bytes() {
+        // A room in pages of 11 events from `now`, its last page holding 8 of them (not short
+        // by its bytes), that page's token saying it reaches the first event or not.
+        let read = |t: &mut RoomTable, room: u32, now: u32, said: bool| {
+            for (i, (from, bytes)) in
+                [(0, 11_000), (room * 10 + 1, 11_000), (room * 10 + 2, 8_000)].into_iter().enumerate()
+            {
+                t.page(room, from, said && i == 2, now + i as u32, 600);
+                t.page_bytes(bytes);
+            }
+        };
         let mut t = RoomTable::default();
-        // Pages of 11 events; the room's last page holds 8 of them: not short by its bytes.
-        t.page(1, 0, false, 0, 600);
-        t.page_bytes(11_000);
-        t.page(1, 5, false, 1, 600);
-        t.page_bytes(11_000);
-        t.page(1, 6, true, 2, 600);
-        t.page_bytes(8_000);
+        read(&mut t, 1, 0, true);
         assert!(t.page(2, 0, false, 3, 600).finished, "the request said it reaches the first event");
         // The same last page with no such token: the bytes cannot tell.
         t.page_bytes(11_000);
-        t.page(2, 7, false, 4, 600);
-        t.page_bytes(11_000);
-        t.page(2, 8, false, 5, 600);
-        t.page_bytes(8_000);
-        assert!(!t.page(3, 0, false, 6, 600).finished);
+        read(&mut t, 2, 4, false);
+        assert!(!t.page(3, 0, false, 7, 600).finished);
         // A page never served proves nothing, whatever its request said.
-        t.page(3, 9, true, 7, 600);
-        assert!(!t.page(4, 0, false, 8, 600).finished);
+        t.page(3, 9, true, 8, 600);
+        assert!(!t.page(4, 0, false, 9, 600).finished);
         // A room is finished once per session, however many pages reach its start.
         t.page_bytes(5_000);
-        t.page(4, 10, true, 9, 600);
+        t.page(4, 10, true, 10, 600);
         t.page_bytes(300);
-        assert!(t.page(4, 11, true, 10, 600).finished);
+        assert!(t.page(4, 11, true, 11, 600).finished);
         t.page_bytes(300);
-        assert!(!t.page(5, 0, false, 11, 600).finished, "room 4 was already finished");
+        assert!(!t.page(5, 0, false, 12, 600).finished, "room 4 was already finished");
     }
 
     #[test]
