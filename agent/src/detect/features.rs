@@ -211,9 +211,18 @@ impl TokenState {
         if s.mismatch {
             self.agents.mark(s.agent, MISMATCH);
         }
-        // Requests other than syncs, the history share's denominator; a room read right after
-        // that room's history is part of reading it, not other activity (see below).
-        let mut other_request = !matches!(s.endpoint, Some(Endpoint::Sync | Endpoint::SlidingSync));
+        // The history share's denominator: what the token asks of rooms and their content
+        // (history, other room reads, sends, receipts, read markers, typing, media, search).
+        // Not syncs, and not a client's housekeeping that names no room (versions,
+        // capabilities, push rules, filters, keys, joined rooms, a full initial sync): a
+        // client repeats those on its own, whoever is in front of it, and a scraper could add
+        // them for nothing to dilute its share. A room read right after that room's history
+        // is part of reading it, not other activity (see below).
+        let mut other_request = match s.endpoint {
+            Some(Endpoint::Sync | Endpoint::SlidingSync) => false,
+            Some(Endpoint::Search | Endpoint::MediaDownload | Endpoint::MediaThumbnail | Endpoint::MediaUpload) => true,
+            _ => s.room.is_some(),
+        };
         self.addresses.see(s.address, now, self.first_s, grace);
         if s.acts {
             self.last_act_s = Stamp::at(now);

@@ -613,6 +613,52 @@ fn history_share_catches_a_fig_leaf_sync_loop_and_spares_a_chatty_reader() {
 }
 
 #[test]
+fn a_clients_housekeeping_does_not_dilute_the_history_share_and_a_persons_acts_do() {
+    // Twenty pages in five rooms over 5 minutes from prev_batch, full pages (nothing
+    // finished): the share is what the scrape pattern is made of.
+    let pages = |c: &Client| {
+        (0..20u32)
+            .map(|i| {
+                let q = format!("dir=b&from=t{i}&limit=50");
+                c.req(T0 + 10.0 + f64::from(i) * 15.0, Endpoint::Messages, "GET", Some(&sim::room(i / 4)), q, 40_000)
+            })
+            .collect::<Vec<_>>()
+    };
+    let share_of = |c: &Client, extra: &dyn Fn(&Client, f64) -> Vec<sim::Req>| {
+        let mut reqs = syncs(c, 30.0, T0 + 330.0);
+        reqs.extend(pages(c));
+        for k in 0..40u32 {
+            reqs.extend(extra(c, T0 + 5.0 + f64::from(k) * 7.5));
+        }
+        peak_reason(reqs, T0 + 330.0, c.token, "scrape_pattern").0
+    };
+    let ua = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/131.0 Safari/537.36";
+    let alone = share_of(&Client::new(sim::label(21), ua), &|_, _| Vec::new());
+    // What a client asks on its own, between the pages: versions, capabilities, push rules,
+    // keys, the joined rooms, a whole initial sync. Four of them per page.
+    let padded = share_of(&Client::new(sim::label(22), ua), &|c, t| {
+        vec![
+            c.req(t, Endpoint::Other, "GET", None, String::new(), 900),
+            c.req(t + 0.1, Endpoint::Keys, "POST", None, String::new(), 2_000),
+            c.req(t + 0.2, Endpoint::JoinedRooms, "GET", None, String::new(), 300),
+            c.req(t + 0.3, Endpoint::InitialSync, "GET", None, String::new(), 5_000),
+        ]
+    });
+    // A person's acts in rooms, as many: a message and a receipt.
+    let chatty = share_of(&Client::new(sim::label(23), ua), &|c, t| {
+        let room = sim::room((t as u32) % 5);
+        vec![
+            c.req(t, Endpoint::Send, "PUT", Some(&room), String::new(), 90),
+            c.req(t + 0.3, Endpoint::Other, "POST", Some(&room), String::new(), 60),
+        ]
+    });
+    eprintln!("scrape_pattern: pages alone {alone:.2}, padded with housekeeping {padded:.2}, between acts {chatty:.2}");
+    assert!(alone >= 0.29, "every request a history page: {alone:.2}");
+    assert_eq!(padded, alone, "requests that name no room do not dilute the share");
+    assert_eq!(chatty, 0.0, "a person's acts in rooms do");
+}
+
+#[test]
 fn whole_rooms_taken_by_a_token_that_does_little_else_are_breadth_and_a_chatty_readers_are_not() {
     // Six rooms, each from its timeline's prev_batch to its first event, one page every 8 s,
     // beside a live sync loop, from a known mobile client (no fingerprint mark): a slow
