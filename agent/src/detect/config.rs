@@ -165,9 +165,9 @@ pub struct DetectConfig {
     pub finished_10m: Ramp,
     /// `/members` or `/state` right after a room's history (10 min).
     pub harvests_10m: Ramp,
-    /// History pages as a share of the requests other than syncs and other than room reads
-    /// right after that room's history (10 min), counted once `share_min_pages` pages were
-    /// made. Such reads (harvests and their like) are part of the scrape, not other activity
+    /// History pages as a share of the requests that name a room, media or search, other than
+    /// room reads right after that room's history (10 min), counted once `share_min_pages`
+    /// pages were made. Such reads (harvests and their like) are part of the scrape, not other activity
     /// diluting it.
     pub history_share: Ramp,
     pub share_min_pages: f64,

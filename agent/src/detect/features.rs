@@ -502,8 +502,8 @@ pub struct Features {
     pub bytes_1h: f64,
     pub agents: u8,
     pub addresses: u8,
-    /// History pages in 10 min, and requests other than syncs and other than room reads right
-    /// after that room's history.
+    /// History pages in 10 min, and requests that name a room, media or search, other than
+    /// room reads right after that room's history (the history share's denominator).
     pub pages_10m: f64,
     pub requests_10m: f64,
     /// History pages without `from`, rooms read to their first event, `/members` or `/state`

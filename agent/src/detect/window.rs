@@ -45,8 +45,9 @@ pub enum Count {
     FullSyncWeight,
     /// Reads by a client (user agent) that appeared late on the token and does not sync.
     ForeignReads,
-    /// Requests other than syncs and other than `/members` or `/state` right after that
-    /// room's history: the denominator of the history share.
+    /// Requests that name a room, media or search (not syncs, not a client's housekeeping),
+    /// other than `/members` or `/state` right after that room's history: the denominator of
+    /// the history share.
     Requests,
     /// History pages with no `from`: paging that no sync's timeline started.
     FromlessPages,
