@@ -167,8 +167,8 @@ pub struct DetectConfig {
     pub harvests_10m: Ramp,
     /// History pages as a share of the requests that name a room, media or search, other than
     /// room reads right after that room's history (10 min), counted once `share_min_pages`
-    /// pages were made. Such reads (harvests and their like) are part of the scrape, not other activity
-    /// diluting it.
+    /// pages were made. Such reads (harvests and their like) are part of the scrape, not
+    /// other activity diluting it; nor is a client's housekeeping, which names no room.
     pub history_share: Ramp,
     pub share_min_pages: f64,
     /// Pages resuming a room's paging right after another room's page (10 min): rooms paged

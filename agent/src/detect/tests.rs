@@ -634,8 +634,8 @@ fn a_clients_housekeeping_does_not_dilute_the_history_share_and_a_persons_acts_d
     };
     let ua = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/131.0 Safari/537.36";
     let alone = share_of(&Client::new(sim::label(21), ua), &|_, _| Vec::new());
-    // What a client asks on its own, between the pages: versions, capabilities, push rules,
-    // keys, the joined rooms, a whole initial sync. Four of them per page.
+    // What a client asks on its own, between the pages: versions, capabilities or push rules
+    // (`Other`, no room), keys, the joined rooms, a whole initial sync; eight per page.
     let padded = share_of(&Client::new(sim::label(22), ua), &|c, t| {
         vec![
             c.req(t, Endpoint::Other, "GET", None, String::new(), 900),
