@@ -537,6 +537,19 @@ fn read_room(c: &Client, room: &str, t: f64, gap: f64, pages: u32, fromless: boo
         .collect()
 }
 
+/// `n` full pages, `per_room` in each room one room after the other (nothing resumed), `gap`
+/// apart from 10 s in, all from a `prev_batch` (no fromless mark) and none short (no room
+/// finished): reading that only the history share tells from a person's.
+fn full_pages(c: &Client, n: u32, per_room: u32, gap: f64) -> Vec<sim::Req> {
+    (0..n)
+        .map(|i| {
+            let q = format!("dir=b&from=t{i}&limit=50");
+            let room = sim::room(i / per_room);
+            c.req(T0 + 10.0 + f64::from(i) * gap, Endpoint::Messages, "GET", Some(&room), q, 40_000)
+        })
+        .collect()
+}
+
 #[test]
 fn scrape_pattern_fires_on_rooms_paged_fromless_to_their_start_and_not_on_scrollback() {
     // A scraper beside a fig-leaf sync loop: eight rooms, each from its live end to its first
@@ -578,17 +591,8 @@ fn scrape_pattern_fires_on_rooms_paged_fromless_to_their_start_and_not_on_scroll
 
 #[test]
 fn history_share_catches_a_fig_leaf_sync_loop_and_spares_a_chatty_reader() {
-    // Fifteen pages in five rooms over 5 minutes, one room after the other (nothing resumed),
-    // from prev_batch (no fromless mark), full pages only (no room finished): only the share
-    // can tell.
-    let pages = |c: &Client| {
-        (0..15u32)
-            .map(|i| {
-                let q = format!("dir=b&from=t{i}&limit=50");
-                c.req(T0 + 10.0 + f64::from(i) * 20.0, Endpoint::Messages, "GET", Some(&sim::room(i / 3)), q, 40_000)
-            })
-            .collect::<Vec<_>>()
-    };
+    // Fifteen pages in five rooms over 5 minutes: only the share can tell.
+    let pages = |c: &Client| full_pages(c, 15, 3, 20.0);
     let fig = attacker("Element/1.6.28 (Google Pixel 8; Android 14)");
     let mut reqs = syncs(&fig, 30.0, T0 + 330.0);
     reqs.extend(pages(&fig));
@@ -614,16 +618,9 @@ fn history_share_catches_a_fig_leaf_sync_loop_and_spares_a_chatty_reader() {
 
 #[test]
 fn a_clients_housekeeping_does_not_dilute_the_history_share_and_a_persons_acts_do() {
-    // Twenty pages in five rooms over 5 minutes from prev_batch, full pages (nothing
-    // finished): the share is what the scrape pattern is made of.
-    let pages = |c: &Client| {
-        (0..20u32)
-            .map(|i| {
-                let q = format!("dir=b&from=t{i}&limit=50");
-                c.req(T0 + 10.0 + f64::from(i) * 15.0, Endpoint::Messages, "GET", Some(&sim::room(i / 4)), q, 40_000)
-            })
-            .collect::<Vec<_>>()
-    };
+    // Twenty pages in five rooms over 5 minutes: the share is what the scrape pattern is
+    // made of.
+    let pages = |c: &Client| full_pages(c, 20, 4, 15.0);
     let share_of = |c: &Client, extra: &dyn Fn(&Client, f64) -> Vec<sim::Req>| {
         let mut reqs = syncs(c, 30.0, T0 + 330.0);
         reqs.extend(pages(c));
