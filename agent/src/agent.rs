@@ -220,10 +220,14 @@ async fn run_agent(mut settings: Settings, reload: Reload) -> Result<()> {
                 drain(ring.get_mut(), &state);
                 let kernel = probes.counters();
                 let misses = probes.program_misses();
+                lock(&state).begin_tick(monotonic_ns());
+                // The ring fills while a step holds the state: drain it between steps.
+                while !lock(&state).tick_step(crate::pipeline::TICK_STEP_TOKENS) {
+                    drain(ring.get_mut(), &state);
+                }
                 let mut st = lock(&state);
                 st.health.kernel = kernel;
                 st.health.program_misses = misses;
-                st.tick(monotonic_ns());
                 if let Some(r) = &mut respond {
                     r.tick(&mut st, monotonic_ns());
                     r.after_drain(&mut st, monotonic_ns());

@@ -16,6 +16,14 @@ use crate::record::{self, Record};
 use crate::token::TokenKey;
 use crate::vocab::{Attribution, ConnKey, Vantage};
 
+/// Tokens scored per step of a tick ([`State::tick_step`]), between two drains of the ring
+/// buffer. Alone on a core a step takes about 2 ms (`pipeline_bench`, BENCH_HOT
+/// detector_tick_step_ms). In the suite's flood of new tokens (about 77,000 requests a second,
+/// each a token the tick must score) a tick in one go held the state for up to 480 ms, about
+/// as long as the 16 MiB ring lasts at that rate: with the token table growing on top of it,
+/// CI lost 10,999 records there.
+pub const TICK_STEP_TOKENS: usize = 2048;
+
 /// CLOCK_MONOTONIC in nanoseconds, the clock of the kernel's timestamps.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -242,11 +250,27 @@ impl State {
 
     /// Every second: rescore, and give every suspect its own series at once.
     pub fn tick(&mut self, now_ns: u64) {
-        self.detector.tick(now_ns as f64 / 1e9);
+        self.begin_tick(now_ns);
+        while !self.tick_step(usize::MAX) {}
+    }
+
+    /// [`State::tick`] in steps (`Detector::begin_tick`): the agent drains the ring buffer
+    /// between them, so that a tick with many tokens to score never holds it up.
+    pub fn begin_tick(&mut self, now_ns: u64) {
+        self.detector.begin_tick(now_ns as f64 / 1e9);
+    }
+
+    /// Score up to `max` tokens; true once the tick is complete (suspects then keep their
+    /// series).
+    pub fn tick_step(&mut self, max: usize) -> bool {
+        if !self.detector.tick_step(max) {
+            return false;
+        }
         for suspect in self.detector.suspects() {
             self.aggregator.pin(suspect);
         }
         self.aggregator.release_held();
+        true
     }
 
     /// Socket connections whose running send totals the agent should read from the kernel

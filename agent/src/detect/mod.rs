@@ -87,6 +87,16 @@ struct Entry {
     end: usize,
 }
 
+/// A tick being scored in steps: the tokens still to score, and the scores so far (swapped
+/// in for [`Detector::scores`] when the last step is done).
+#[derive(Default)]
+struct NextTick {
+    due: Vec<TokenLabel>,
+    scored: Vec<Entry>,
+    reasons: Vec<(&'static str, f64)>,
+    alerting: usize,
+}
+
 pub struct Detector {
     cfg: DetectConfig,
     tokens: Tokens,
@@ -96,6 +106,8 @@ pub struct Detector {
     last_population_s: Option<u32>,
     scored: Vec<Entry>,
     reasons: Vec<(&'static str, f64)>,
+    /// The tick in progress ([`Detector::begin_tick`]).
+    next: NextTick,
     /// Scratch space for the population statistics, kept between ticks.
     columns: [Vec<f64>; POPULATION],
     stats: DetectStats,
@@ -132,6 +144,7 @@ impl Detector {
             last_population_s: None,
             scored: Vec::new(),
             reasons: Vec::new(),
+            next: NextTick::default(),
             columns: Default::default(),
             stats: DetectStats::default(),
             moved: None,
@@ -263,8 +276,20 @@ impl Detector {
     }
 
     /// About once a second: expire idle tokens, refresh the population statistics, rescore
-    /// every token that was active since the last tick or still has a score.
+    /// every token that was active since the last tick or still has a score. In one go:
+    /// [`Detector::begin_tick`], then [`Detector::tick_step`] until done.
     pub fn tick(&mut self, now_s: f64) {
+        self.begin_tick(now_s);
+        while !self.tick_step(usize::MAX) {}
+    }
+
+    /// A tick in steps, so that its caller can do other work between them: with tens of
+    /// thousands of tokens new each second (a flood of one-request tokens), scoring them all
+    /// takes longer than the ring buffer can hold the records that arrive meanwhile. Expiry
+    /// and the population statistics run here, once; the tokens to score are listed, and
+    /// [`Detector::tick_step`] scores them. Until the last step, [`Detector::scores`] and
+    /// [`Detector::suspects`] stay the previous tick's, so no one reads half a tick.
+    pub fn begin_tick(&mut self, now_s: f64) {
         let now = self.clock(now_s);
         self.expire(now);
         let due = self
@@ -273,16 +298,42 @@ impl Detector {
         if due {
             self.refresh_population(now);
         }
-        self.scored.clear();
-        self.reasons.clear();
-        let mut alerting = 0;
+        let memory = secs(self.cfg.alert_memory_s);
+        let mut due = std::mem::take(&mut self.next.due);
+        due.clear();
+        due.extend(
+            self.tokens
+                .iter()
+                .filter(|(_, t)| t.dirty || t.score > 0.0 || t.last_alert_s.within(now, memory))
+                .map(|(label, _)| *label),
+        );
+        self.next.due = due;
+        self.next.scored.clear();
+        self.next.reasons.clear();
+        self.next.alerting = 0;
+        // Every token queued for early rescoring is in this tick's list: the queue starts
+        // again, and a token that moves while the tick is in steps is queued anew.
+        if let Some(moved) = &mut self.moved {
+            for label in moved.drain(..) {
+                if let Some(t) = self.tokens.get_mut(&label) {
+                    t.queued = false;
+                }
+            }
+        }
+    }
+
+    /// Score up to `max` of the tokens [`Detector::begin_tick`] listed; true once the tick is
+    /// complete and its scores are the ones reported. Tokens that left the table between
+    /// steps are skipped; tokens new since the listing are dirty and wait for the next tick.
+    pub fn tick_step(&mut self, max: usize) -> bool {
+        // The clock as of now: requests handled between steps may have moved it.
+        let now = self.now;
         let cfg = &self.cfg;
         let memory = secs(cfg.alert_memory_s);
-        for (label, t) in self.tokens.iter_mut() {
-            let latched = t.last_alert_s.within(now, memory);
-            if !(t.dirty || t.score > 0.0 || latched) {
-                continue;
-            }
+        let next = &mut self.next;
+        let take = max.min(next.due.len());
+        for label in next.due.drain(next.due.len() - take..) {
+            let Some(t) = self.tokens.get_mut(&label) else { continue };
             t.advance(now, cfg);
             let f = t.features(now, cfg);
             for (p, v) in t.population.iter_mut().zip(f.population()) {
@@ -295,28 +346,26 @@ impl Detector {
                     self.stats.alerts_total += 1;
                 }
                 t.last_alert_s = Stamp::at(now);
-                alerting += 1;
+                next.alerting += 1;
             }
             t.score = score as f32;
             t.dirty = false;
             let latched = t.last_alert_s.within(now, memory);
             if score > 0.0 || latched {
-                let start = self.reasons.len();
-                self.reasons.extend(ev.reasons().map(|(r, v)| (r.as_str(), v)));
-                self.scored.push(Entry { token: *label, score, alerted: latched, start, end: self.reasons.len() });
+                let start = next.reasons.len();
+                next.reasons.extend(ev.reasons().map(|(r, v)| (r.as_str(), v)));
+                next.scored.push(Entry { token: label, score, alerted: latched, start, end: next.reasons.len() });
             }
         }
-        self.scored.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.token.cmp(&b.token)));
-        // The tick scored every token that moved: the early queue starts again.
-        if let Some(moved) = &mut self.moved {
-            for label in moved.drain(..) {
-                if let Some(t) = self.tokens.get_mut(&label) {
-                    t.queued = false;
-                }
-            }
+        if !next.due.is_empty() {
+            return false;
         }
-        self.stats.alerting = alerting;
+        next.scored.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.token.cmp(&b.token)));
+        std::mem::swap(&mut self.scored, &mut next.scored);
+        std::mem::swap(&mut self.reasons, &mut next.reasons);
+        self.stats.alerting = next.alerting;
         self.stats.tracked_tokens = self.tokens.len();
+        true
     }
 
     fn expire(&mut self, now: u32) {

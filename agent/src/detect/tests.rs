@@ -490,6 +490,75 @@ fn a_tick_over_ten_thousand_active_tokens_rescores_them_all() {
     assert_eq!(d.stats().alerting, 0);
 }
 
+/// The agent drains its ring buffer between a tick's steps, so that scoring tens of
+/// thousands of new tokens never holds the records up. What it relies on: a step scores at
+/// most what it is given; until the last one, scores and suspects are the previous tick's;
+/// requests between steps (new tokens, tokens evicted) break nothing; and the completed tick
+/// reports exactly what a tick in one go does.
+#[test]
+fn a_tick_in_steps_reports_what_a_tick_in_one_go_does_and_nothing_half_done() {
+    let bad = attacker("curl/8");
+    let mut rng = Rng::new(2);
+    let mut reqs =
+        sim::scrape(&mut rng, &bad, &(0..25).map(sim::room).collect::<Vec<_>>(), T0, Pace { gap: (0.1, 0.2) }, &[500]);
+    let room = sim::room(1);
+    for i in 0..5_000u64 {
+        let c = Client::new(sim::label(i + 1), "Element");
+        let at = T0 + (i % 20) as f64;
+        reqs.push(c.req(at, Endpoint::Sync, "GET", None, "since=s1".into(), 2_000));
+        reqs.push(c.req(at, Endpoint::Messages, "GET", Some(&room), "dir=b&limit=20".into(), 20_000));
+    }
+    reqs.sort_by(|a, b| a.at.total_cmp(&b.at));
+    let (mut whole, mut steps) = (Detector::new(cfg()), Detector::new(cfg()));
+    for r in &reqs {
+        sim::feed(&mut whole, r);
+        sim::feed(&mut steps, r);
+    }
+    whole.tick(T0 + 20.0);
+    steps.begin_tick(T0 + 20.0);
+    let mut calls = 1;
+    while !steps.tick_step(512) {
+        assert_eq!(steps.scores().count(), 0, "scores of a tick half done are reported");
+        calls += 1;
+    }
+    assert!(calls > 5_000 / 512, "{calls} steps of 512 for 5,001 tokens");
+    let listed = |d: &Detector| d.scores().map(|s| (s.token, s.score, s.reasons.to_vec())).collect::<Vec<_>>();
+    assert!(whole.scores().next().is_some_and(|s| s.token == bad.token && s.score >= 1.0));
+    assert_eq!(listed(&steps), listed(&whole));
+    assert_eq!(steps.suspects().collect::<Vec<_>>(), whole.suspects().collect::<Vec<_>>());
+    assert_eq!(steps.stats(), whole.stats());
+
+    // The next tick, with a table of 64 and a flood of new tokens between its steps: most
+    // tokens it listed are evicted before their turn, the scraper (a suspect) is not.
+    let mut small = Detector::new(DetectConfig { max_tokens: 64, ..cfg() });
+    let first: Vec<TokenLabel> = (1..=63).map(sim::label).chain([bad.token]).collect();
+    for r in reqs.iter().filter(|r| first.contains(&r.token)) {
+        sim::feed(&mut small, r);
+    }
+    small.tick(T0 + 20.0);
+    let before = listed(&small);
+    assert!(before.iter().any(|(t, s, _)| *t == bad.token && *s >= 1.0));
+    for i in 1..=63 {
+        let c = Client::new(sim::label(i), "Element");
+        sim::feed(&mut small, &c.req(T0 + 20.5, Endpoint::Sync, "GET", None, "since=s2".into(), 2_000));
+    }
+    small.begin_tick(T0 + 21.0);
+    assert!(!small.tick_step(8), "64 tokens to score");
+    for i in 0..1_000u64 {
+        let c = Client::new(sim::label(10_000 + i), "Element");
+        sim::feed(&mut small, &c.req(T0 + 21.0, Endpoint::Sync, "GET", None, String::new(), 100));
+        assert_eq!(listed(&small), before, "the previous tick's scores stay until the last step");
+    }
+    while !small.tick_step(8) {}
+    assert!(small.tracked_tokens() <= 64);
+    assert!(small.scores().any(|s| s.token == bad.token && s.score >= 1.0), "the suspect was scored");
+    assert!(small.scores().all(|s| small.tokens.contains_key(&s.token)), "an evicted token was scored");
+    // Tokens new between the steps wait for the next tick, which scores them.
+    assert!(small.tokens.values().any(|t| t.dirty));
+    small.tick(T0 + 22.0);
+    assert!(small.tokens.values().all(|t| !t.dirty));
+}
+
 // --- issue 11: breadth over depth, and what a scraper cannot drop ---------------------------
 
 /// The reason `name`'s highest contribution to `token` over a run.
