@@ -534,7 +534,7 @@ impl vigie::conn::Sink for Discard {
 }
 
 fn hot_paths() {
-    use vigie::detect::sim::{self, Client, Rng as SimRng};
+    use vigie::detect::sim::{self, Rng as SimRng};
     use vigie::detect::{DetectConfig, Detector};
     use vigie::endpoint::{Endpoint, classify};
     const T0: f64 = 1_000_000.0;
@@ -558,22 +558,7 @@ fn hot_paths() {
     let on_request_ns = started.elapsed().as_nanos() as f64 / (f64::from(rounds) * seen.len() as f64);
 
     // A tick that rescores 10,000 tokens, all active since the previous one (the worst case).
-    let busy = || {
-        let mut d = Detector::new(DetectConfig::default());
-        let room = sim::room(1);
-        for i in 0..10_000u64 {
-            let c = Client::new(sim::label(i + 1), "Element");
-            let at = T0 + (i % 60) as f64;
-            sim::feed(&mut d, &c.req(at, Endpoint::Sync, "GET", None, "since=s1".into(), 2_000));
-            sim::feed(&mut d, &c.req(at, Endpoint::Messages, "GET", Some(&room), "dir=b&limit=20".into(), 20_000));
-        }
-        d.tick(T0 + 60.0);
-        for i in 0..10_000u64 {
-            let c = Client::new(sim::label(i + 1), "Element");
-            sim::feed(&mut d, &c.req(T0 + 61.0, Endpoint::Send, "PUT", Some(&room), String::new(), 100));
-        }
-        d
-    };
+    let busy = || sim::busy_tokens(10_000, T0, DetectConfig::default());
     let mut d = busy();
     let started = Instant::now();
     d.tick(T0 + 70.0);

@@ -1836,9 +1836,9 @@ fn report(
             let _ = writeln!(
                 r,
                 "Hot paths alone (one core): detector {:.0} ns a request, a detector tick rescoring \
-                 10,000 active tokens {:.1} ms (its longest step, the ring waiting, {:.1} ms), endpoint classification {:.0} ns, 100,000 new connections \
-                 into a full table of 16,384 {:.1} ms, a rebalance of a full token table (1,000,000 \
-                 tokens) {:.1} ms.\n",
+                 10,000 active tokens {:.1} ms (its longest step, the ring waiting, {:.1} ms), \
+                 endpoint classification {:.0} ns, 100,000 new connections into a full table of \
+                 16,384 {:.1} ms, a rebalance of a full token table (1,000,000 tokens) {:.1} ms.\n",
                 get(hot, "detector_on_request_ns"),
                 get(hot, "detector_tick_10k_ms"),
                 get(hot, "detector_tick_step_ms"),

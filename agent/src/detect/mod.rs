@@ -299,15 +299,13 @@ impl Detector {
             self.refresh_population(now);
         }
         let memory = secs(self.cfg.alert_memory_s);
-        let mut due = std::mem::take(&mut self.next.due);
-        due.clear();
-        due.extend(
+        self.next.due.clear();
+        self.next.due.extend(
             self.tokens
                 .iter()
                 .filter(|(_, t)| t.dirty || t.score > 0.0 || t.last_alert_s.within(now, memory))
                 .map(|(label, _)| *label),
         );
-        self.next.due = due;
         self.next.scored.clear();
         self.next.reasons.clear();
         self.next.alerting = 0;

@@ -490,3 +490,23 @@ pub fn feed(d: &mut Detector, r: &Req) {
     d.on_request(&r.seen(), r.at);
     d.on_response_bytes(r.token, r.endpoint, r.bytes, r.at + 0.05);
 }
+
+/// A tick's worst case: `n` Element tokens (a sync and a page each over a minute from
+/// `start`), scored by a tick at `start + 60`, then all active again at `start + 61`, so that
+/// the next tick rescores every one. For the tick's test and its benchmark figure.
+pub fn busy_tokens(n: u64, start: f64, cfg: DetectConfig) -> Detector {
+    let mut d = Detector::new(cfg);
+    let room = room(1);
+    for i in 0..n {
+        let c = Client::new(label(i + 1), "Element");
+        let at = start + (i % 60) as f64;
+        feed(&mut d, &c.req(at, Endpoint::Sync, "GET", None, "since=s1".into(), 2_000));
+        feed(&mut d, &c.req(at, Endpoint::Messages, "GET", Some(&room), "dir=b&limit=20".into(), 20_000));
+    }
+    d.tick(start + 60.0);
+    for i in 0..n {
+        let c = Client::new(label(i + 1), "Element");
+        feed(&mut d, &c.req(start + 61.0, Endpoint::Send, "PUT", Some(&room), String::new(), 100));
+    }
+    d
+}
