@@ -89,6 +89,12 @@ pub struct DetectConfig {
     /// taken, not glanced at; a chatty reader who reaches a small room's start weighs nothing
     /// here (its share is low).
     pub whole_rooms_10m: Ramp,
+    /// Of those, rooms reached through `deep_room_pages` pages or more (10 min), times the
+    /// same share: rooms whose whole history was scrolled through, not small rooms whose start
+    /// came with the first page. Opening a small room in any client reaches its start; paging
+    /// several rooms back to their first events, one after the other, with nothing else, is
+    /// the "the same depth across several rooms".
+    pub deep_whole_rooms_10m: Ramp,
 
     // --- context_walk: /context, page-weighted by its limit -------------------------------
     pub context_1m: Ramp,
@@ -253,6 +259,7 @@ impl Default for DetectConfig {
             rooms_1h: Ramp::new(15.0, 40.0),
             rooms_touched_10m: Ramp::new(40.0, 120.0),
             whole_rooms_10m: Ramp::new(3.0, 8.0),
+            deep_whole_rooms_10m: Ramp::new(2.0, 5.0),
 
             context_1m: Ramp::new(4.0, 16.0),
             context_10m: Ramp::new(12.0, 48.0),

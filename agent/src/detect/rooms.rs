@@ -236,6 +236,13 @@ impl RoomTable {
         self.entries.iter().filter(|e| e.room != 0 && e.last_s >= since && deep(e)).count() as u32
     }
 
+    /// Rooms paged at or after `since` that were read to their first event through at least
+    /// `pages` pages: a room's whole history scrolled through, not a small room opened.
+    pub fn deep_whole_since(&self, since: u32, pages: f64) -> u32 {
+        let whole = |e: &Entry| e.flags & FINISHED != 0 && f64::from(e.depth) >= pages;
+        self.entries.iter().filter(|e| e.room != 0 && e.last_s >= since && whole(e)).count() as u32
+    }
+
     /// Deepest session paged at or after `since`.
     pub fn max_depth_since(&self, since: u32) -> u16 {
         self.entries.iter().filter(|e| e.room != 0 && e.last_s >= since).map(|e| e.depth).max().unwrap_or(0)
@@ -362,6 +369,18 @@ mod tests {
         assert_eq!(t.deep_since(0, 3.0), 2, "room 1 by depth, room 2 by its start");
         assert_eq!(t.deep_since(11, 3.0), 1, "room 1's last page is older than that");
         assert_eq!(t.deep_since(0, 2.0), 3, "at two pages deep, the scrollback counts too");
+        // Read whole through three pages or more: room 2 reached its start in two, room 1
+        // went deep but not to its start.
+        assert_eq!(t.deep_whole_since(0, 3.0), 0);
+        assert_eq!(t.deep_whole_since(0, 2.0), 1, "room 2: whole, two pages");
+        // Room 4: its start on the third page (the next room's page closes it).
+        for (i, from) in [41, 42, 43].into_iter().enumerate() {
+            t.page(4, from, i == 2, 20 + i as u32, 600);
+            t.page_bytes(20_000);
+        }
+        t.page(5, 51, false, 30, 600);
+        assert_eq!(t.deep_whole_since(0, 3.0), 1, "room 4: whole, three pages");
+        assert_eq!(t.deep_whole_since(23, 3.0), 0, "room 4's last page is older than that");
     }
 
     #[test]

@@ -227,6 +227,7 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
             c.rooms_1h.eval(f.rooms_1h),
             c.rooms_touched_10m.eval(f.touched_10m),
             c.whole_rooms_10m.eval(f.finished_10m) * share,
+            c.deep_whole_rooms_10m.eval(f.deep_whole_10m) * share,
         ]),
         1.0,
     );

@@ -713,20 +713,30 @@ fn a_clients_housekeeping_does_not_dilute_the_history_share_and_a_persons_acts_d
 }
 
 #[test]
-fn whole_rooms_taken_by_a_token_that_does_little_else_are_breadth_and_a_chatty_readers_are_not() {
+fn rooms_read_whole_page_after_page_by_a_token_that_does_little_else_alert_and_small_rooms_opened_do_not() {
     // Six rooms, each from its timeline's prev_batch to its first event, one page every 8 s,
-    // beside a live sync loop, from a known mobile client (no fingerprint mark): a slow
-    // scrape at Element's pace, or a member catching up on six rooms with nothing else.
-    let rooms = |c: &Client| {
-        (0..6u32).flat_map(|r| read_room(c, &sim::room(r), T0 + 5.0 + f64::from(r) * 40.0, 8.0, 4, false)).collect()
+    // beside a live sync loop, from a known mobile client (no fingerprint mark).
+    let rooms = |c: &Client, pages: u32| -> Vec<sim::Req> {
+        (0..6u32).flat_map(|r| read_room(c, &sim::room(r), T0 + 5.0 + f64::from(r) * 40.0, 8.0, pages, false)).collect()
     };
-    let quiet = Client::new(sim::label(9), "Element/1.6.28 (Google Pixel 8; Android 14)");
-    let mut reqs: Vec<sim::Req> = rooms(&quiet);
-    reqs.extend(syncs(&quiet, 20.0, T0 + 300.0));
-    let (breadth, score) = peak_reason(reqs, T0 + 300.0, quiet.token, "rooms_breadth");
-    // The same reading between messages, receipts and typing, as an Element user's.
-    let chatty = Client::new(sim::label(10), "Element/1.6.28 (Google Pixel 8; Android 14)");
-    let mut reqs: Vec<sim::Req> = rooms(&chatty);
+    let ua = "Element/1.6.28 (Google Pixel 8; Android 14)";
+    let quiet = |n: u64, pages: u32| {
+        let c = Client::new(sim::label(n), ua);
+        let mut reqs = rooms(&c, pages);
+        reqs.extend(syncs(&c, 20.0, T0 + 300.0));
+        peak_reason(reqs, T0 + 300.0, c.token, "rooms_breadth")
+    };
+    // Four pages to each room's start: a slow scrape at Element's pace. Every room's whole
+    // history scrolled through, one room after the other, and nothing else: the issue's "the
+    // same depth across several rooms". A member who does exactly this looks the same and
+    // alerts too (docs/detection.md, "Whole rooms are breadth too", says what that trades).
+    let (deep, deep_score) = quiet(9, 4);
+    // Two pages each: small rooms opened, their start on the second page. Rooms read whole,
+    // but no room's history was scrolled through: explained, not an alert.
+    let (opened, opened_score) = quiet(12, 2);
+    // The deep reading between messages, receipts and typing, as an Element user's.
+    let chatty = Client::new(sim::label(10), ua);
+    let mut reqs: Vec<sim::Req> = rooms(&chatty, 4);
     reqs.extend(syncs(&chatty, 20.0, T0 + 300.0));
     for k in 0..30u32 {
         let room = sim::room(k % 6);
@@ -736,14 +746,15 @@ fn whole_rooms_taken_by_a_token_that_does_little_else_are_breadth_and_a_chatty_r
     }
     let (chatty_breadth, chatty_score) = peak_reason(reqs, T0 + 300.0, chatty.token, "rooms_breadth");
     eprintln!(
-        "six rooms read whole: rooms_breadth {breadth:.2} (score {score:.2}) alone, \
-         {chatty_breadth:.2} (score {chatty_score:.2}) between messages"
+        "six rooms read whole: in 4 pages each rooms_breadth {deep:.2} (score {deep_score:.2}), in 2 pages \
+         {opened:.2} (score {opened_score:.2}); in 4 pages between messages {chatty_breadth:.2} (score \
+         {chatty_score:.2})"
     );
-    assert!(breadth >= 0.3, "five closed whole rooms of six, nothing else: {breadth:.2}");
+    assert!(deep >= 0.99 && deep_score >= 1.0, "five or six rooms scrolled to their start: {deep:.2}");
+    assert!(opened >= 0.2 && opened < deep, "rooms read whole, none deep: {opened:.2}");
+    assert!(opened_score < 1.0, "small rooms opened are pinned and explained: {opened_score:.2}");
     assert_eq!(chatty_breadth, 0.0, "six rooms is not breadth for a reader who also talks");
-    // Whole rooms and the history share corroborate; without a client mark or more rooms
-    // they do not alert: a member catching up is pinned and explained.
-    assert!((0.5..1.0).contains(&score), "{score:.2}");
+    assert!(chatty_score < 1.0, "{chatty_score:.2}");
 }
 
 #[test]
@@ -779,9 +790,9 @@ fn synapses_tokens_show_whole_rooms_whose_last_page_is_not_short() {
     eprintln!("six rooms read whole in pages of 11: rooms_breadth {bytes_only:.2} by bytes, {tokens:.2} by tokens");
     assert_eq!(bytes_only, 0.0, "no last page is short: the bytes cannot tell");
     assert!(tokens >= 0.3, "five or six rooms read whole, nothing else: {tokens:.2}");
-    // What it is then scored on is what `whole_rooms_taken_by_a_token_that_does_little_else…`
-    // pins: corroborating, explained, not an alert by itself.
-    assert!(score < 1.0, "{score:.2}");
+    // Four pages to each room's start, nothing else: rooms scrolled through whole, which
+    // `rooms_read_whole_page_after_page_…` pins as an alert. The tokens are what show it.
+    assert!(tokens >= 0.99 && score >= 1.0, "{tokens:.2}, score {score:.2}");
 }
 
 #[test]
