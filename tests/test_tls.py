@@ -379,9 +379,20 @@ def test_tls_server_started_after_the_agent(vigie_factory, cert, seed, tmp_path_
                 # The target agent was attached before the early connection existed: it saw all of it.
                 t_label = target.labels([early_tok])[early_tok]
                 t_all = early_pre.totals()[early_tok]["requests"] + et["requests"]
-                mt = VantageView(target).scrape()
-                t_seen = mt.sum_by(REQUESTS, "token").get(t_label, 0)
-                print(f"[late/target] early connection: vigie {t_seen:.0f} requests, client {t_all}")
+                # The discover agent's figures may be complete at its first scrape, a few ms after
+                # the last response: the target agent's are read until they reach the client's or
+                # stop changing, as every other figure here is (it drains its ring on its own clock).
+                t0, t_seen, same = time.monotonic(), -1.0, 0
+                while True:
+                    target.assert_running()
+                    seen = VantageView(target).scrape().sum_by(REQUESTS, "token").get(t_label, 0)
+                    same = same + 1 if seen == t_seen else 0
+                    t_seen = seen
+                    if t_seen == t_all or same >= 6 or time.monotonic() - t0 >= 15.0:
+                        break
+                    time.sleep(0.5)
+                print(f"[late/target] early connection: vigie {t_seen:.0f} requests, client {t_all} "
+                      f"(read after {time.monotonic() - t0:.1f} s)")
                 if t_seen != t_all:
                     early_problems.append(f"target agent: early connection counted {t_seen:.0f} requests, client sent {t_all}")
                 if fig[label][0] != et["requests"] or dict(fig[label][2]) != {k: float(v) for k, v in et["by_endpoint"].items()}:
