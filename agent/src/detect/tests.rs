@@ -729,7 +729,7 @@ fn rooms_read_whole_page_after_page_by_a_token_that_does_little_else_alert_and_s
     // Four pages to each room's start: a slow scrape at Element's pace. Every room's whole
     // history scrolled through, one room after the other, and nothing else: the issue's "the
     // same depth across several rooms". A member who does exactly this looks the same and
-    // alerts too (docs/detection.md, "Whole rooms are breadth too", says what that trades).
+    // alerts too (docs/detection.md, "Scrolled through, room after room", says the trade).
     let (deep, deep_score) = quiet(9, 4);
     // Two pages each: small rooms opened, their start on the second page. Rooms read whole,
     // but no room's history was scrolled through: explained, not an alert.
@@ -789,7 +789,6 @@ fn synapses_tokens_show_whole_rooms_whose_last_page_is_not_short() {
     let (tokens, score) = peak_reason(read(&synapse, true), T0 + 300.0, synapse.token, "rooms_breadth");
     eprintln!("six rooms read whole in pages of 11: rooms_breadth {bytes_only:.2} by bytes, {tokens:.2} by tokens");
     assert_eq!(bytes_only, 0.0, "no last page is short: the bytes cannot tell");
-    assert!(tokens >= 0.3, "five or six rooms read whole, nothing else: {tokens:.2}");
     // Four pages to each room's start, nothing else: rooms scrolled through whole, which
     // `rooms_read_whole_page_after_page_…` pins as an alert. The tokens are what show it.
     assert!(tokens >= 0.99 && score >= 1.0, "{tokens:.2}, score {score:.2}");
