@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from harness import metrics as metrics_mod
-from harness.compare import BYTES, REQUESTS, client_figures, compare, poll_until_stable, run_and_read
+from harness.compare import BYTES, REQUESTS, client_figures, compare, poll_settled, poll_until_stable, run_and_read
 from harness.matrix import CLIENT_V3, MatrixClient, Recorder, counting_tls_context
 from harness.nginx import Nginx
 from harness.scenario import DECOY_BODY, DECOY_TOKEN, ScenarioConfig
@@ -380,19 +380,13 @@ def test_tls_server_started_after_the_agent(vigie_factory, cert, seed, tmp_path_
                 t_label = target.labels([early_tok])[early_tok]
                 t_all = early_pre.totals()[early_tok]["requests"] + et["requests"]
                 # The discover agent's figures may be complete at its first scrape, a few ms after
-                # the last response: the target agent's are read until they reach the client's or
-                # stop changing, as every other figure here is (it drains its ring on its own clock).
-                t0, t_seen, same = time.monotonic(), -1.0, 0
-                while True:
-                    target.assert_running()
-                    seen = VantageView(target).scrape().sum_by(REQUESTS, "token").get(t_label, 0)
-                    same = same + 1 if seen == t_seen else 0
-                    t_seen = seen
-                    if t_seen == t_all or same >= 6 or time.monotonic() - t0 >= 15.0:
-                        break
-                    time.sleep(0.5)
+                # the last response: the target agent's are polled too, as every other figure here.
+                def target_count():
+                    mt = VantageView(target).scrape()
+                    return mt, mt.sum_by(REQUESTS, "token").get(t_label, 0)
+                _, t_seen, waited = poll_settled(target, target_count, t_all)
                 print(f"[late/target] early connection: vigie {t_seen:.0f} requests, client {t_all} "
-                      f"(read after {time.monotonic() - t0:.1f} s)")
+                      f"(read after {waited:.1f} s)")
                 if t_seen != t_all:
                     early_problems.append(f"target agent: early connection counted {t_seen:.0f} requests, client sent {t_all}")
                 if fig[label][0] != et["requests"] or dict(fig[label][2]) != {k: float(v) for k, v in et["by_endpoint"].items()}:

@@ -43,19 +43,29 @@ def poll_until_stable(vigie, labels: list[str], expected: dict[str, tuple], *,
                       interval: float = 0.5, timeout: float = 15.0, stable_polls: int = 6):
     """Scrape every `interval` s until the figures equal `expected`, or stop changing for
     `stable_polls` scrapes in a row, or `timeout` passes. Returns (metrics, figures, waited)."""
+    def read():
+        m = vigie.scrape()
+        return m, vigie_figures(m, labels)
+    return poll_settled(vigie, read, expected, interval=interval, timeout=timeout, stable_polls=stable_polls)
+
+
+def poll_settled(vigie, read, expected, *, interval: float = 0.5, timeout: float = 15.0, stable_polls: int = 6):
+    """Call `read()` (returning (metrics, value)) every `interval` s until its value equals
+    `expected`, or stops changing for `stable_polls` reads in a row, or `timeout` passes: the
+    agent drains its ring on its own clock, so a figure read once may be a few records behind.
+    Returns (metrics, value, waited)."""
     t0 = time.monotonic()
     last = None
     same = 0
     while True:
         vigie.assert_running()
-        m = vigie.scrape()
-        fig = vigie_figures(m, labels)
-        if fig == expected:
-            return m, fig, time.monotonic() - t0
-        same = same + 1 if fig == last else 0
-        last = fig
+        m, value = read()
+        if value == expected:
+            return m, value, time.monotonic() - t0
+        same = same + 1 if value == last else 0
+        last = value
         if same >= stable_polls or time.monotonic() - t0 >= timeout:
-            return m, fig, time.monotonic() - t0
+            return m, value, time.monotonic() - t0
         time.sleep(interval)
 
 
