@@ -229,23 +229,26 @@ impl RoomTable {
         self.entries.iter().filter(|e| e.room != 0 && e.first_s >= since).count() as u32
     }
 
+    /// Rooms paged at or after `since`.
+    fn paged_since(&self, since: u32) -> impl Iterator<Item = &Entry> {
+        self.entries.iter().filter(move |e| e.room != 0 && e.last_s >= since)
+    }
+
     /// Rooms paged at or after `since` whose session went `pages` deep or reached the room's
     /// first event.
     pub fn deep_since(&self, since: u32, pages: f64) -> u32 {
-        let deep = |e: &Entry| e.flags & FINISHED != 0 || f64::from(e.depth) >= pages;
-        self.entries.iter().filter(|e| e.room != 0 && e.last_s >= since && deep(e)).count() as u32
+        self.paged_since(since).filter(|e| e.flags & FINISHED != 0 || f64::from(e.depth) >= pages).count() as u32
     }
 
     /// Rooms paged at or after `since` that were read to their first event through at least
     /// `pages` pages: a room's whole history scrolled through, not a small room opened.
     pub fn deep_whole_since(&self, since: u32, pages: f64) -> u32 {
-        let whole = |e: &Entry| e.flags & FINISHED != 0 && f64::from(e.depth) >= pages;
-        self.entries.iter().filter(|e| e.room != 0 && e.last_s >= since && whole(e)).count() as u32
+        self.paged_since(since).filter(|e| e.flags & FINISHED != 0 && f64::from(e.depth) >= pages).count() as u32
     }
 
     /// Deepest session paged at or after `since`.
     pub fn max_depth_since(&self, since: u32) -> u16 {
-        self.entries.iter().filter(|e| e.room != 0 && e.last_s >= since).map(|e| e.depth).max().unwrap_or(0)
+        self.paged_since(since).map(|e| e.depth).max().unwrap_or(0)
     }
 }
 
