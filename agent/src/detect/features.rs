@@ -347,8 +347,9 @@ impl TokenState {
         self.advance(now, cfg);
         self.dirty = true;
         let media = matches!(endpoint, Endpoint::MediaDownload | Endpoint::MediaThumbnail);
-        if endpoint == Endpoint::Messages {
-            self.rooms.page_bytes(bytes);
+        if endpoint == Endpoint::Messages && self.rooms.page_bytes(bytes) {
+            // Not a per-token counter: nothing to tell a tally.
+            self.rings.add(Count::RoomsFinished, 1);
         }
         self.rings.add_bytes(Bytes::All, bytes);
         if media {

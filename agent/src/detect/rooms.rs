@@ -12,9 +12,10 @@
 //! filled in order.
 //!
 //! What a scraper cannot help doing shows here too: it reads each room to its first event
-//! (Synapse's token says the page starts within its limit of depth 1, or the last page is
-//! empty, or much shorter than the room's full pages: the response bytes of each page are
-//! summed until the token's next page or room read closes it), and it often lists a room's
+//! (Synapse's token says the page starts within its limit of depth 1, which counts as soon as
+//! the page is served; or the last page is empty, or much shorter than the room's full pages:
+//! the response bytes of each page are summed until the token's next page or room read closes
+//! it), and it often lists a room's
 //! members or state right after its history. The bytes alone miss about half the rooms read
 //! at a small page size: a last page of 8 events out of 11 is not short.
 //!
@@ -103,10 +104,25 @@ pub struct RoomRead {
 }
 
 impl RoomTable {
-    /// Response bytes of the open page (the token's latest history page).
-    pub fn page_bytes(&mut self, bytes: u64) {
-        if self.open != NONE {
-            self.open_bytes = self.open_bytes.saturating_add(u32::try_from(bytes).unwrap_or(u32::MAX));
+    /// Response bytes of the open page (the token's latest history page). Returns whether
+    /// they finished its room: a page whose request reaches the room's first event finishes
+    /// it as soon as it is served, not when the token's next request closes it. At a page
+    /// every 8 s that is 8 s sooner, and the last room of a scrape that stops there counts at
+    /// all. Empty and short pages need their whole size, so they still wait for the close.
+    pub fn page_bytes(&mut self, bytes: u64) -> bool {
+        if self.open == NONE || bytes == 0 {
+            return false;
+        }
+        self.open_bytes = self.open_bytes.saturating_add(u32::try_from(bytes).unwrap_or(u32::MAX));
+        if !self.open_reaches_start {
+            return false;
+        }
+        match self.entries.get_mut(usize::from(self.open)) {
+            Some(e) if e.flags & FINISHED == 0 => {
+                e.flags |= FINISHED;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -322,34 +338,41 @@ mod tests {
     }
 
     #[test]
-    fn a_page_whose_token_names_the_rooms_start_finishes_it_whatever_its_bytes() {
+    fn a_page_whose_token_names_the_rooms_start_finishes_it_as_soon_as_it_is_served() {
         // A room in pages of 11 events from `now`, its last page holding 8 of them (not short
-        // by its bytes), that page's token saying it reaches the first event or not.
+        // by its bytes), that page's token saying it reaches the first event or not. Returns
+        // whether the last page's bytes finished the room.
         let read = |t: &mut RoomTable, room: u32, now: u32, said: bool| {
+            let mut finished = false;
             for (i, (from, bytes)) in
                 [(0, 11_000), (room * 10 + 1, 11_000), (room * 10 + 2, 8_000)].into_iter().enumerate()
             {
                 t.page(room, from, said && i == 2, now + i as u32, 600);
-                t.page_bytes(bytes);
+                finished = t.page_bytes(bytes);
             }
+            finished
         };
         let mut t = RoomTable::default();
-        read(&mut t, 1, 0, true);
-        assert!(t.page(2, 0, false, 3, 600).finished, "the request said it reaches the first event");
+        assert!(read(&mut t, 1, 0, true), "the request said it reaches the first event: its response finishes the room");
+        assert!(!t.page(2, 0, false, 3, 600).finished, "and the next request does not count it again");
+        assert_eq!(t.deep_whole_since(0, 3.0), 1, "before any other request: a scrape's last room counts too");
         // The same last page with no such token: the bytes cannot tell.
         t.page_bytes(11_000);
-        read(&mut t, 2, 4, false);
+        assert!(!read(&mut t, 2, 4, false));
         assert!(!t.page(3, 0, false, 7, 600).finished);
         // A page never served proves nothing, whatever its request said.
         t.page(3, 9, true, 8, 600);
+        assert!(!t.page_bytes(0));
         assert!(!t.page(4, 0, false, 9, 600).finished);
-        // A room is finished once per session, however many pages reach its start.
+        // A room is finished once per session, however many pages reach its start, and
+        // however many reads its response takes.
         t.page_bytes(5_000);
         t.page(4, 10, true, 10, 600);
-        t.page_bytes(300);
-        assert!(t.page(4, 11, true, 11, 600).finished);
-        t.page_bytes(300);
-        assert!(!t.page(5, 0, false, 12, 600).finished, "room 4 was already finished");
+        assert!(t.page_bytes(200));
+        assert!(!t.page_bytes(100), "the rest of the same response");
+        t.page(4, 11, true, 11, 600);
+        assert!(!t.page_bytes(300), "room 4 was already finished");
+        assert!(!t.page(5, 0, false, 12, 600).finished);
     }
 
     #[test]
@@ -376,12 +399,11 @@ mod tests {
         // went deep but not to its start.
         assert_eq!(t.deep_whole_since(0, 3.0), 0);
         assert_eq!(t.deep_whole_since(0, 2.0), 1, "room 2: whole, two pages");
-        // Room 4: its start on the third page (the next room's page closes it).
+        // Room 4: its start on the third page.
         for (i, from) in [41, 42, 43].into_iter().enumerate() {
             t.page(4, from, i == 2, 20 + i as u32, 600);
             t.page_bytes(20_000);
         }
-        t.page(5, 51, false, 30, 600);
         assert_eq!(t.deep_whole_since(0, 3.0), 1, "room 4: whole, three pages");
         assert_eq!(t.deep_whole_since(23, 3.0), 0, "room 4's last page is older than that");
     }
