@@ -112,6 +112,9 @@ pub struct DetectConfig {
     // --- key_backup: GET /room_keys/… with `version=` -------------------------------------
     /// A token younger than this reading the key backup gets `key_backup_young_weight`.
     pub key_backup_young_s: f64,
+    /// Corroboration, not half an alert: every new login of Element restores the backup, and
+    /// then its person reads the rooms they can now decrypt. Weighed like a new user agent on
+    /// a token (`new_agent_weight`).
     pub key_backup_young_weight: f64,
     pub key_reads_10m: Ramp,
 
@@ -272,7 +275,7 @@ impl Default for DetectConfig {
             search_10m: Ramp::new(12.0, 40.0),
 
             key_backup_young_s: 600.0,
-            key_backup_young_weight: 0.5,
+            key_backup_young_weight: 0.2,
             key_reads_10m: Ramp::new(30.0, 150.0),
 
             full_sync_10m: Ramp::new(3.0, 10.0),

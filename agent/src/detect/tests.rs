@@ -795,6 +795,35 @@ fn synapses_tokens_show_whole_rooms_whose_last_page_is_not_short() {
 }
 
 #[test]
+fn a_new_device_restoring_its_key_backup_then_reading_three_rooms_whole_is_explained_below_one() {
+    // A new login of Element: a full sync, the key backup read, a sync loop, then a page of
+    // one room and three rooms each scrolled from its timeline's prev_batch to its first
+    // event in three pages of 40 (Synapse's tokens say the last page reaches the start), a
+    // page every 6 s, nothing else: the rooms it can now decrypt, as the drawn key-backup
+    // reader of seed 2 did. The last room counts as soon as its last page is served.
+    let c = Client::new(sim::label(15), "Element/1.6.28 (Google Pixel 8; Android 14)");
+    let mut reqs = vec![c.req(T0, Endpoint::Sync, "GET", None, "filter=0&timeout=0".into(), 200_000)];
+    reqs.extend(syncs(&c, 20.0, T0 + 300.0).into_iter().skip(1));
+    reqs.push(c.req(T0 + 8.0, Endpoint::RoomKeys, "GET", None, "version=1".into(), 400_000));
+    reqs.push(c.req(T0 + 14.0, Endpoint::Messages, "GET", Some(&sim::room(3)), "dir=b&from=s99_7&limit=40".into(), 36_400));
+    for r in 0..3u32 {
+        let room = sim::room(r);
+        for (p, from) in [format!("s{}_7", 100 + r), "t71-900_7".into(), "t31-860_7".into()].into_iter().enumerate() {
+            let t = T0 + 20.0 + f64::from(r) * 30.0 + p as f64 * 6.0;
+            let q = format!("dir=b&from={from}&limit=40");
+            let events: u64 = if p == 2 { 30 } else { 40 };
+            reqs.push(c.req(t, Endpoint::Messages, "GET", Some(&room), q, events * 900 + 400));
+        }
+    }
+    let (keys, _) = peak_reason(reqs.clone(), T0 + 300.0, c.token, "key_backup");
+    let (breadth, score) = peak_reason(reqs, T0 + 300.0, c.token, "rooms_breadth");
+    eprintln!("key backup then three rooms read whole: key_backup {keys:.2}, rooms_breadth {breadth:.2}, score {score:.2}");
+    assert!(keys > 0.0, "the young key read shows");
+    assert!(breadth >= 0.3, "three rooms scrolled through show too: {breadth:.2}");
+    assert!(score < 1.0, "a new device catching up is explained, not an alert: {score:.2}");
+}
+
+#[test]
 fn rooms_reached_to_their_start_are_a_scrape_pattern_only_for_a_token_that_does_little_else() {
     // Eight small rooms in ten minutes, each scrolled back from its timeline's prev_batch to
     // its first event in three to five pages: a heavy Element user switching rooms every
