@@ -353,7 +353,10 @@ mod tests {
             finished
         };
         let mut t = RoomTable::default();
-        assert!(read(&mut t, 1, 0, true), "the request said it reaches the first event: its response finishes the room");
+        assert!(
+            read(&mut t, 1, 0, true),
+            "the request said it reaches the first event: its response finishes the room"
+        );
         assert!(!t.page(2, 0, false, 3, 600).finished, "and the next request does not count it again");
         assert_eq!(t.deep_whole_since(0, 3.0), 1, "before any other request: a scrape's last room counts too");
         // The same last page with no such token: the bytes cannot tell.

@@ -805,7 +805,14 @@ fn a_new_device_restoring_its_key_backup_then_reading_three_rooms_whole_is_expla
     let mut reqs = vec![c.req(T0, Endpoint::Sync, "GET", None, "filter=0&timeout=0".into(), 200_000)];
     reqs.extend(syncs(&c, 20.0, T0 + 300.0).into_iter().skip(1));
     reqs.push(c.req(T0 + 8.0, Endpoint::RoomKeys, "GET", None, "version=1".into(), 400_000));
-    reqs.push(c.req(T0 + 14.0, Endpoint::Messages, "GET", Some(&sim::room(3)), "dir=b&from=s99_7&limit=40".into(), 36_400));
+    reqs.push(c.req(
+        T0 + 14.0,
+        Endpoint::Messages,
+        "GET",
+        Some(&sim::room(3)),
+        "dir=b&from=s99_7&limit=40".into(),
+        36_400,
+    ));
     for r in 0..3u32 {
         let room = sim::room(r);
         for (p, from) in [format!("s{}_7", 100 + r), "t71-900_7".into(), "t31-860_7".into()].into_iter().enumerate() {
@@ -817,7 +824,9 @@ fn a_new_device_restoring_its_key_backup_then_reading_three_rooms_whole_is_expla
     }
     let (keys, _) = peak_reason(reqs.clone(), T0 + 300.0, c.token, "key_backup");
     let (breadth, score) = peak_reason(reqs, T0 + 300.0, c.token, "rooms_breadth");
-    eprintln!("key backup then three rooms read whole: key_backup {keys:.2}, rooms_breadth {breadth:.2}, score {score:.2}");
+    eprintln!(
+        "key backup then three rooms read whole: key_backup {keys:.2}, rooms_breadth {breadth:.2}, score {score:.2}"
+    );
     assert!(keys > 0.0, "the young key read shows");
     assert!(breadth >= 0.3, "three rooms scrolled through show too: {breadth:.2}");
     assert!(score < 1.0, "a new device catching up is explained, not an alert: {score:.2}");
