@@ -15,9 +15,9 @@
 //! (Synapse's token says the page starts within its limit of depth 1, which counts as soon as
 //! the page is served; or the last page is empty, or much shorter than the room's full pages:
 //! the response bytes of each page are summed until the token's next page or room read closes
-//! it), and it often lists a room's
-//! members or state right after its history. The bytes alone miss about half the rooms read
-//! at a small page size: a last page of 8 events out of 11 is not short.
+//! it), and it often lists a room's members or state right after its history. The bytes
+//! alone miss about half the rooms read at a small page size: a last page of 8 events out of
+//! 11 is not short.
 //!
 //! A scraper that pages two or three rooms turn about (so that no room is finished for
 //! minutes, and the finished count stays low) shows it the other way: nearly every page
