@@ -67,7 +67,8 @@ pub struct RoomTable {
     /// At most [`ROOMS`]; a boxed slice, not a `Vec`: no spare capacity, 8 bytes less.
     entries: Box<[Entry]>,
     /// The entry of the latest page whose bytes are still being counted, those bytes, and
-    /// whether its request said it reaches the room's first event.
+    /// whether its request said it reaches the room's first event (until its first bytes
+    /// finish the room).
     open: u8,
     open_bytes: u32,
     open_reaches_start: bool,
@@ -114,10 +115,13 @@ impl RoomTable {
             return false;
         }
         self.open_bytes = self.open_bytes.saturating_add(u32::try_from(bytes).unwrap_or(u32::MAX));
-        if !self.open_reaches_start {
-            return false;
-        }
-        match self.entries.get_mut(usize::from(self.open)) {
+        // Once: the rest of the response, and its close, have nothing to add.
+        std::mem::take(&mut self.open_reaches_start) && self.finish(self.open)
+    }
+
+    /// Mark `entry`'s room finished; whether it was not yet (a room finishes once a session).
+    fn finish(&mut self, entry: u8) -> bool {
+        match self.entries.get_mut(usize::from(entry)) {
             Some(e) if e.flags & FINISHED == 0 => {
                 e.flags |= FINISHED;
                 true
@@ -126,11 +130,12 @@ impl RoomTable {
         }
     }
 
-    /// Close the open page: returns whether it finished its room (its request reached the
-    /// first event, or it was an empty page after a `from`, or one under half the session's
-    /// largest page). Bytes never seen (0) prove nothing: the page may not have been served.
+    /// Close the open page: returns whether it finished its room by its size (an empty page
+    /// after a `from`, or one under half the session's largest page; a page whose request
+    /// reached the first event was finished by its first bytes, see [`RoomTable::page_bytes`]).
+    /// Bytes never seen (0) prove nothing: the page may not have been served.
     fn close(&mut self) -> bool {
-        let (open, bytes, reaches_start) = (self.open, self.open_bytes, self.open_reaches_start);
+        let (open, bytes) = (self.open, self.open_bytes);
         self.open = NONE;
         self.open_bytes = 0;
         self.open_reaches_start = false;
@@ -143,11 +148,7 @@ impl RoomTable {
         let empty = bytes < EMPTY_PAGE_BYTES && e.from != 0;
         let short = e.depth >= 2 && bytes.saturating_mul(2) < e.max_bytes;
         e.max_bytes = e.max_bytes.max(bytes);
-        let finished = reaches_start || empty || short;
-        if finished {
-            e.flags |= FINISHED;
-        }
-        finished
+        (empty || short) && self.finish(open)
     }
 
     /// A `/members` or `/state` of `room`: whether it follows that room's history (paged
