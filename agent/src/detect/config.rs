@@ -89,11 +89,11 @@ pub struct DetectConfig {
     /// taken, not glanced at; a chatty reader who reaches a small room's start weighs nothing
     /// here (its share is low).
     pub whole_rooms_10m: Ramp,
-    /// Of those, rooms reached through `deep_room_pages` pages or more (10 min), times the
-    /// same share: rooms whose whole history was scrolled through, not small rooms whose start
-    /// came with the first page. Opening a small room in any client reaches its start; paging
-    /// several rooms back to their first events, one after the other, with nothing else, is
-    /// the "the same depth across several rooms".
+    /// Rooms scrolled through (10 min), times the same share: read to their first event
+    /// through `deep_room_pages` pages or more (not small rooms whose start came with the
+    /// first page), or paged `deep_open_room_pages` deep, start or not. Opening a small room
+    /// in any client reaches its start; paging several rooms deep, one after the other, with
+    /// nothing else, is the "the same depth across several rooms".
     pub deep_whole_rooms_10m: Ramp,
 
     // --- context_walk: /context, page-weighted by its limit -------------------------------
@@ -161,6 +161,12 @@ pub struct DetectConfig {
     /// A room paged this many pages deep (following `from` tokens), or read to its first
     /// event, is *read deep*.
     pub deep_room_pages: f64,
+    /// A room paged this many pages deep (following `from` tokens) counts among the rooms
+    /// scrolled through (`deep_whole_rooms_10m`) before its first event is reached: twice
+    /// `deep_room_pages`, past the few pages a person scrolls back to find something. A big
+    /// room is history taken page by page; counting it only at its start made scrapes of big
+    /// rooms at small pages the slowest to see.
+    pub deep_open_room_pages: f64,
     /// A narrow reader with this many rooms read deep in 10 min reads *room after room*:
     /// its reading stays capped at `narrow_reading_cap` (depth is still not breadth), but
     /// `narrow_cap` no longer holds what its client looks like below 1.
@@ -298,6 +304,7 @@ impl Default for DetectConfig {
             narrow_reading_cap: 0.6,
             narrow_cap: 0.9,
             deep_room_pages: 3.0,
+            deep_open_room_pages: 6.0,
             room_after_room: 2.0,
 
             fromless_10m: Ramp::new(2.0, 6.0),

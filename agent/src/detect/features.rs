@@ -387,7 +387,11 @@ impl TokenState {
             oversize_10m: (history(&t10) - f64::from(t10.get(Count::Pages))).max(0.0),
             depth: f64::from(self.rooms.max_depth_since(since_10m)),
             deep_rooms_10m: f64::from(self.rooms.deep_since(since_10m, cfg.deep_room_pages)),
-            deep_whole_10m: f64::from(self.rooms.deep_whole_since(since_10m, cfg.deep_room_pages)),
+            deep_whole_10m: f64::from(self.rooms.deep_read_since(
+                since_10m,
+                cfg.deep_room_pages,
+                cfg.deep_open_room_pages,
+            )),
             new_rooms_1m: f64::from(self.rooms.started_since(now.saturating_sub(60))),
             rooms_10m,
             rooms_1h: self.sketches.estimate(Sketch::ReadLong, now / ROOMS_1H_EPOCH, &self.rings).round(),
@@ -474,8 +478,9 @@ pub struct Features {
     /// Rooms read deep in the last 10 minutes (among the 8 rooms last paged): paged
     /// `deep_room_pages` deep, or read to their first event.
     pub deep_rooms_10m: f64,
-    /// Rooms read to their first event through `deep_room_pages` pages or more in the last
-    /// 10 minutes (among the 8 rooms last paged).
+    /// Rooms scrolled through in the last 10 minutes (among the 8 rooms last paged): read to
+    /// their first event through `deep_room_pages` pages or more, or paged
+    /// `deep_open_room_pages` deep.
     pub deep_whole_10m: f64,
     pub new_rooms_1m: f64,
     pub rooms_10m: f64,

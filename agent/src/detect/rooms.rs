@@ -257,10 +257,18 @@ impl RoomTable {
         self.paged_since(since).filter(|e| e.flags & FINISHED != 0 || f64::from(e.depth) >= pages).count() as u32
     }
 
-    /// Rooms paged at or after `since` that were read to their first event through at least
-    /// `pages` pages: a room's whole history scrolled through, not a small room opened.
-    pub fn deep_whole_since(&self, since: u32, pages: f64) -> u32 {
-        self.paged_since(since).filter(|e| e.flags & FINISHED != 0 && f64::from(e.depth) >= pages).count() as u32
+    /// Rooms paged at or after `since` whose history was scrolled through: read to their first
+    /// event through at least `whole_pages` pages (a room's whole history, not a small room
+    /// opened), or `open_pages` deep whether or not the start has come yet. A big room is
+    /// history taken page by page; counting it only at its start would make a scrape slower
+    /// to see the bigger the rooms it takes.
+    pub fn deep_read_since(&self, since: u32, whole_pages: f64, open_pages: f64) -> u32 {
+        self.paged_since(since)
+            .filter(|e| {
+                let depth = f64::from(e.depth);
+                (e.flags & FINISHED != 0 && depth >= whole_pages) || depth >= open_pages
+            })
+            .count() as u32
     }
 
     /// Deepest session paged at or after `since`.
@@ -359,7 +367,7 @@ mod tests {
             "the request said it reaches the first event: its response finishes the room"
         );
         assert!(!t.page(2, 0, false, 3, 600).finished, "and the next request does not count it again");
-        assert_eq!(t.deep_whole_since(0, 3.0), 1, "before any other request: a scrape's last room counts too");
+        assert_eq!(t.deep_read_since(0, 3.0, 6.0), 1, "before any other request: a scrape's last room counts too");
         // The same last page with no such token: the bytes cannot tell.
         t.page_bytes(11_000);
         assert!(!read(&mut t, 2, 4, false));
@@ -400,16 +408,28 @@ mod tests {
         assert_eq!(t.deep_since(11, 3.0), 1, "room 1's last page is older than that");
         assert_eq!(t.deep_since(0, 2.0), 3, "at two pages deep, the scrollback counts too");
         // Read whole through three pages or more: room 2 reached its start in two, room 1
-        // went deep but not to its start.
-        assert_eq!(t.deep_whole_since(0, 3.0), 0);
-        assert_eq!(t.deep_whole_since(0, 2.0), 1, "room 2: whole, two pages");
+        // went three deep but not to its start, which is a scrollback until it goes six.
+        assert_eq!(t.deep_read_since(0, 3.0, 6.0), 0);
+        assert_eq!(t.deep_read_since(0, 2.0, 6.0), 1, "room 2: whole, two pages");
+        assert_eq!(t.deep_read_since(0, 3.0, 3.0), 1, "room 1, were three pages deep enough");
         // Room 4: its start on the third page.
         for (i, from) in [41, 42, 43].into_iter().enumerate() {
             t.page(4, from, i == 2, 20 + i as u32, 600);
             t.page_bytes(20_000);
         }
-        assert_eq!(t.deep_whole_since(0, 3.0), 1, "room 4: whole, three pages");
-        assert_eq!(t.deep_whole_since(23, 3.0), 0, "room 4's last page is older than that");
+        assert_eq!(t.deep_read_since(0, 3.0, 6.0), 1, "room 4: whole, three pages");
+        assert_eq!(t.deep_read_since(23, 3.0, 6.0), 0, "room 4's last page is older than that");
+        // Room 5: a big room, six pages in and its start not in sight. It is history taken
+        // as surely as room 4's three pages; waiting for its start would weigh a scrape of
+        // big rooms later than one of small rooms.
+        for (i, from) in [51, 52, 53, 54, 55].into_iter().enumerate() {
+            t.page(5, from, false, 30 + i as u32, 600);
+            t.page_bytes(20_000);
+            assert_eq!(t.deep_read_since(0, 3.0, 6.0), 1, "room 5 at {} pages is a scrollback", i + 1);
+        }
+        t.page(5, 56, false, 35, 600);
+        t.page_bytes(20_000);
+        assert_eq!(t.deep_read_since(0, 3.0, 6.0), 2, "room 5 at six pages: read deep, start or not");
     }
 
     #[test]

@@ -832,6 +832,69 @@ fn a_new_device_restoring_its_key_backup_then_reading_three_rooms_whole_is_expla
     assert!(score < 1.0, "a new device catching up is explained, not an alert: {score:.2}");
 }
 
+/// The first second at which `token` scores 1 or more, if it does before `end`.
+fn first_alert(reqs: Vec<sim::Req>, end: f64, token: TokenLabel) -> Option<f64> {
+    let mut sorted = reqs;
+    sorted.sort_by(|a, b| a.at.total_cmp(&b.at));
+    let mut d = Detector::new(cfg());
+    let mut next = sorted.iter().peekable();
+    let mut now = T0;
+    while now < end {
+        now += 1.0;
+        while let Some(r) = next.next_if(|r| r.at < now) {
+            sim::feed(&mut d, r);
+        }
+        d.tick(now);
+        if d.scores().any(|s| s.token == token && s.score >= 1.0) {
+            return Some(now - T0);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_big_room_paged_six_deep_counts_as_scrolled_through_before_its_start_and_five_pages_do_not() {
+    // Seed 12's draw03: rooms of about 35, 85, 150 and 165 events, each from its timeline's
+    // prev_batch to its first event in pages of 13 (3, 7, 12 and 13 pages; Synapse's token
+    // says the last page reaches the start), a page every 8.1 s, beside a sync loop that
+    // never acts, from Element's app. It alerted only at the fourth room's start, 306 s in.
+    let c = Client::new(sim::label(16), "Element/1.6.28 (Google Pixel 8; Android 14)");
+    let scrape = |c: &Client, fourth: u32| {
+        let mut reqs = syncs(c, 20.0, T0 + 400.0);
+        let mut t = T0 + 5.0;
+        for (r, (events, pages)) in [(35u32, 3u32), (85, 7), (150, 12), (165, fourth)].into_iter().enumerate() {
+            let room = sim::room(r as u32);
+            for p in 0..pages {
+                let left = events + 1 - 13 * p;
+                let from = if p == 0 { format!("s{}_7", 100 + r) } else { format!("t{left}-{}_7", 900 + left) };
+                let q = format!("dir=b&from={from}&limit=13");
+                reqs.push(c.req(t, Endpoint::Messages, "GET", Some(&room), q, u64::from(left.min(14) - 1) * 900 + 400));
+                t += 8.1;
+            }
+        }
+        (reqs, t)
+    };
+    let (reqs, _) = scrape(&c, 13);
+    let fourth_start = T0 + 5.0 + 8.1 * f64::from(3 + 7 + 12);
+    let fourth_end = fourth_start + 8.1 * 12.0;
+    let ttd = first_alert(reqs, T0 + 400.0, c.token);
+    // The same three rooms and five pages of the fourth: a scrollback in it, not yet a room
+    // scrolled through.
+    let shallow = Client::new(sim::label(17), "Element/1.6.28 (Google Pixel 8; Android 14)");
+    let (reqs, _) = scrape(&shallow, 5);
+    let (breadth, score) = peak_reason(reqs, T0 + 400.0, shallow.token, "rooms_breadth");
+    eprintln!(
+        "four big rooms at 8.1 s a page of 13: alert at {ttd:?} s (fourth room from {:.0} s to {:.0} s); \
+         three and five pages of a fourth: rooms_breadth {breadth:.2}, score {score:.2}",
+        fourth_start - T0,
+        fourth_end - T0
+    );
+    let ttd = ttd.expect("four rooms scrolled through by a token that does nothing else alert");
+    assert!(ttd < fourth_end - T0, "the fourth room counts six pages in, not at its start: {ttd} s");
+    assert!(ttd >= fourth_start - T0 + 8.1 * 5.0, "and not before it is six pages deep: {ttd} s");
+    assert!(score < 1.0, "three rooms read whole and a scrollback in a fourth is explained: {score:.2}");
+}
+
 #[test]
 fn rooms_reached_to_their_start_are_a_scrape_pattern_only_for_a_token_that_does_little_else() {
     // Eight small rooms in ten minutes, each scrolled back from its timeline's prev_batch to
