@@ -549,13 +549,13 @@ fn a_tick_in_steps_reports_what_a_tick_in_one_go_does_and_nothing_half_done() {
 
 // --- issue 11: breadth over depth, and what a scraper cannot drop ---------------------------
 
-/// The reason `name`'s highest contribution to `token` over a run.
-fn peak_reason(reqs: Vec<sim::Req>, end: f64, token: TokenLabel, name: &str) -> (f64, f64) {
+/// Replay `reqs` with a tick every second from `T0` to `end`, showing `token`'s score after
+/// each tick to `until`, and stop when it says so: the seconds from `T0` to that tick.
+fn replay(reqs: Vec<sim::Req>, end: f64, token: TokenLabel, mut until: impl FnMut(&Scored<'_>) -> bool) -> Option<f64> {
     let mut sorted = reqs;
     sorted.sort_by(|a, b| a.at.total_cmp(&b.at));
     let mut d = Detector::new(cfg());
     let mut next = sorted.iter().peekable();
-    let (mut peak, mut score) = (0.0f64, 0.0f64);
     let mut now = T0;
     while now < end {
         now += 1.0;
@@ -563,12 +563,27 @@ fn peak_reason(reqs: Vec<sim::Req>, end: f64, token: TokenLabel, name: &str) -> 
             sim::feed(&mut d, r);
         }
         d.tick(now);
-        if let Some(s) = d.scores().find(|s| s.token == token) {
-            score = score.max(s.score);
-            peak = peak.max(s.reasons.iter().find(|(r, _)| *r == name).map_or(0.0, |(_, v)| *v));
+        if d.scores().find(|s| s.token == token).is_some_and(|s| until(&s)) {
+            return Some(now - T0);
         }
     }
+    None
+}
+
+/// The reason `name`'s highest contribution to `token` over a run, and its highest score.
+fn peak_reason(reqs: Vec<sim::Req>, end: f64, token: TokenLabel, name: &str) -> (f64, f64) {
+    let (mut peak, mut score) = (0.0f64, 0.0f64);
+    replay(reqs, end, token, |s| {
+        score = score.max(s.score);
+        peak = peak.max(s.reasons.iter().find(|(r, _)| *r == name).map_or(0.0, |(_, v)| *v));
+        false
+    });
     (peak, score)
+}
+
+/// The first second at which `token` scores 1 or more, if it does before `end`.
+fn first_alert(reqs: Vec<sim::Req>, end: f64, token: TokenLabel) -> Option<f64> {
+    replay(reqs, end, token, |s| s.score >= 1.0)
 }
 
 /// A sync loop every `every` seconds from `T0` to `end`.
@@ -830,26 +845,6 @@ fn a_new_device_restoring_its_key_backup_then_reading_three_rooms_whole_is_expla
     assert!(keys > 0.0, "the young key read shows");
     assert!(breadth >= 0.3, "three rooms scrolled through show too: {breadth:.2}");
     assert!(score < 1.0, "a new device catching up is explained, not an alert: {score:.2}");
-}
-
-/// The first second at which `token` scores 1 or more, if it does before `end`.
-fn first_alert(reqs: Vec<sim::Req>, end: f64, token: TokenLabel) -> Option<f64> {
-    let mut sorted = reqs;
-    sorted.sort_by(|a, b| a.at.total_cmp(&b.at));
-    let mut d = Detector::new(cfg());
-    let mut next = sorted.iter().peekable();
-    let mut now = T0;
-    while now < end {
-        now += 1.0;
-        while let Some(r) = next.next_if(|r| r.at < now) {
-            sim::feed(&mut d, r);
-        }
-        d.tick(now);
-        if d.scores().any(|s| s.token == token && s.score >= 1.0) {
-            return Some(now - T0);
-        }
-    }
-    None
 }
 
 #[test]
