@@ -867,16 +867,16 @@ fn a_big_room_paged_six_deep_counts_as_scrolled_through_before_its_start_and_fiv
                 t += 8.1;
             }
         }
-        (reqs, t)
+        reqs
     };
-    let (reqs, _) = scrape(&c, 13);
+    let reqs = scrape(&c, 13);
     let fourth_start = T0 + 5.0 + 8.1 * f64::from(3 + 7 + 12);
     let fourth_end = fourth_start + 8.1 * 12.0;
     let ttd = first_alert(reqs, T0 + 400.0, c.token);
     // The same three rooms and five pages of the fourth: a scrollback in it, not yet a room
     // scrolled through.
     let shallow = Client::new(sim::label(17), "Element/1.6.28 (Google Pixel 8; Android 14)");
-    let (reqs, _) = scrape(&shallow, 5);
+    let reqs = scrape(&shallow, 5);
     let (breadth, score) = peak_reason(reqs, T0 + 400.0, shallow.token, "rooms_breadth");
     eprintln!(
         "four big rooms at 8.1 s a page of 13: alert at {ttd:?} s (fourth room from {:.0} s to {:.0} s); \
