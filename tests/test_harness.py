@@ -377,3 +377,46 @@ def test_drawn_scrapes_page_rooms_turn_about_each_from_where_it_was_opened():
     # room started from its own `start`, and a third room opens only once one is finished.
     assert rooms[0] != rooms[1] and pages[0][1] == f"prev-{rooms[0]}"
     assert opened.index(rooms[-1]) == 2
+
+
+class _Syncs:
+    """A sync endpoint that answers at once and sets `stop` after `n` calls."""
+
+    def __init__(self, stop, n: int):
+        self.stop, self.n, self.calls = stop, n, 0
+
+    def sync(self, since=None, timeout_ms=0, filter_id=None):
+        self.calls += 1
+        if self.calls >= self.n:
+            self.stop.set()
+        return {"next_batch": f"s{self.calls}"}
+
+
+def test_a_sync_loop_draws_nothing_from_the_generator_its_owner_draws_its_actions_from():
+    """What a legitimate reader or a population session does (its rooms, pages, pauses)
+    follows from the seed alone. Its sync loop runs on a thread of its own: drawing its
+    timeouts from the same generator made the rest follow thread timing instead (one run of
+    a seed had the key-backup reader read 10 pages, the next 8)."""
+    import random
+    from types import SimpleNamespace
+
+    from harness.draws import Reader
+    from harness.population import NORMAL, ElementSession
+
+    reader = Reader(None, Recorder(), seed=3)
+    drawn = reader.rng.getstate()
+    stop = threading.Event()
+    syncs = _Syncs(stop, 5)
+    reader.sync_loop(stop, syncs, None, None)
+    assert syncs.calls == 5 and reader.rng.getstate() == drawn
+
+    account = SimpleNamespace(user_id="@a:test.local", user_agent="Element/1.0", token="t", name="a",
+                              rooms=["!r:test.local"], address="10.0.0.1", since=None, filter_id=None, prev_batch={})
+    world = SimpleNamespace(synapse=SimpleNamespace(host="127.0.0.1", port=9), media_snapshot=lambda: [])
+    stop = threading.Event()
+    pop = SimpleNamespace(world=world, recorder=Recorder(), stop=stop, call=lambda s, what, fn: fn())
+    session = ElementSession(pop, account, NORMAL, random.Random(5))
+    syncs = session.sync = _Syncs(stop, 5)
+    drawn = session.rng.getstate()
+    session.sync_loop()
+    assert syncs.calls == 5 and session.rng.getstate() == drawn

@@ -290,6 +290,9 @@ class Reader:
         self.world = world
         self.recorder = recorder
         self.rng = random.Random(f"{self.name}-{seed}")
+        # `sync_loop` runs on a thread of its own; sharing `rng` with it would make what the
+        # reader draws (rooms, pages, pauses) depend on thread timing, not on the seed.
+        self.sync_rng = random.Random(f"{self.name}-sync-{seed}")
         self.stats = ReaderStats()
         self.token: str | None = None
         self.account: Account | None = None
@@ -347,7 +350,7 @@ class Reader:
     def sync_loop(self, stop: threading.Event, c: MatrixClient, since: str | None, filter_id: str | None,
                   timeout: tuple[int, int] = (2000, 10000), on=None) -> None:
         while not stop.is_set():
-            r = self.call("sync", lambda: c.sync(since=since, timeout_ms=self.rng.randint(*timeout),
+            r = self.call("sync", lambda: c.sync(since=since, timeout_ms=self.sync_rng.randint(*timeout),
                                                  filter_id=filter_id))
             if r is None:
                 stop.wait(1.0)

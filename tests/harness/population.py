@@ -77,6 +77,9 @@ class ElementSession:
         self.a = account
         self.p = profile
         self.rng = rng
+        # The sync loop runs on its own thread: drawing from `rng` there too would make the
+        # session's actions depend on how the two threads happen to interleave.
+        self.sync_rng = random.Random(rng.random())
         self.address = account.address
         w = pop.world
         common = dict(user_id=account.user_id, recorder=pop.recorder, user_agent=account.user_agent)
@@ -126,7 +129,7 @@ class ElementSession:
 
     # -- loops --------------------------------------------------------------------------------
     def sync_loop(self) -> None:
-        a, rng, stop = self.a, self.rng, self.pop.stop
+        a, rng, stop = self.a, self.sync_rng, self.pop.stop
         if a.since is None or rng.random() < self.p.cold_start_p:
             r = self.pop.call(self, "initial_sync", lambda: self.sync.sync(filter_id=a.filter_id, timeout_ms=0))
             self.stats.full_syncs += 1
