@@ -43,6 +43,8 @@ class AttackStats:
     statuses: Counter = field(default_factory=Counter)  # status -> requests
     errors: list[str] = field(default_factory=list)
     rooms: set = field(default_factory=set)
+    # When each room's first page was answered (monotonic), in the order rooms were opened.
+    opened_at: list = field(default_factory=list)
     pages: int = 0
     empty_pages: int = 0
     events: int = 0

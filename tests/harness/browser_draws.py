@@ -103,6 +103,8 @@ class BrowserScrape(ThirdPartyScrape):
         st.events = int(status.get("events") or 0)
         st.empty_pages = int(status.get("emptyPages") or 0)
         st.rooms = set(status.get("rooms") or [])
+        if self.t_first is not None:
+            st.opened_at = [self.t_first + float(s) for s in status.get("openedAfter") or []]
         errors = list(status.get("errors") or [])
         st.errors.extend(errors)
         st.statuses[200] += max(0, sum(st.requests.values()) - len(errors))

@@ -212,6 +212,8 @@ class DrawnScrape(Attack):
             return False, None
         chunk = r.get("chunk") or []
         opened = room not in self.stats.rooms  # the room's first page
+        if opened:
+            self.stats.opened_at.append(time.monotonic())
         self.stats.pages += 1
         self.stats.events += len(chunk)
         self.stats.rooms.add(room)

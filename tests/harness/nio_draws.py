@@ -178,6 +178,8 @@ class NioScrape(ThirdPartyScrape):
         if not isinstance(r, RoomMessagesResponse):
             return False, None
         opened = room not in self.stats.rooms  # the room's first page
+        if opened:
+            self.stats.opened_at.append(time.monotonic())
         self.stats.pages += 1
         self.stats.events += len(r.chunk)
         self.stats.rooms.add(room)

@@ -33,6 +33,8 @@ const status = {
   events: 0,
   emptyPages: 0,
   rooms: [],
+  // Seconds from the task's first request to each room's first page, in opening order.
+  openedAfter: [],
   syncs: 0,
   errors: [],
   outcome: "starting",
@@ -75,6 +77,7 @@ async function main() {
   // A member does not export the moment the tab opens.
   if (task.delay) await sleep(1000 * task.delay);
   let first = true;
+  let firstAt = 0;
   let nextAt = 0;
   const pace = task.pace || 0;
   // One request of the task: the pace, the harness's stop, the first-request mark.
@@ -86,6 +89,7 @@ async function main() {
     if (first) {
       first = false;
       await post("/first", {});
+      firstAt = Date.now();
     }
     status.requests[what] = (status.requests[what] || 0) + 1;
     try {
@@ -109,6 +113,7 @@ async function main() {
     if (opened) {
       seen.add(room);
       status.rooms.push(room);
+      status.openedAfter.push((Date.now() - firstAt) / 1000);
     }
     if (!chunk.length) status.emptyPages += 1;
     if (task.marksRead && opened && chunk.length && chunk[0].event_id) {
