@@ -20,9 +20,12 @@ population of test_detection.py throughout. Then, concurrently (vigie scores per
 Asserted: every draw with pace <= 3 s reaches 1.0 within 60 s of its first request, every
 draw with pace <= 10 s within 300 s; no legitimate reader and no population token ever
 reaches 1.0; every actor did its work. Printed (and left in draws_report.txt, and in
-`VIGIE_DRAWS_REPORT` when set): each draw's parameters, time to detect and reasons; the
-distribution of times to detect (median, 90th percentile, worst); each reader's and each
-population token's peak score and reasons.
+`VIGIE_DRAWS_REPORT` when set): each draw's parameters, time to detect, reasons and the rooms
+it had opened by its target (a flagged draw stops: by its alert); the distribution of times to detect (median, 90th percentile,
+worst); the misses, sorted by whether the draw had opened `BREADTH_ROOMS` rooms by its target
+(fewer is a narrow reader, which requirement 1 keeps below 1.0 whatever its depth), and how
+long each draw took from that room to its alert; each reader's and each population token's
+peak score and reasons.
 
 Environment: `VIGIE_DRAWS_SEED` (default `VIGIE_TEST_SEED`, else 1) seeds the world and the
 draws; `cargo xtask detect --draws N [--seed S]` runs this file with many draws.
@@ -66,6 +69,10 @@ CONCURRENCY = int(os.environ.get("VIGIE_DRAWS_CONCURRENCY") or ALL_DRAWS)
 ALL_READERS = (*READERS, BrowserExport, BrowserCatchUp)
 WARMUP_S = 30.0
 READERS_MAX_S = 420.0
+# vigie's default `breadth_rooms` (docs/detection.md): a token that has read history in fewer
+# rooms is a narrow reader, whose depth alone is never an alert (issue 11, requirement 1).
+# Here it only sorts the misses in the report; it decides nothing.
+BREADTH_ROOMS = 3
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +105,19 @@ class DrawRun:
     ttd: float | None = None
     max_score: float = 0.0
     reasons: dict | None = None
+
+    def room_opened_s(self) -> list[float]:
+        """Seconds from the scrape's first request to each room's first page, in order."""
+        t = self.attack.t_first
+        return [] if t is None else [at - t for at in self.attack.stats.opened_at]
+
+    def rooms_by(self, seconds: float) -> int:
+        return sum(1 for s in self.room_opened_s() if s <= seconds)
+
+    def breadth_s(self) -> float | None:
+        """When the scrape opened its `BREADTH_ROOMS`-th room, if it did."""
+        opened = self.room_opened_s()
+        return opened[BREADTH_ROOMS - 1] if len(opened) >= BREADTH_ROOMS else None
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -205,14 +225,23 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
     lines = [f"==== drawn scrapes, seed {SEED}: {len(runs)} draws ===="]
     problems: list[str] = []
     missed: list[str] = []
+    narrow_misses: list[DrawRun] = []
+    broad_misses: list[DrawRun] = []
     for run in sorted(runs, key=lambda r: r.params.index):
         ttd = f"{run.ttd:6.1f}" if run.ttd is not None else " never"
-        lines.append(f"{run.attack.name} {run.params.describe()} ttd {ttd} s (target {run.params.target_s:.0f}) "
-                     f"max {run.max_score:5.2f}  {_fmt_reasons(run.reasons)}")
-        if run.ttd is None or run.ttd > run.params.target_s:
+        target = run.params.target_s
+        rooms = run.rooms_by(target)
+        lines.append(f"{run.attack.name} {run.params.describe()} ttd {ttd} s (target {target:.0f}) "
+                     f"max {run.max_score:5.2f} opened {rooms:2d} rooms  {_fmt_reasons(run.reasons)}")
+        if run.ttd is None or run.ttd > target:
+            third = run.breadth_s()
+            why = (f"by then it had opened {rooms} room(s): a narrow reader, whose depth alone is no alert"
+                   + (f"; its room {BREADTH_ROOMS} came at {third:.1f} s" if third is not None else "")
+                   if rooms < BREADTH_ROOMS else f"it had opened {rooms} rooms by then")
             missed.append(f"{run.attack.name} ({run.params.describe()}): "
                             + (f"flagged after {run.ttd:.1f} s" if run.ttd is not None else "never flagged")
-                            + f", target {run.params.target_s:.0f} s (max {run.max_score:.2f})")
+                            + f", target {target:.0f} s (max {run.max_score:.2f}); {why}")
+            (narrow_misses if rooms < BREADTH_ROOMS else broad_misses).append(run)
         st = run.attack.stats
         if run.attack.failure:
             problems.append(f"{run.attack.name}: script failed: {run.attack.failure.strip().splitlines()[-1]}")
@@ -234,6 +263,18 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
         lines.append(f"time to detect, {band}: {len(sel)} draws, median {_pct(ttds, 0.5):.1f} s, "
                      f"p90 {_pct(ttds, 0.9):.1f} s, worst {max(ttds):.1f} s"
                      + (f" ({never} never flagged within {DRAW_MAX_S:.0f} s)" if never else ""))
+    lines.append(f"missed targets: {len(narrow_misses) + len(broad_misses)} of {len(runs)}; "
+                 f"{len(narrow_misses)} had opened fewer than {BREADTH_ROOMS} rooms by their target "
+                 f"({', '.join(r.attack.name for r in narrow_misses) or '-'}), "
+                 f"{len(broad_misses)} had opened {BREADTH_ROOMS} or more "
+                 f"({', '.join(r.attack.name for r in broad_misses) or '-'})")
+    # How long breadth takes to show: from a scrape's room BREADTH_ROOMS to its alert (0 when
+    # it was flagged before that room).
+    after = [max(0.0, r.ttd - r.breadth_s()) if r.ttd is not None else float("inf")
+             for r in runs if r.breadth_s() is not None]
+    if after:
+        lines.append(f"from room {BREADTH_ROOMS} to the alert: {len(after)} draws, median {_pct(after, 0.5):.1f} s, "
+                     f"p90 {_pct(after, 0.9):.1f} s, worst {max(after):.1f} s")
     lines.append("")
     lines.append("legitimate heavy readers (peak score, reasons at the peak):")
     for r in readers:
