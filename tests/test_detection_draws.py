@@ -270,8 +270,8 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
                  f"({', '.join(r.attack.name for r in broad_misses) or '-'})")
     # How long breadth takes to show: from a scrape's room BREADTH_ROOMS to its alert (0 when
     # it was flagged before that room).
-    after = [max(0.0, r.ttd - r.breadth_s()) if r.ttd is not None else float("inf")
-             for r in runs if r.breadth_s() is not None]
+    after = [max(0.0, r.ttd - b) if r.ttd is not None else float("inf")
+             for r in runs if (b := r.breadth_s()) is not None]
     if after:
         lines.append(f"from room {BREADTH_ROOMS} to the alert: {len(after)} draws, median {_pct(after, 0.5):.1f} s, "
                      f"p90 {_pct(after, 0.9):.1f} s, worst {max(after):.1f} s")

@@ -420,3 +420,14 @@ def test_a_sync_loop_draws_nothing_from_the_generator_its_owner_draws_its_action
     drawn = session.rng.getstate()
     session.sync_loop()
     assert syncs.calls == 5 and session.rng.getstate() == drawn
+
+
+def test_an_attacks_page_count_opens_each_room_once_and_counts_empty_pages():
+    from harness.attacks import AttackStats
+
+    st = AttackStats()
+    assert st.page("!a", 20) is True
+    assert st.page("!a", 0) is False
+    assert st.page("!b", 5) is True
+    assert (st.pages, st.events, st.empty_pages, st.rooms) == (3, 25, 1, {"!a", "!b"})
+    assert len(st.opened_at) == 2 and st.opened_at[0] <= st.opened_at[1]

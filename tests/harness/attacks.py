@@ -58,6 +58,18 @@ class AttackStats:
     search_terms_with_hits: int = 0
     search_results: int = 0
 
+    def page(self, room: str, events: int) -> bool:
+        """Count one `/messages` page of `events` events from `room`; whether it opened the room."""
+        opened = room not in self.rooms
+        if opened:
+            self.rooms.add(room)
+            self.opened_at.append(time.monotonic())
+        self.pages += 1
+        self.events += events
+        if not events:
+            self.empty_pages += 1
+        return opened
+
     def summary(self) -> str:
         parts = [f"{sum(self.requests.values())} requests " + str(dict(sorted(self.requests.items())))]
         parts.append(f"statuses {dict(sorted(self.statuses.items()))}")
@@ -185,11 +197,7 @@ class Attack:
             if r is None:
                 return
             chunk = r.get("chunk") or []
-            self.stats.pages += 1
-            self.stats.events += len(chunk)
-            self.stats.rooms.add(room)
-            if not chunk:
-                self.stats.empty_pages += 1
+            self.stats.page(room, len(chunk))
             if media_found is not None:
                 for e in chunk:
                     url = (e.get("content") or {}).get("url")

@@ -211,14 +211,7 @@ class DrawnScrape(Attack):
         if r is None:
             return False, None
         chunk = r.get("chunk") or []
-        opened = room not in self.stats.rooms  # the room's first page
-        if opened:
-            self.stats.opened_at.append(time.monotonic())
-        self.stats.pages += 1
-        self.stats.events += len(chunk)
-        self.stats.rooms.add(room)
-        if not chunk:
-            self.stats.empty_pages += 1
+        opened = self.stats.page(room, len(chunk))
         if self.params.marks_read and opened and chunk and chunk[0].get("event_id"):
             self.call("read_markers", lambda: c.read_markers(room, chunk[0]["event_id"]))
         if not chunk or not r.get("end"):

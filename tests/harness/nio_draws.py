@@ -177,14 +177,7 @@ class NioScrape(ThirdPartyScrape):
                                                                            limit=self.params.limit))
         if not isinstance(r, RoomMessagesResponse):
             return False, None
-        opened = room not in self.stats.rooms  # the room's first page
-        if opened:
-            self.stats.opened_at.append(time.monotonic())
-        self.stats.pages += 1
-        self.stats.events += len(r.chunk)
-        self.stats.rooms.add(room)
-        if not r.chunk:
-            self.stats.empty_pages += 1
+        opened = self.stats.page(room, len(r.chunk))
         if self.params.marks_read and opened and r.chunk:
             newest = r.chunk[0].event_id
             await self._call("read_markers", lambda: self.client.room_read_markers(room, fully_read_event=newest))
