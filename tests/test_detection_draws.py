@@ -19,7 +19,10 @@ population of test_detection.py throughout. Then, concurrently (vigie scores per
 
 Asserted: every draw with pace <= 3 s reaches 1.0 within 60 s of its first request, every
 draw with pace <= 10 s within 300 s; no legitimate reader and no population token ever
-reaches 1.0; every actor did its work. Printed (and left in draws_report.txt, and in
+reaches 1.0; every actor did its work. A late draw fails the test, except one that had opened
+fewer than `BREADTH_ROOMS` rooms by its target (what requirement 1 keeps below 1.0) and was
+flagged within its target of opening that many: such a miss is an expected failure (xfail),
+reported with its rooms, never a pass (harness/draws.py, `verdict`). Printed (and left in draws_report.txt, and in
 `VIGIE_DRAWS_REPORT` when set): each draw's parameters, time to detect, reasons and the rooms
 it had opened by its target (a flagged draw stops: by its alert); the distribution of times
 to detect (median, 90th percentile, worst); the misses, sorted by whether the draw had opened
@@ -46,7 +49,7 @@ from pathlib import Path
 import pytest
 
 from harness.browser_draws import BrowserCatchUp, BrowserExport, BrowserScrape, browser_draw
-from harness.draws import READERS, SLOW_TARGET_S, Draw, DrawnScrape, Reader, draw, nio_draw
+from harness.draws import BREADTH_ROOMS, READERS, SLOW_TARGET_S, Draw, DrawnScrape, Reader, draw, nio_draw, verdict
 from harness.matrix import Recorder
 from harness.monitor import ALERT, ScoreMonitor
 from harness.nio_draws import NioScrape
@@ -69,10 +72,6 @@ CONCURRENCY = int(os.environ.get("VIGIE_DRAWS_CONCURRENCY") or ALL_DRAWS)
 ALL_READERS = (*READERS, BrowserExport, BrowserCatchUp)
 WARMUP_S = 30.0
 READERS_MAX_S = 420.0
-# vigie's default `breadth_rooms` (docs/detection.md): a token that has read history in fewer
-# rooms is a narrow reader, whose depth alone is never an alert (issue 11, requirement 1).
-# Here it only sorts the misses in the report; it decides nothing.
-BREADTH_ROOMS = 3
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +117,10 @@ class DrawRun:
         """When the scrape opened its `BREADTH_ROOMS`-th room, if it did."""
         opened = self.room_opened_s()
         return opened[BREADTH_ROOMS - 1] if len(opened) >= BREADTH_ROOMS else None
+
+    def verdict(self) -> str:
+        """"met", "narrow" or "missed" (see `harness.draws.verdict`)."""
+        return verdict(self.ttd, self.params.target_s, self.room_opened_s(), DRAW_MAX_S)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -233,14 +236,21 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
         rooms = run.rooms_by(target)
         lines.append(f"{run.attack.name} {run.params.describe()} ttd {ttd} s (target {target:.0f}) "
                      f"max {run.max_score:5.2f} opened {rooms:2d} rooms  {_fmt_reasons(run.reasons)}")
-        if run.ttd is None or run.ttd > target:
+        outcome = run.verdict()
+        if outcome != "met":
             third = run.breadth_s()
             why = (f"by then it had opened {rooms} room(s): a narrow reader, whose depth alone is no alert"
                    + (f"; its room {BREADTH_ROOMS} came at {third:.1f} s" if third is not None else "")
                    if rooms < BREADTH_ROOMS else f"it had opened {rooms} rooms by then")
-            missed.append(f"{run.attack.name} ({run.params.describe()}): "
-                            + (f"flagged after {run.ttd:.1f} s" if run.ttd is not None else "never flagged")
-                            + f", target {target:.0f} s (max {run.max_score:.2f}); {why}")
+            if outcome == "missed" and rooms < BREADTH_ROOMS:
+                why += f", and it was still unflagged {target:.0f} s after that room"
+            line = (f"{run.attack.name} ({run.params.describe()}): "
+                    + (f"flagged after {run.ttd:.1f} s" if run.ttd is not None else "never flagged")
+                    + f", target {target:.0f} s (max {run.max_score:.2f}); {why}")
+            if outcome == "missed":
+                problems.append(f"issue 11 target missed: {line}")
+            else:
+                missed.append(line)
             (narrow_misses if rooms < BREADTH_ROOMS else broad_misses).append(run)
         st = run.attack.stats
         if run.attack.failure:
@@ -325,9 +335,10 @@ def test_drawn_scrapes_are_flagged_and_heavy_readers_never_are(draws_world, vigi
     if problems:
         pytest.fail(f"{len(problems)} problems:\n  " + "\n  ".join(problems + missed) + f"\n\n{text}", pytrace=False)
     if missed:
-        # Issue 11's time-to-detect targets are not all met yet (slow draws that read fewer
-        # rooms in 5 minutes than a legitimate heavy user; see docs/detection.md, "Limits").
-        # The misses are reported as such, never as a pass, and never by loosening the
-        # target; everything else above (no false alarm, every actor did its work) is a
-        # hard failure.
-        pytest.xfail(f"issue 11 target missed by {len(missed)} of {len(runs)} draws:\n  " + "\n  ".join(missed))
+        # Only narrow draws get here: at their target they had read one or two rooms, which
+        # requirement 1 keeps below 1.0 however deep, and they were flagged within their
+        # target of opening a third room (harness.draws.verdict). The issue's target is still
+        # missed, so this is reported as such, never as a pass; a draw that had opened three
+        # rooms by its target and was late is a hard failure above, like a false alarm.
+        pytest.xfail(f"issue 11 target missed by {len(missed)} of {len(runs)} draws, each narrow at its "
+                     f"target:\n  " + "\n  ".join(missed))

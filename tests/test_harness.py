@@ -431,3 +431,24 @@ def test_an_attacks_page_count_opens_each_room_once_and_counts_empty_pages():
     assert st.page("!b", 5) is True
     assert (st.pages, st.events, st.empty_pages, st.rooms) == (3, 25, 1, {"!a", "!b"})
     assert len(st.opened_at) == 2 and st.opened_at[0] <= st.opened_at[1]
+
+
+def test_a_late_draw_is_the_detectors_miss_unless_it_was_narrow_at_its_target_and_caught_once_broad():
+    from harness.draws import verdict
+
+    # Flagged by its target: met, whatever it read.
+    assert verdict(59.0, 60.0, [0.0], 300.0) == "met"
+    # Three rooms open by the target and flagged after it: the detector's miss.
+    assert verdict(63.9, 60.0, [0.0, 20.0, 42.0], 600.0) == "missed"
+    assert verdict(None, 300.0, [0.0, 100.0, 268.0], 300.0) == "missed"
+    # One small room, then the 1,500-event room for two minutes: narrow at its target (what
+    # requirement 1 keeps below 1.0), and flagged a second after its third room.
+    assert verdict(141.7, 60.0, [0.0, 14.0, 140.7], 600.0) == "narrow"
+    # ... but still unflagged a whole target after its third room: a miss all the same.
+    assert verdict(210.0, 60.0, [0.0, 14.0, 140.7], 600.0) == "missed"
+    assert verdict(None, 60.0, [0.0, 14.0, 140.7], 600.0) == "missed"
+    # Never broad while it was watched, or not watched a whole target after it turned broad.
+    assert verdict(None, 60.0, [0.0, 14.0], 300.0) == "narrow"
+    assert verdict(None, 60.0, [0.0, 14.0, 280.0], 300.0) == "narrow"
+    # The order rooms were recorded in does not matter.
+    assert verdict(63.9, 60.0, [42.0, 0.0, 20.0], 600.0) == "missed"

@@ -56,6 +56,35 @@ SCRIPT_AGENTS = (
 # Issue 11's targets: a draw with pace up to 3 s is flagged within 60 s, up to 10 s within 5 min.
 FAST_TARGET_S = 60.0
 SLOW_TARGET_S = 300.0
+# vigie's default `breadth_rooms` (docs/detection.md): a token that has read history in fewer
+# rooms is a narrow reader, whose depth alone is never an alert (issue 11, requirement 1).
+BREADTH_ROOMS = 3
+
+
+def verdict(ttd: float | None, target: float, opened: list[float], horizon: float) -> str:
+    """How a draw did against issue 11's target: "met", "narrow" or "missed".
+
+    `ttd` is when its token reached 1.0 (None: not within `horizon`), `opened` when it
+    opened each room, all in seconds from its first request.
+
+    A draw flagged after its target that had opened `BREADTH_ROOMS` rooms by then is the
+    detector's miss. One that had opened fewer was, at its target, what requirement 1 says
+    must stay below 1.0 (one or two rooms, however deep): its miss is reported ("narrow"),
+    and it is held to the same target counted from the room that made it broad, so that a
+    scrape that stays unflagged long after reading its third room is still a miss. One never
+    watched that long (its third room too close to `horizon`, or never opened) stays narrow.
+    """
+    if ttd is not None and ttd <= target:
+        return "met"
+    opened = sorted(opened)
+    if sum(1 for s in opened if s <= target) >= BREADTH_ROOMS:
+        return "missed"
+    if len(opened) < BREADTH_ROOMS:
+        return "narrow"
+    deadline = opened[BREADTH_ROOMS - 1] + target
+    if ttd is not None:
+        return "narrow" if ttd <= deadline else "missed"
+    return "narrow" if horizon < deadline else "missed"
 
 
 @dataclass(frozen=True)
