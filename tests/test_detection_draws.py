@@ -22,13 +22,13 @@ draw with pace <= 10 s within 300 s; no legitimate reader and no population toke
 reaches 1.0; every actor did its work. A late draw fails the test, except one that had opened
 fewer than `BREADTH_ROOMS` rooms by its target (what requirement 1 keeps below 1.0) and was
 flagged within its target of opening that many: such a miss is an expected failure (xfail),
-reported with its rooms, never a pass (harness/draws.py, `verdict`). Printed (and left in draws_report.txt, and in
-`VIGIE_DRAWS_REPORT` when set): each draw's parameters, time to detect, reasons and the rooms
-it had opened by its target (a flagged draw stops: by its alert); the distribution of times
-to detect (median, 90th percentile, worst); the misses, sorted by whether the draw had opened
-`BREADTH_ROOMS` rooms by its target (fewer is a narrow reader, which requirement 1 keeps
-below 1.0 whatever its depth), and how long each draw took from that room to its alert; each
-reader's and each population token's peak score and reasons.
+reported with its rooms, never a pass (harness/draws.py, `verdict`). Printed (and left in
+draws_report.txt, and in `VIGIE_DRAWS_REPORT` when set): each draw's parameters, time to
+detect, reasons and the rooms it had opened by its target (a flagged draw stops: by its
+alert); the distribution of times to detect (median, 90th percentile, worst); the misses,
+sorted by whether the draw had opened `BREADTH_ROOMS` rooms by its target, and how long each
+draw took from that room to its alert; each reader's and each population token's peak score
+and reasons.
 
 Environment: `VIGIE_DRAWS_SEED` (default `VIGIE_TEST_SEED`, else 1) seeds the world and the
 draws; `cargo xtask detect --draws N [--seed S]` runs this file with many draws.
