@@ -49,7 +49,8 @@ from pathlib import Path
 import pytest
 
 from harness.browser_draws import BrowserCatchUp, BrowserExport, BrowserScrape, browser_draw
-from harness.draws import BREADTH_ROOMS, READERS, SLOW_TARGET_S, Draw, DrawnScrape, Reader, draw, nio_draw, verdict
+from harness.draws import (BREADTH_ROOMS, READERS, SLOW_TARGET_S, Draw, DrawnScrape, Reader, breadth_s, draw, nio_draw,
+                           rooms_by, verdict)
 from harness.matrix import Recorder
 from harness.monitor import ALERT, ScoreMonitor
 from harness.nio_draws import NioScrape
@@ -111,12 +112,11 @@ class DrawRun:
         return [] if t is None else [at - t for at in self.attack.stats.opened_at]
 
     def rooms_by(self, seconds: float) -> int:
-        return sum(1 for s in self.room_opened_s() if s <= seconds)
+        return rooms_by(self.room_opened_s(), seconds)
 
     def breadth_s(self) -> float | None:
         """When the scrape opened its `BREADTH_ROOMS`-th room, if it did."""
-        opened = self.room_opened_s()
-        return opened[BREADTH_ROOMS - 1] if len(opened) >= BREADTH_ROOMS else None
+        return breadth_s(self.room_opened_s())
 
     def verdict(self) -> str:
         """"met", "narrow" or "missed" (see `harness.draws.verdict`)."""

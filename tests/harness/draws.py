@@ -76,15 +76,25 @@ def verdict(ttd: float | None, target: float, opened: list[float], horizon: floa
     """
     if ttd is not None and ttd <= target:
         return "met"
-    opened = sorted(opened)
-    if sum(1 for s in opened if s <= target) >= BREADTH_ROOMS:
+    if rooms_by(opened, target) >= BREADTH_ROOMS:
         return "missed"
-    if len(opened) < BREADTH_ROOMS:
+    broad = breadth_s(opened)
+    if broad is None:
         return "narrow"
-    deadline = opened[BREADTH_ROOMS - 1] + target
+    deadline = broad + target
     if ttd is not None:
         return "narrow" if ttd <= deadline else "missed"
     return "narrow" if horizon < deadline else "missed"
+
+
+def rooms_by(opened: list[float], seconds: float) -> int:
+    """Rooms opened (times in `opened`) within `seconds`."""
+    return sum(1 for s in opened if s <= seconds)
+
+
+def breadth_s(opened: list[float]) -> float | None:
+    """When the `BREADTH_ROOMS`-th room was opened, if one was."""
+    return sorted(opened)[BREADTH_ROOMS - 1] if len(opened) >= BREADTH_ROOMS else None
 
 
 @dataclass(frozen=True)
