@@ -23,7 +23,8 @@ reaches 1.0; every actor did its work. A late draw fails the test, except one th
 fewer than `BREADTH_ROOMS` rooms by its target (what requirement 1 keeps below 1.0) and was
 flagged within its target of opening that many: such a miss is an expected failure (xfail),
 reported with its rooms, never a pass (harness/draws.py, `verdict`). Printed (and left in
-draws_report.txt, and in `VIGIE_DRAWS_REPORT` when set): each draw's parameters, time to
+draws_report.txt, and in `VIGIE_DRAWS_REPORT` when set, with the same figures as JSON beside it
+for `harness.draws_pool` to pool several seeds): each draw's parameters, time to
 detect, reasons and the rooms it had opened by its target (a flagged draw stops: by its
 alert); the distribution of times to detect (median, 90th percentile, worst); the misses,
 sorted by whether the draw had opened `BREADTH_ROOMS` rooms by its target, and how long each
@@ -31,11 +32,13 @@ draw took from that room to its alert; each reader's and each population token's
 and reasons.
 
 Environment: `VIGIE_DRAWS_SEED` (default `VIGIE_TEST_SEED`, else 1) seeds the world and the
-draws; `cargo xtask detect --draws N [--seed S]` runs this file with many draws.
+draws; `cargo xtask detect --draws N [--seed S | --seeds S,T,...]` runs this file with many
+draws, and pools several seeds.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -50,7 +53,7 @@ import pytest
 
 from harness.browser_draws import BrowserCatchUp, BrowserExport, BrowserScrape, browser_draw
 from harness.draws import (BREADTH_ROOMS, READERS, SLOW_TARGET_S, Draw, DrawnScrape, Reader, breadth_s, draw, nio_draw,
-                           rooms_by, verdict)
+                           percentile, rooms_by, verdict)
 from harness.matrix import Recorder
 from harness.monitor import ALERT, ScoreMonitor
 from harness.nio_draws import NioScrape
@@ -121,14 +124,6 @@ class DrawRun:
     def verdict(self) -> str:
         """"met", "narrow" or "missed" (see `harness.draws.verdict`)."""
         return verdict(self.ttd, self.params.target_s, self.room_opened_s(), DRAW_MAX_S)
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))
-    return xs[k]
 
 
 def _fmt_reasons(r: dict | None) -> str:
@@ -224,8 +219,11 @@ def run_draws(world: World, vigie, seed: int, n: int, n_nio: int, n_browser: int
     return runs, readers, reader_labels, pop, pop_labels, monitor, alive, time.monotonic() - t0
 
 
-def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[str, list[str]]:
+def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[str, list[str], list[str], dict]:
+    """The run's text report, its problems (failures), its narrow misses (xfail) and the same
+    figures as data, for pooling several seeds (`harness.draws_pool`)."""
     lines = [f"==== drawn scrapes, seed {SEED}: {len(runs)} draws ===="]
+    data: dict = {"seed": SEED, "horizon_s": DRAW_MAX_S, "draws": [], "readers": {}}
     problems: list[str] = []
     missed: list[str] = []
     narrow_misses: list[DrawRun] = []
@@ -236,6 +234,9 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
         rooms = run.rooms_by(target)
         lines.append(f"{run.attack.name} {run.params.describe()} ttd {ttd} s (target {target:.0f}) "
                      f"max {run.max_score:5.2f} opened {rooms:2d} rooms  {_fmt_reasons(run.reasons)}")
+        data["draws"].append({"name": run.attack.name, "library": run.params.library, "pace": run.params.pace,
+                              "params": run.params.describe(), "ttd_s": run.ttd, "target_s": target,
+                              "opened_s": run.room_opened_s(), "max": run.max_score})
         outcome = run.verdict()
         if outcome != "met":
             third = run.breadth_s()
@@ -270,8 +271,8 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
             continue
         ttds = [r.ttd if r.ttd is not None else float("inf") for r in sel]
         never = sum(1 for r in sel if r.ttd is None)
-        lines.append(f"time to detect, {band}: {len(sel)} draws, median {_pct(ttds, 0.5):.1f} s, "
-                     f"p90 {_pct(ttds, 0.9):.1f} s, worst {max(ttds):.1f} s"
+        lines.append(f"time to detect, {band}: {len(sel)} draws, median {percentile(ttds, 0.5):.1f} s, "
+                     f"p90 {percentile(ttds, 0.9):.1f} s, worst {max(ttds):.1f} s"
                      + (f" ({never} never flagged within {DRAW_MAX_S:.0f} s)" if never else ""))
     lines.append(f"missed targets: {len(narrow_misses) + len(broad_misses)} of {len(runs)}; "
                  f"{len(narrow_misses)} had opened fewer than {BREADTH_ROOMS} rooms by their target "
@@ -283,8 +284,8 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
     after = [max(0.0, r.ttd - b) if r.ttd is not None else float("inf")
              for r in runs if (b := r.breadth_s()) is not None]
     if after:
-        lines.append(f"from room {BREADTH_ROOMS} to the alert: {len(after)} draws, median {_pct(after, 0.5):.1f} s, "
-                     f"p90 {_pct(after, 0.9):.1f} s, worst {max(after):.1f} s")
+        lines.append(f"from room {BREADTH_ROOMS} to the alert: {len(after)} draws, median {percentile(after, 0.5):.1f} s, "
+                     f"p90 {percentile(after, 0.9):.1f} s, worst {max(after):.1f} s")
     lines.append("")
     lines.append("legitimate heavy readers (peak score, reasons at the peak):")
     for r in readers:
@@ -292,6 +293,7 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
         best, at = monitor.max_score(label)
         lines.append(f"  {r.name:20} {label} peak {best:5.2f}  {_fmt_reasons(at.reasons.get(label) if at else None)}"
                      f"  [{r.stats.summary()}]")
+        data["readers"][r.name] = best
         if best >= ALERT:
             problems.append(f"legitimate reader {r.name} ({label}) reached {best:.2f}: "
                             f"{_fmt_reasons(at.reasons.get(label) if at else None)}")
@@ -308,7 +310,8 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
         if best >= ALERT:
             problems.append(f"population token {a.label} ({label}) reached {best:.2f}")
     lines.append(f"  worst population peak {max(worst.values(), default=0):.2f} over {len(worst)} tokens")
-    return "\n".join(lines), problems, missed
+    data["population_worst"] = max(worst.values(), default=0.0)
+    return "\n".join(lines), problems, missed, data
 
 
 @pytest.mark.timeout(3600 + int(DRAW_MAX_S - SLOW_TARGET_S))
@@ -317,13 +320,16 @@ def test_drawn_scrapes_are_flagged_and_heavy_readers_never_are(draws_world, vigi
     t = time.monotonic()
     runs, readers, reader_labels, pop, pop_labels, monitor, alive, took = run_draws(
         draws_world, vigie, SEED, DRAWS, NIO_DRAWS, BROWSER_DRAWS, CONCURRENCY)
-    text, problems, missed = report(runs, readers, reader_labels, pop_labels, draws_world, monitor)
+    text, problems, missed, data = report(runs, readers, reader_labels, pop_labels, draws_world, monitor)
     text += f"\nrun took {time.monotonic() - t:.0f} s ({took:.0f} s of traffic); world built in " \
             f"{draws_world.build_seconds:.0f} s"
     print(text)
     (tmp_path / "draws_report.txt").write_text(text + "\n")
+    (tmp_path / "draws_report.json").write_text(json.dumps(data, indent=1) + "\n")
     if os.environ.get("VIGIE_DRAWS_REPORT"):
-        Path(os.environ["VIGIE_DRAWS_REPORT"]).write_text(text + "\n")
+        out = Path(os.environ["VIGIE_DRAWS_REPORT"])
+        out.write_text(text + "\n")
+        out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     vigie.assert_running()
     if len(runs) != ALL_DRAWS:
         problems.append(f"{len(runs)} draws ran of {ALL_DRAWS}")

@@ -452,3 +452,48 @@ def test_a_late_draw_is_the_detectors_miss_unless_it_was_narrow_at_its_target_an
     assert verdict(None, 60.0, [0.0, 14.0, 280.0], 300.0) == "narrow"
     # The order rooms were recorded in does not matter.
     assert verdict(63.9, 60.0, [42.0, 0.0, 20.0], 600.0) == "missed"
+
+
+def test_seeds_pool_into_one_distribution_with_each_miss_judged_as_the_test_judges_it(tmp_path):
+    import json
+
+    from harness.draws_pool import main, pool
+
+    def d(name, library, target, ttd, opened):
+        return {"name": name, "library": library, "pace": 1.0 if target == 60.0 else 5.0, "params": "p",
+                "ttd_s": ttd, "target_s": target, "opened_s": opened, "max": 1.1 if ttd else 0.9}
+
+    seed2 = {"seed": 2, "horizon_s": 600.0, "population_worst": 0.6,
+             "readers": {"key_backup_restore": 0.91, "browser_catch_up": 0.35},
+             "draws": [d("draw00", "harness", 60.0, 28.0, [0.0, 9.0, 20.0]),
+                       d("web02", "browser", 60.0, 60.1, [0.0, 20.0, 54.0])]}
+    seed21 = {"seed": 21, "horizon_s": 600.0, "population_worst": 0.4,
+              "readers": {"key_backup_restore": 0.2, "browser_catch_up": 0.53},
+              "draws": [d("web00", "browser", 60.0, 144.4, [0.0, 14.0, 143.2]),
+                        d("nio01", "nio", 300.0, 108.0, [0.0, 50.0, 90.0]),
+                        d("draw03", "harness", 300.0, None, [0.0, 200.0])]}
+    text = pool([seed2, seed21])
+    lines = text.splitlines()
+    assert lines[0] == "==== drawn scrapes over 2 seed(s) (2, 21): 5 draws ===="
+    # Both seeds' fast draws in one distribution: 28.0, 60.1 and 144.4 s.
+    assert "target 60 s (pace <= 3 s): 3 draws, median 60.1 s, p90 144.4 s, worst 144.4 s; 1 within target" in lines
+    assert "target 300 s (pace 3-10 s): 2 draws, median 108.0 s, p90 never, worst never; 1 within target" in lines
+    assert "made in a browser: 2 draws, median 60.1 s, p90 144.4 s, worst 144.4 s; 0 within target" in lines
+    # web00 was narrow at its target and flagged a second after its third room; draw03 never
+    # opened a third room in 600 s: narrow too. web02 had three rooms by its target: missed.
+    narrow = text.split("narrow (")[1].split("missed (")[0]
+    missed = text.split("missed (")[1].split("from room")[0]
+    assert "seed 21 web00 144.4 s" in narrow and "seed 21 draw03 never" in narrow and "): 2\n" in narrow
+    assert "seed 2 web02 60.1 s" in missed and "): 1\n" in missed
+    # Readers: the highest peak over the seeds, and which seed it came from.
+    assert "  key_backup_restore    0.91 (seed 2)" in lines
+    assert "  browser_catch_up      0.53 (seed 21)" in lines
+    assert lines[-1] == "worst population peak 0.60 (seed 2)"
+    # From the files a run leaves, as `cargo xtask detect --seeds` calls it.
+    paths = []
+    for r in (seed2, seed21):
+        p = tmp_path / f"draws-seed{r['seed']}.json"
+        p.write_text(json.dumps(r))
+        paths.append(str(p))
+    assert main(paths) == 0
+    assert main([]) == 2

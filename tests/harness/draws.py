@@ -97,6 +97,14 @@ def breadth_s(opened: list[float]) -> float | None:
     return sorted(opened)[BREADTH_ROOMS - 1] if len(opened) >= BREADTH_ROOMS else None
 
 
+def percentile(xs: list[float], q: float) -> float:
+    """The `q` quantile of `xs`, by nearest rank (a draw never flagged counts as infinity)."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
+
+
 @dataclass(frozen=True)
 class Draw:
     index: int

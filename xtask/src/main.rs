@@ -11,7 +11,7 @@
 //! - `cargo xtask soak [--minutes N]`: the soak against a real Synapse (see soak.rs).
 //! - `cargo xtask image [--bin PATH]`: the container image of the DaemonSet, with buildah (see
 //!   image.rs); `--bin` packs an already built release binary.
-//! - `cargo xtask detect [--draws N] [--seed S] [--horizon SECS]`: many drawn scrapes and the
+//! - `cargo xtask detect [--draws N] [--seed S | --seeds S,T,...] [--horizon SECS]`: many drawn scrapes and the
 //!   legitimate heavy readers against a real Synapse, with the distribution of times to detect
 //!   (see detect.rs for every option).
 //!
@@ -78,7 +78,7 @@ fn main() -> ExitCode {
         Some("image") => image::run(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N] | detect [--draws N] [--seed S] [--horizon SECS] | image [--bin PATH]"
+                "usage: cargo xtask setup | run [-- ARGS] | test [PYTEST ARGS] | lint | bench | kernels [--kernel 6.1,6.12] [--keep] | fuzz [--seconds N] [TARGET...] | soak [--minutes N] | detect [--draws N] [--seed S | --seeds S,T,...] [--horizon SECS] | image [--bin PATH]"
             );
             return ExitCode::from(2);
         }
