@@ -126,7 +126,12 @@ pub fn run(args: &[String]) -> Result<()> {
             reports.push(data);
         }
     }
-    if pooled {
+    let unreported: Vec<u64> =
+        seeds.iter().copied().filter(|s| !out.join(format!("draws-seed{s}.json")).exists()).collect();
+    if pooled && !unreported.is_empty() {
+        eprintln!("no figures from seed(s) {unreported:?} (their runs stopped before a report): not pooled");
+    }
+    if pooled && !reports.is_empty() {
         let text = Command::new(root().join("tests/.venv/bin/python"))
             .current_dir(root().join("tests"))
             .args(["-m", "harness.draws_pool"])
@@ -136,9 +141,13 @@ pub fn run(args: &[String]) -> Result<()> {
         if !text.status.success() {
             bail!("pooling {} reports failed: {}", reports.len(), String::from_utf8_lossy(&text.stderr));
         }
-        let pooled = out.join("draws-pooled.txt");
-        std::fs::write(&pooled, &text.stdout).with_context(|| format!("writing {}", pooled.display()))?;
-        eprintln!("\n{}\n(pooled report in {})", String::from_utf8_lossy(&text.stdout), pooled.display());
+        let mut summary = String::from_utf8_lossy(&text.stdout).into_owned();
+        if !unreported.is_empty() {
+            summary.push_str(&format!("no figures from seed(s) {unreported:?}: not pooled\n"));
+        }
+        let path = out.join("draws-pooled.txt");
+        std::fs::write(&path, &summary).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("\n{summary}\n(pooled report in {})", path.display());
     }
     if !failed.is_empty() {
         bail!("detection draws failed for seed(s) {failed:?} of {seeds:?}: see each seed's report above");
