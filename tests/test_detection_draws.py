@@ -26,9 +26,9 @@ reported with its rooms, never a pass (harness/draws.py, `verdict`). Printed (an
 draws_report.txt, and in `VIGIE_DRAWS_REPORT` when set, with the same figures as JSON beside it
 for `harness.draws_pool` to pool several seeds): each draw's parameters, time to
 detect, reasons and the rooms it had opened by its target (a flagged draw stops: by its
-alert); the distribution of times to detect (median, 90th percentile, worst); the misses,
-sorted by whether the draw had opened `BREADTH_ROOMS` rooms by its target, and how long each
-draw took from that room to its alert; each reader's and each population token's peak score
+alert); the distribution of times to detect (median, 90th percentile, worst), the misses
+judged by `verdict` and how long each draw took from its `BREADTH_ROOMS`-th room to its alert
+(`harness.draws_pool.summary`, the lines a pool of seeds prints too); each reader's and each population token's peak score
 and reasons.
 
 Environment: `VIGIE_DRAWS_SEED` (default `VIGIE_TEST_SEED`, else 1) seeds the world and the
@@ -53,7 +53,8 @@ import pytest
 
 from harness.browser_draws import BrowserCatchUp, BrowserExport, BrowserScrape, browser_draw
 from harness.draws import (BREADTH_ROOMS, READERS, SLOW_TARGET_S, Draw, DrawnScrape, Reader, breadth_s, draw, nio_draw,
-                           percentile, rooms_by, verdict)
+                           rooms_by, verdict)
+from harness.draws_pool import summary
 from harness.matrix import Recorder
 from harness.monitor import ALERT, ScoreMonitor
 from harness.nio_draws import NioScrape
@@ -226,8 +227,6 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
     data: dict = {"seed": SEED, "horizon_s": DRAW_MAX_S, "draws": [], "readers": {}}
     problems: list[str] = []
     missed: list[str] = []
-    narrow_misses: list[DrawRun] = []
-    broad_misses: list[DrawRun] = []
     for run in sorted(runs, key=lambda r: r.params.index):
         ttd = f"{run.ttd:6.1f}" if run.ttd is not None else " never"
         target = run.params.target_s
@@ -252,7 +251,6 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
                 problems.append(f"issue 11 target missed: {line}")
             else:
                 missed.append(line)
-            (narrow_misses if rooms < BREADTH_ROOMS else broad_misses).append(run)
         st = run.attack.stats
         if run.attack.failure:
             problems.append(f"{run.attack.name}: script failed: {run.attack.failure.strip().splitlines()[-1]}")
@@ -263,29 +261,7 @@ def report(runs, readers, reader_labels, pop_labels, world, monitor) -> tuple[st
             problems.append(f"{run.attack.name}: non-200 answers {bad}: {st.errors[:2]}")
         if run.params.sync_loop and run.attack.syncs < 1:
             problems.append(f"{run.attack.name}: its sync loop never synced ({run.attack.sync_failure})")
-    bands = [("pace <= 3 s", 0.0, 3.0, None), ("pace 3-10 s", 3.0, 10.0, None), ("all", 0.0, 10.0, None),
-             ("matrix-nio draws", 0.0, 10.0, "nio"), ("browser draws", 0.0, 10.0, "browser")]
-    for band, lo, hi, library in bands:
-        sel = [r for r in runs if lo <= r.params.pace <= hi and library in (None, r.params.library)]
-        if not sel:
-            continue
-        ttds = [r.ttd if r.ttd is not None else float("inf") for r in sel]
-        never = sum(1 for r in sel if r.ttd is None)
-        lines.append(f"time to detect, {band}: {len(sel)} draws, median {percentile(ttds, 0.5):.1f} s, "
-                     f"p90 {percentile(ttds, 0.9):.1f} s, worst {max(ttds):.1f} s"
-                     + (f" ({never} never flagged within {DRAW_MAX_S:.0f} s)" if never else ""))
-    lines.append(f"missed targets: {len(narrow_misses) + len(broad_misses)} of {len(runs)}; "
-                 f"{len(narrow_misses)} had opened fewer than {BREADTH_ROOMS} rooms by their target "
-                 f"({', '.join(r.attack.name for r in narrow_misses) or '-'}), "
-                 f"{len(broad_misses)} had opened {BREADTH_ROOMS} or more "
-                 f"({', '.join(r.attack.name for r in broad_misses) or '-'})")
-    # How long breadth takes to show: from a scrape's room BREADTH_ROOMS to its alert (0 when
-    # it was flagged before that room).
-    after = [max(0.0, r.ttd - b) if r.ttd is not None else float("inf")
-             for r in runs if (b := r.breadth_s()) is not None]
-    if after:
-        lines.append(f"from room {BREADTH_ROOMS} to the alert: {len(after)} draws, median {percentile(after, 0.5):.1f} s, "
-                     f"p90 {percentile(after, 0.9):.1f} s, worst {max(after):.1f} s")
+    lines += summary([(SEED, DRAW_MAX_S, d) for d in data["draws"]])
     lines.append("")
     lines.append("legitimate heavy readers (peak score, reasons at the peak):")
     for r in readers:

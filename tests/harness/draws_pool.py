@@ -31,13 +31,11 @@ def _spread(xs: list[float]) -> str:
     return f"median {_s(percentile(xs, 0.5))}, p90 {_s(percentile(xs, 0.9))}, worst {_s(max(xs))}"
 
 
-def pool(reports: list[dict]) -> str:
-    """The pooled report of `reports` (each a run's JSON: its seed, horizon, draws, readers)."""
-    draws = [(r["seed"], r["horizon_s"], d) for r in reports for d in r["draws"]]
-    seeds = ", ".join(str(r["seed"]) for r in reports)
-    lines = [f"==== drawn scrapes over {len(reports)} seed(s) ({seeds}): {len(draws)} draws ===="]
-    if not draws:
-        return "\n".join(lines + ["no draws"])
+def summary(draws: list[tuple[int, float, dict]]) -> list[str]:
+    """Times to detect per target and per client library, each miss judged by `verdict`, and
+    the delay from each draw's third room to its alert, over `draws` ((seed, horizon, draw)).
+    One seed's report (tests/test_detection_draws.py) and the pool print the same lines."""
+    lines = []
     bands = [(f"target {FAST_TARGET_S:.0f} s (pace <= 3 s)", lambda d: d["target_s"] == FAST_TARGET_S),
              (f"target {SLOW_TARGET_S:.0f} s (pace 3-10 s)", lambda d: d["target_s"] == SLOW_TARGET_S),
              ("made with matrix-nio", lambda d: d["library"] == "nio"),
@@ -57,6 +55,17 @@ def pool(reports: list[dict]) -> str:
     after = [max(0.0, _ttd(d) - b) for _, _, d in draws if (b := breadth_s(d["opened_s"])) is not None]
     if after:
         lines.append(f"from room {BREADTH_ROOMS} to the alert: {len(after)} draws, {_spread(after)}")
+    return lines
+
+
+def pool(reports: list[dict]) -> str:
+    """The pooled report of `reports` (each a run's JSON: its seed, horizon, draws, readers)."""
+    draws = [(r["seed"], r["horizon_s"], d) for r in reports for d in r["draws"]]
+    seeds = ", ".join(str(r["seed"]) for r in reports)
+    lines = [f"==== drawn scrapes over {len(reports)} seed(s) ({seeds}): {len(draws)} draws ===="]
+    if not draws:
+        return "\n".join(lines + ["no draws"])
+    lines += summary(draws)
     lines.append("legitimate heavy readers, highest peak over the seeds:")
     names = sorted({n for r in reports for n in r["readers"]})
     for n in names:

@@ -89,6 +89,7 @@ pub fn run(args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut failed = Vec::new();
     let mut reports = Vec::new();
+    let mut unreported = Vec::new();
     for &seed in &seeds {
         let report = out.join(format!("draws-seed{seed}.txt"));
         // A stale report from an earlier run must not be pooled as this one's.
@@ -124,10 +125,10 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         if data.exists() {
             reports.push(data);
+        } else {
+            unreported.push(seed);
         }
     }
-    let unreported: Vec<u64> =
-        seeds.iter().copied().filter(|s| !out.join(format!("draws-seed{s}.json")).exists()).collect();
     if pooled && !unreported.is_empty() {
         eprintln!("no figures from seed(s) {unreported:?} (their runs stopped before a report): not pooled");
     }
