@@ -457,18 +457,18 @@ def test_a_late_draw_is_the_detectors_miss_unless_it_was_narrow_at_its_target_an
 def test_seeds_pool_into_one_distribution_with_each_miss_judged_as_the_test_judges_it(tmp_path):
     import json
 
-    from harness.draws_pool import main, pool
+    from harness.draws_pool import _peak, main, pool
 
     def d(name, library, target, ttd, opened):
         return {"name": name, "library": library, "pace": 1.0 if target == 60.0 else 5.0, "params": "p",
                 "ttd_s": ttd, "target_s": target, "opened_s": opened, "max": 1.1 if ttd else 0.9}
 
     seed2 = {"seed": 2, "horizon_s": 600.0, "population_worst": 0.6,
-             "readers": {"key_backup_restore": 0.91, "browser_catch_up": 0.35},
+             "readers": {"key_backup_restore": 0.91, "browser_catch_up": 0.35, "bridge_reader": 0.0},
              "draws": [d("draw00", "harness", 60.0, 28.0, [0.0, 9.0, 20.0]),
                        d("web02", "browser", 60.0, 60.1, [0.0, 20.0, 54.0])]}
     seed21 = {"seed": 21, "horizon_s": 600.0, "population_worst": 0.4,
-              "readers": {"key_backup_restore": 0.2, "browser_catch_up": 0.53},
+              "readers": {"key_backup_restore": 0.2, "browser_catch_up": 0.53, "bridge_reader": 0.0},
               "draws": [d("web00", "browser", 60.0, 144.4, [0.0, 14.0, 143.2]),
                         d("nio01", "nio", 300.0, 108.0, [0.0, 50.0, 90.0]),
                         d("draw03", "harness", 300.0, None, [0.0, 200.0])]}
@@ -489,6 +489,9 @@ def test_seeds_pool_into_one_distribution_with_each_miss_judged_as_the_test_judg
     assert "  key_backup_restore    0.91 (seed 2)" in lines
     assert "  browser_catch_up      0.53 (seed 21)" in lines
     assert lines[-1] == "worst population peak 0.60 (seed 2)"
+    # A peak several seeds share names them all, not whichever was pooled last.
+    assert "  bridge_reader         0.00 (every seed)" in lines
+    assert _peak([(0.6, 2), (0.4, 21), (0.6, 33)]) == "0.60 (seeds 2, 33)"
     # From the files a run leaves, as `cargo xtask detect --seeds` calls it.
     paths = []
     for r in (seed2, seed21):

@@ -69,11 +69,19 @@ def pool(reports: list[dict]) -> str:
     lines.append("legitimate heavy readers, highest peak over the seeds:")
     names = sorted({n for r in reports for n in r["readers"]})
     for n in names:
-        peak, seed = max((r["readers"][n], r["seed"]) for r in reports if n in r["readers"])
-        lines.append(f"  {n:20} {peak:5.2f} (seed {seed})")
-    peak, seed = max((r["population_worst"], r["seed"]) for r in reports)
-    lines.append(f"worst population peak {peak:.2f} (seed {seed})")
+        lines.append(f"  {n:20} {_peak([(r['readers'][n], r['seed']) for r in reports if n in r['readers']], 5)}")
+    lines.append(f"worst population peak {_peak([(r['population_worst'], r['seed']) for r in reports])}")
     return "\n".join(lines)
+
+
+def _peak(by_seed: list[tuple[float, int]], width: int = 0) -> str:
+    """The highest of `by_seed` ((peak, seed)) and every seed that reached it: a tie names
+    them all, so that the report does not single out one seed of many."""
+    peak = max(p for p, _ in by_seed)
+    seeds = [s for p, s in by_seed if p == peak]
+    which = ("every seed" if len(seeds) == len(by_seed) > 1
+             else f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds)))
+    return f"{peak:{width}.2f} ({which})"
 
 
 def main(paths: list[str]) -> int:
