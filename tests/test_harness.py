@@ -479,6 +479,7 @@ def test_seeds_pool_into_one_distribution_with_each_miss_judged_as_the_test_judg
     assert "target 60 s (pace <= 3 s): 3 draws, median 60.1 s, p90 144.4 s, worst 144.4 s; 1 within target" in lines
     assert "target 300 s (pace 3-10 s): 2 draws, median 108.0 s, p90 never, worst never; 1 within target" in lines
     assert "made in a browser: 2 draws, median 60.1 s, p90 144.4 s, worst 144.4 s; 0 within target" in lines
+    assert "made with matrix-nio: 1 draw, median 108.0 s, p90 108.0 s, worst 108.0 s; 1 within target" in lines
     # web00 was narrow at its target and flagged a second after its third room; draw03 never
     # opened a third room in 600 s: narrow too. web02 had three rooms by its target: missed.
     narrow = text.split("narrow (")[1].split("missed (")[0]

@@ -31,6 +31,10 @@ def _spread(xs: list[float]) -> str:
     return f"median {_s(percentile(xs, 0.5))}, p90 {_s(percentile(xs, 0.9))}, worst {_s(max(xs))}"
 
 
+def _draws(n: int) -> str:
+    return f"{n} draw" if n == 1 else f"{n} draws"
+
+
 def summary(draws: list[tuple[int, float, dict]]) -> list[str]:
     """Times to detect per target and per client library, each miss judged by `verdict`, and
     the delay from each draw's third room to its alert, over `draws` ((seed, horizon, draw)).
@@ -44,7 +48,7 @@ def summary(draws: list[tuple[int, float, dict]]) -> list[str]:
         sel = [d for _, _, d in draws if keep(d)]
         if sel:
             met = sum(1 for d in sel if d["ttd_s"] is not None and d["ttd_s"] <= d["target_s"])
-            lines.append(f"{name}: {len(sel)} draws, {_spread([_ttd(d) for d in sel])}; {met} within target")
+            lines.append(f"{name}: {_draws(len(sel))}, {_spread([_ttd(d) for d in sel])}; {met} within target")
     judged = [(seed, d, verdict(d["ttd_s"], d["target_s"], d["opened_s"], horizon)) for seed, horizon, d in draws]
     for kind, says in (("narrow", f"fewer than {BREADTH_ROOMS} rooms by the target, flagged in time once broad"),
                        ("missed", "the detector's own: late, and broad by the target or long after")):
@@ -54,7 +58,7 @@ def summary(draws: list[tuple[int, float, dict]]) -> list[str]:
         lines.append(f"{kind} ({says}): {len(which)}" + "".join(f"\n  {w}" for w in which))
     after = [max(0.0, _ttd(d) - b) for _, _, d in draws if (b := breadth_s(d["opened_s"])) is not None]
     if after:
-        lines.append(f"from room {BREADTH_ROOMS} to the alert: {len(after)} draws, {_spread(after)}")
+        lines.append(f"from room {BREADTH_ROOMS} to the alert: {_draws(len(after))}, {_spread(after)}")
     return lines
 
 
