@@ -129,8 +129,11 @@ pub fn run(args: &[String]) -> Result<()> {
             unreported.push(seed);
         }
     }
-    if pooled && !unreported.is_empty() {
-        eprintln!("no figures from seed(s) {unreported:?} (their runs stopped before a report): not pooled");
+    // Said once: in the pooled report when there is one (and so on the console), else here.
+    let unpooled = (!unreported.is_empty())
+        .then(|| format!("no figures from seed(s) {unreported:?} (their runs stopped before a report): not pooled\n"));
+    if pooled && reports.is_empty() {
+        eprint!("{}", unpooled.as_deref().unwrap_or_default());
     }
     if pooled && !reports.is_empty() {
         let text = Command::new(root().join("tests/.venv/bin/python"))
@@ -143,9 +146,7 @@ pub fn run(args: &[String]) -> Result<()> {
             bail!("pooling {} reports failed: {}", reports.len(), String::from_utf8_lossy(&text.stderr));
         }
         let mut summary = String::from_utf8_lossy(&text.stdout).into_owned();
-        if !unreported.is_empty() {
-            summary.push_str(&format!("no figures from seed(s) {unreported:?}: not pooled\n"));
-        }
+        summary.push_str(unpooled.as_deref().unwrap_or_default());
         let path = out.join("draws-pooled.txt");
         std::fs::write(&path, &summary).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("\n{summary}\n(pooled report in {})", path.display());
