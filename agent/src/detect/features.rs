@@ -216,10 +216,12 @@ impl TokenState {
         // Not syncs, and not a client's housekeeping that names no room (versions,
         // capabilities, push rules, filters, keys, joined rooms, a full initial sync): a
         // client repeats those on its own, whoever is in front of it, and a scraper could add
-        // them for nothing to dilute its share. A room read right after that room's history
-        // is part of reading it, not other activity (see below).
-        let mut other_request = match s.endpoint {
+        // them for nothing to dilute its share. Nor a room's members, state or one event:
+        // reading a room is not what a person does instead of reading its history, and a
+        // scraper asking for a room's members before each room's pages would halve its share.
+        let other_request = match s.endpoint {
             Some(Endpoint::Sync | Endpoint::SlidingSync) => false,
+            Some(Endpoint::Members | Endpoint::State | Endpoint::Event) => false,
             Some(Endpoint::Search | Endpoint::MediaDownload | Endpoint::MediaThumbnail | Endpoint::MediaUpload) => true,
             _ => s.room.is_some(),
         };
@@ -269,7 +271,6 @@ impl TokenState {
                     if r.finished {
                         self.bump(tally, Count::RoomsFinished, 1);
                     }
-                    other_request &= !r.after_history;
                 }
                 true
             }

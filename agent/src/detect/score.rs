@@ -222,9 +222,9 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
     e.set(
         Reason::RoomsBreadth,
         max_of([
-            c.new_rooms_1m.eval(f.new_rooms_1m),
-            c.rooms_10m.eval(f.rooms_10m),
-            c.rooms_1h.eval(f.rooms_1h),
+            c.new_rooms_1m.eval(f.new_rooms_1m) * share,
+            c.rooms_10m.eval(f.rooms_10m) * share,
+            c.rooms_1h.eval(f.rooms_1h) * share,
             c.rooms_touched_10m.eval(f.touched_10m),
             c.whole_rooms_10m.eval(f.finished_10m) * share,
             c.deep_whole_rooms_10m.eval(f.deep_whole_10m) * share,
@@ -330,9 +330,14 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
         && (over(f.pages_1m, f64::from(c.ceil_pages_1m))
             || over(f.history_10m, f64::from(c.ceil_history_10m))
             || over(f.depth, f64::from(c.ceil_depth)));
+    // Rooms opened by a token that also acts in them (read markers, replies) are a member
+    // catching up, however many: the room ceilings, like the room ramps, weigh the rooms by
+    // the history share (a token that does little else meets them at their count, one at
+    // half the share's ramp at twice it). One that only touches rooms meets `rooms_touched_10m`.
+    let rooms_ceiling =
+        over(f.rooms_10m * share, f64::from(c.ceil_rooms_10m)) || over(f.rooms_1h * share, f64::from(c.ceil_rooms_1h));
     let ceiling = history_ceiling
-        || over(f.rooms_10m, f64::from(c.ceil_rooms_10m))
-        || over(f.rooms_1h, f64::from(c.ceil_rooms_1h))
+        || rooms_ceiling
         || over(f.context_large_10m, f64::from(c.ceil_context_large_10m))
         || over(f.search_10m, f64::from(c.ceil_search_10m))
         || over(f.media_10m, f64::from(c.ceil_media_10m))
@@ -445,8 +450,14 @@ mod tests {
             let narrow = Features { rooms_10m: 1.0, rooms_1h: 1.0, ..f };
             assert!(score(&narrow).total() < 1.0, "one room's depth alone: {narrow:?}");
         }
+        // Room ceilings are a history reader's: rooms paged by a token that asks for little
+        // else. The same rooms opened a page each, a read marker in each, are a catch-up.
+        let rooms = f64::from(c.ceil_rooms_10m) + 1.0;
+        let reading = Features { rooms_10m: rooms, pages_10m: rooms, requests_10m: rooms, ..interactive() };
+        let catching_up = Features { requests_10m: 2.0 * rooms, ..reading.clone() };
+        assert_eq!(score(&catching_up).get(Reason::HardCeiling), 0.0, "{catching_up:?}");
         let cases = [
-            Features { rooms_10m: f64::from(c.ceil_rooms_10m) + 1.0, ..interactive() },
+            reading,
             Features { context_large_10m: f64::from(c.ceil_context_large_10m) + 1.0, ..interactive() },
             Features { search_10m: f64::from(c.ceil_search_10m) + 1.0, ..interactive() },
             Features { media_bytes_10m: c.ceil_media_bytes_10m as f64 + 1.0, ..interactive() },

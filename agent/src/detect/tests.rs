@@ -946,6 +946,46 @@ fn a_member_catching_up_room_after_room_with_a_read_marker_in_each_is_no_alert()
 }
 
 #[test]
+fn a_member_clicking_through_unread_rooms_a_page_each_is_no_alert() {
+    // Held-out seed 127's browser catch-up opened seven of its ten rooms within a minute (a
+    // back-page or two each, small rooms) and peaked at 0.84, `rooms_breadth` 0.80 from the
+    // rooms newly paged in one minute alone; an eighth would have alerted. Element Web fills a
+    // room's view with one back-page when its sync timeline is short, so a member clicking
+    // through their unread rooms, a few seconds in each with the read marker moved, pages a
+    // room every few seconds: breadth is what anyone's catch-up looks like, in one minute
+    // (twelve rooms, 5 s each) or in ten (thirty rooms, 16 s each: past `ceil_rooms_10m`).
+    let ua = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
+    let click_through = |c: &Client, rooms: u32, on_page: f64, on_room: f64, end: f64| {
+        let mut reqs = syncs(c, 30.0, end);
+        let mut t = T0 + 10.0;
+        for r in 0..rooms {
+            let room = sim::room(r);
+            t += on_page;
+            let q = format!("dir=b&from=s{}_7&limit=20", 100 + r);
+            reqs.push(c.req(t, Endpoint::Messages, "GET", Some(&room), q, 20 * 900 + 400));
+            t += on_room;
+            reqs.push(c.req(t, Endpoint::Other, "POST", Some(&room), String::new(), 60));
+            if r % 5 == 3 {
+                reqs.push(c.req(t + 1.0, Endpoint::Send, "PUT", Some(&room), String::new(), 90));
+            }
+        }
+        reqs
+    };
+    let quick = Client::new(sim::label(40), ua);
+    let (breadth, score) =
+        peak_reason(click_through(&quick, 12, 3.0, 2.0, T0 + 300.0), T0 + 300.0, quick.token, "rooms_breadth");
+    let long = Client::new(sim::label(41), ua);
+    let (long_breadth, long_score) =
+        peak_reason(click_through(&long, 30, 8.0, 8.0, T0 + 900.0), T0 + 900.0, long.token, "rooms_breadth");
+    eprintln!(
+        "rooms clicked through, a page and a read marker each: twelve 5 s apart peak {score:.2} (rooms_breadth \
+         {breadth:.2}); thirty 16 s apart peak {long_score:.2} (rooms_breadth {long_breadth:.2})"
+    );
+    assert!(score < 1.0, "opening rooms to read what is new is no scrape: {score:.2}");
+    assert!(long_score < 1.0, "nor is it in thirty rooms in eight minutes: {long_score:.2}");
+}
+
+#[test]
 fn rooms_reached_to_their_start_are_a_scrape_pattern_only_for_a_token_that_does_little_else() {
     // Eight small rooms in ten minutes, each scrolled back from its timeline's prev_batch to
     // its first event in three to five pages: a heavy Element user switching rooms every
