@@ -78,7 +78,10 @@ pub struct DetectConfig {
     pub depth: Ramp,
 
     // --- rooms_breadth: rooms read with /messages, /context, room /initialSync -------------
-    /// Rooms first paged in the last minute (exact up to the 8-room table).
+    /// Rooms first paged in the last minute (exact up to the 8-room table). This and the two
+    /// below are weighed by the `history_share` ramp: a member clicking through unread rooms
+    /// pages each (Element fills a room's view with a back-page) and moves its read marker,
+    /// many rooms a minute; a scrape of rooms asks for little else.
     pub new_rooms_1m: Ramp,
     pub rooms_10m: Ramp,
     pub rooms_1h: Ramp,
@@ -229,6 +232,8 @@ pub struct DetectConfig {
     // --- hard ceilings: each alone means score >= 1 ---------------------------------------
     pub ceil_pages_1m: u32,
     pub ceil_history_10m: u32,
+    /// Rooms read through history, weighed by the `history_share` ramp as the room ramps are
+    /// (a token that does little else meets it at this count).
     pub ceil_rooms_10m: u32,
     pub ceil_rooms_1h: u32,
     pub ceil_depth: u32,
