@@ -986,6 +986,37 @@ fn a_member_clicking_through_unread_rooms_a_page_each_is_no_alert() {
 }
 
 #[test]
+fn a_rooms_members_asked_before_its_pages_do_not_dilute_the_history_share() {
+    // A scraper asking for each room's members (or state) before its history adds a request
+    // per room for nothing; counted as other activity it halved the share, and with it every
+    // room count the share weighs. Reading a room is not what a person does instead.
+    let ua = "curl/8";
+    let pages = |c: &Client, members_first: bool| {
+        let mut reqs = Vec::new();
+        let mut t = T0 + 5.0;
+        for r in 0..8u32 {
+            let room = sim::room(r);
+            if members_first {
+                reqs.push(c.req(t, Endpoint::Members, "GET", Some(&room), String::new(), 8_000));
+                t += 1.0;
+            }
+            reqs.extend(read_room(c, &room, t, 4.0, 2, true));
+            t += 8.0;
+        }
+        reqs
+    };
+    let plain = Client::new(sim::label(50), ua);
+    let (pattern_plain, _) = peak_reason(pages(&plain, false), T0 + 200.0, plain.token, "scrape_pattern");
+    let diluted = Client::new(sim::label(51), ua);
+    let (pattern_diluted, _) = peak_reason(pages(&diluted, true), T0 + 200.0, diluted.token, "scrape_pattern");
+    eprintln!(
+        "scrape_pattern, eight rooms two pages each: {pattern_plain:.2}; members asked first: {pattern_diluted:.2}"
+    );
+    assert!(pattern_plain > 0.5, "the plain scrape shows its pattern: {pattern_plain:.2}");
+    assert!((pattern_plain - pattern_diluted).abs() < 1e-9, "{pattern_plain:.2} vs {pattern_diluted:.2}");
+}
+
+#[test]
 fn rooms_reached_to_their_start_are_a_scrape_pattern_only_for_a_token_that_does_little_else() {
     // Eight small rooms in ten minutes, each scrolled back from its timeline's prev_batch to
     // its first event in three to five pages: a heavy Element user switching rooms every
