@@ -219,18 +219,17 @@ pub fn evaluate(f: &Features, baseline: &[f32; BASELINE], pop: &Population, cfg:
         ]),
         1.0,
     );
-    e.set(
-        Reason::RoomsBreadth,
-        max_of([
-            c.new_rooms_1m.eval(f.new_rooms_1m) * share,
-            c.rooms_10m.eval(f.rooms_10m) * share,
-            c.rooms_1h.eval(f.rooms_1h) * share,
-            c.rooms_touched_10m.eval(f.touched_10m),
-            c.whole_rooms_10m.eval(f.finished_10m) * share,
-            c.deep_whole_rooms_10m.eval(f.deep_whole_10m) * share,
-        ]),
-        1.0,
-    );
+    // Rooms read through history count for a token that asks for little else: one that acts
+    // in the rooms it opens (read markers, replies) is a member catching up, however many
+    // rooms. Rooms merely named by requests are not history and are not weighed.
+    let rooms_read = max_of([
+        c.new_rooms_1m.eval(f.new_rooms_1m),
+        c.rooms_10m.eval(f.rooms_10m),
+        c.rooms_1h.eval(f.rooms_1h),
+        c.whole_rooms_10m.eval(f.finished_10m),
+        c.deep_whole_rooms_10m.eval(f.deep_whole_10m),
+    ]);
+    e.set(Reason::RoomsBreadth, max_of([rooms_read * share, c.rooms_touched_10m.eval(f.touched_10m)]), 1.0);
     e.set(Reason::ContextWalk, max_of([c.context_1m.eval(f.context_1m), c.context_10m.eval(f.context_10m)]), 1.0);
     e.set(
         Reason::MediaSpree,
